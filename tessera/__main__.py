@@ -1,0 +1,3 @@
+from tessera.cli.main import main
+
+main()

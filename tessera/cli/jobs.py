@@ -1,0 +1,113 @@
+"""Turn a validated job.toml into the parts of a horizontal run (data, model, task, strategy, plugins)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tessera.core import datasets
+from tessera.core.config import JobConfig
+from tessera.core.errors import ConfigError
+from tessera.core.models import MLP
+from tessera.core.types import set_params
+from tessera.horizontal.partition import partition
+from tessera.horizontal.simulation import JobParts, Plugin
+from tessera.horizontal.strategies import STRATEGIES, Strategy
+from tessera.horizontal.task import SupervisedTask
+
+
+def build_model_fn(cfg: JobConfig, in_features: int, num_classes: int) -> Callable[[], nn.Module]:
+    m = cfg.model
+    if m.name in ("mlp", "logreg"):
+        hidden = list(m.hidden) if m.name == "mlp" else []
+        return lambda: MLP(in_features, num_classes, hidden)
+    cls = datasets.resolve(m.name, what="model.name", choices=["mlp", "logreg"])
+    if not callable(cls):
+        raise ConfigError(f"model.name: {m.name!r} is not callable")
+    return lambda: cls(**m.kwargs)  # type: ignore[no-any-return]
+
+
+def build_strategy(cfg: JobConfig) -> Strategy:
+    name = cfg.strategy.name.lower()
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy.name: unknown strategy {cfg.strategy.name!r}; choose one of {sorted(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    kwargs = cfg.strategy.kwargs()
+    allowed = {p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters} - {"self", "kwargs"}
+    for key in kwargs:
+        if key not in allowed:
+            raise ConfigError(f"strategy.{key}: not an option of {name}; options are {sorted(allowed)}")
+    local = {"local_epochs": cfg.train.local_epochs}
+    return cls(**kwargs, local_config={**local, **kwargs.pop("local_config", {})})
+
+
+def split_data(cfg: JobConfig) -> tuple[dict[str, tuple[np.ndarray, ...]], tuple[np.ndarray, np.ndarray] | None, int, int]:
+    """Per-client (x_train, y_train, x_test, y_test), the optional central test set, in_features, num_classes."""
+    x, y = datasets.load(cfg.data.dataset)
+    rng = np.random.default_rng(cfg.job.seed)
+    central = None
+    if cfg.data.central_test_fraction > 0:
+        perm = rng.permutation(len(y))
+        cut = int(len(y) * cfg.data.central_test_fraction)
+        central = (x[perm[:cut]], y[perm[:cut]])
+        x, y = x[perm[cut:]], y[perm[cut:]]
+    parts = partition(y, cfg.data.num_clients, scheme=cfg.data.partition, rng=rng, alpha=cfg.data.alpha,
+                      shards_per_client=cfg.data.shards_per_client)
+    out = {}
+    for i, idx in enumerate(parts):
+        idx = rng.permutation(idx)
+        cut = max(1, int(round(len(idx) * cfg.data.test_fraction)))
+        te, tr = idx[:cut], idx[cut:]
+        out[f"client{i:0{len(str(len(parts) - 1))}d}"] = (x[tr], y[tr], x[te], y[te])
+    return out, central, int(x.shape[1]), int(y.max()) + 1
+
+
+def optimizer_fn(cfg: JobConfig) -> Callable[[Any], torch.optim.Optimizer]:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return lambda p: torch.optim.Adam(p, lr=t.lr)
+    return lambda p: torch.optim.SGD(p, lr=t.lr, momentum=t.momentum)
+
+
+def build_parts(cfg: JobConfig) -> JobParts:
+    data, central, in_features, num_classes = split_data(cfg)
+    model_fn = build_model_fn(cfg, in_features, num_classes)
+    bs = cfg.train.batch_size
+
+    def data_fn(cid: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        xtr, ytr, xte, yte = data[cid]
+        train = DataLoader(TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr)), batch_size=bs, shuffle=True)
+        return train, DataLoader(TensorDataset(torch.from_numpy(xte), torch.from_numpy(yte)), batch_size=512)
+
+    task = SupervisedTask(model_fn=model_fn, loss_fn=nn.CrossEntropyLoss(), optimizer_fn=optimizer_fn(cfg),
+                          data_fn=data_fn)
+    parts = JobParts(task=task, strategy=build_strategy(cfg), clients=list(data))
+    if central is not None:
+        loader = DataLoader(TensorDataset(torch.from_numpy(central[0]), torch.from_numpy(central[1])), batch_size=512)
+        model = model_fn()
+
+        def central_eval(params: Any) -> Any:
+            set_params(model, params)
+            return task.evaluate(model, loader)
+
+        parts.central_eval = central_eval
+    return parts
+
+
+def build_plugins(cfg: JobConfig) -> list[Plugin]:
+    plugins: list[Plugin] = []
+    if cfg.secagg is not None:
+        from tessera.secagg import plugin as secagg_plugin
+
+        plugins.append(secagg_plugin(cfg.secagg))
+    if cfg.dp is not None:
+        from tessera.privacy import plugin as dp_plugin
+
+        plugins.append(dp_plugin(cfg.dp))
+    return plugins

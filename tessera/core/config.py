@@ -1,0 +1,109 @@
+"""job.toml: loading and validation with pydantic, and errors that name the key and the fix.
+
+A job file has the sections below; feature sections (`secagg`, `dp`, `ray`) are validated by the subsystem that
+owns them, so this module needs no knowledge of those features.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tessera.core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSection(_Section):
+    name: str = "job"
+    rounds: int = Field(10, ge=1)
+    seed: int = 0
+    output_dir: str = "runs/job"
+    backend: Literal["inprocess", "ray"] = "inprocess"
+    checkpoint_every: int = Field(1, ge=1)
+
+
+class DataSection(_Section):
+    dataset: str = "digits"  # digits | breast_cancer | "module:function" returning (x, y) numpy arrays
+    num_clients: int = Field(10, ge=1)
+    partition: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    central_test_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelSection(_Section):
+    name: str = "mlp"  # mlp | logreg | "module:Class"
+    hidden: list[int] = [64]
+    kwargs: dict[str, Any] = {}
+
+
+class TrainSection(_Section):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class StrategySection(BaseModel):
+    """`name` picks the strategy; every other key is a constructor argument of that strategy."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "fedavg"
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class JobConfig(_Section):
+    job: JobSection = JobSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    strategy: StrategySection = StrategySection()
+    secagg: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None
+    ray: dict[str, Any] | None = None
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, *, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        parts.append(f"{source}: {key}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(model: type[S], data: dict[str, Any], *, source: str) -> S:
+    """Validate `data` against `model`, turning pydantic's report into a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file; pass the path of your job.toml")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+
+
+def load_job(path: str | Path) -> JobConfig:
+    return validate(JobConfig, read_toml(path), source=str(path))

@@ -1,0 +1,49 @@
+"""Small data sets that ship with packages (no download): what demos, tests and benchmarks run on."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from tessera.core.errors import ConfigError
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: 1,797 rows, 64 features scaled to [0, 1], 10 classes."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's Wisconsin breast cancer: 569 rows, 30 standardised features, binary label."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    x = (d.data - d.data.mean(0)) / d.data.std(0)
+    return x.astype(np.float32), d.target.astype(np.int64)
+
+
+BUILTIN = {"digits": digits, "breast_cancer": breast_cancer}
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A built-in data set by name, or `module:function` returning (x, y) numpy arrays."""
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    fn = resolve(name, what="data.dataset", choices=sorted(BUILTIN))
+    x, y = fn()
+    return np.asarray(x), np.asarray(y)
+
+
+def resolve(ref: str, *, what: str, choices: list[str]) -> object:
+    """Import `module:attr`, with an error naming the key when it is neither a choice nor importable."""
+    if ":" not in ref:
+        raise ConfigError(f"{what}: unknown value {ref!r}; use one of {choices} or 'module:function'")
+    mod, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{what}: cannot import {ref!r} ({type(exc).__name__}); check the module path") from None

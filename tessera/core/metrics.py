@@ -1,0 +1,130 @@
+"""Per-round records: metrics.jsonl on disk, History in memory, PNG curves for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tessera.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class History:
+    """The records of a run, one dict per round (the rows of metrics.jsonl)."""
+
+    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+        self.records: list[dict[str, Any]] = list(records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, key: str) -> list[Any]:
+        """`history["eval_accuracy"]` -> that value for every round that has it (dotted keys reach nested maps)."""
+        return [v for v in (_get(r, key) for r in self.records) if v is not None]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> History:
+        with open(path, encoding="utf-8") as fh:
+            return cls(json.loads(line) for line in fh if line.strip())
+
+    def __repr__(self) -> str:
+        return f"History(rounds={len(self)}, last={self.last})"
+
+
+def _get(record: dict[str, Any], key: str) -> Any:
+    cur: Any = record
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+class MetricsWriter:
+    """Appends one JSON line per round; `truncate_after(round)` drops records a resumed run will rewrite."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+    def reset(self, records: Sequence[dict[str, Any]] = ()) -> None:
+        with open(self.path, "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(_jsonable(r), sort_keys=True) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x
+
+
+def plot_history(
+    histories: dict[str, History] | History, out_dir: str | Path, *, prefix: str = ""
+) -> list[Path]:
+    """Write loss.png, accuracy.png and bytes.png (one line per named run) and return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = histories if isinstance(histories, dict) else {"run": histories}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    panels = [
+        ("loss", [("train_loss", "train"), ("eval_loss", "federated eval"), ("central_loss", "central eval")],
+         "loss"),
+        ("accuracy", [("eval_metrics.accuracy", "federated eval"), ("central_metrics.accuracy", "central eval")],
+         "accuracy"),
+        ("bytes", [("bytes_up", "up (clients→server)"), ("bytes_down", "down (server→clients)")], "bytes per round"),
+    ]
+    paths = []
+    for name, series, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        drawn = 0
+        for run, hist in runs.items():
+            for key, label in series:
+                ys = [(r["round"], _get(r, key)) for r in hist.records if _get(r, key) is not None]
+                if ys:
+                    xs, vs = zip(*ys, strict=True)
+                    ax.plot(xs, vs, marker="o", markersize=3, label=f"{run}: {label}" if len(runs) > 1 else label)
+                    drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{prefix}{name} per round".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{prefix}{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    log.info("wrote %d plots to %s", len(paths), out)
+    return paths

@@ -1,0 +1,89 @@
+"""Params (the unit that crosses the wire) and the small pure helpers on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeAlias
+
+import torch
+from torch import nn
+
+from tessera.core.errors import ShapeMismatch
+
+Params: TypeAlias = dict[str, torch.Tensor]
+Scalar: TypeAlias = bool | int | float | str
+Metrics: TypeAlias = dict[str, float]
+
+
+def get_params(model: nn.Module) -> Params:
+    """A detached CPU copy of the model's state dict (parameters and buffers), in module order."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def set_params(model: nn.Module, params: Mapping[str, torch.Tensor], *, who: str = "global params") -> None:
+    """Load `params` into `model` strictly, raising ShapeMismatch naming the first key that does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in params]
+    extra = [k for k in params if k not in own]
+    if missing or extra:
+        raise ShapeMismatch(
+            f"{who} do not match the model: missing {missing[:5]}, unexpected {extra[:5]}; "
+            "build every party's model with the same model_fn"
+        )
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise ShapeMismatch(
+                f"{who}: '{k}' has shape {tuple(params[k].shape)} but the model expects {tuple(v.shape)}; "
+                "build every party's model with the same model_fn"
+            )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(params[k])
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, who: str) -> None:
+    """Raise ShapeMismatch unless `other` has exactly the keys, shapes and dtypes of `reference`."""
+    if list(reference) != list(other):
+        missing = [k for k in reference if k not in other]
+        extra = [k for k in other if k not in reference]
+        raise ShapeMismatch(f"{who}: keys differ from the global params (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, ref in reference.items():
+        t = other[k]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise ShapeMismatch(
+                f"{who}: '{k}' is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+            )
+
+
+def is_finite(params: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in params.values() if t.is_floating_point())
+
+
+def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Params:
+    return {k: a[k] + b[k] for k in a}
+
+
+def scale(a: Mapping[str, torch.Tensor], factor: float) -> Params:
+    return {k: v * factor for k, v in a.items()}
+
+
+def zeros_like(a: Mapping[str, torch.Tensor]) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def l2_norm(a: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over the floating tensors of `a`, computed in float64."""
+    total = sum(float(v.double().pow(2).sum()) for v in a.values() if v.is_floating_point())
+    return float(total) ** 0.5
+
+
+def num_bytes(a: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in a)
+
+
+def clone(a: Mapping[str, torch.Tensor]) -> Params:
+    return {k: v.detach().clone() for k, v in a.items()}

@@ -1,0 +1,143 @@
+"""The client side of a horizontal round: ClientApp dispatches messages through mods to a Task-driven client.
+
+Mods are Flower-style middleware `(msg, ctx, call_next) -> reply` for cross-cutting concerns (secure aggregation
+masking, client-level DP noise, update clipping). `ClientContext.state` is per-client state that outlives a round
+(SCAFFOLD's control variate, a DP accountant); it must hold only serde-encodable values (tensors, numbers,
+strings, maps, lists) because backends persist it between rounds and checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tessera.core.errors import ProtocolError
+from tessera.core.types import get_params, set_params
+from tessera.horizontal.task import Task
+from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
+
+
+@dataclass
+class ClientContext:
+    """`state` persists across rounds; `train_config` is filled by mods for this message only (e.g. SCAFFOLD's
+    `grad_correction`) and merged into the config the Task trains with."""
+
+    client: str
+    state: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+
+CallNext = Callable[[Any, ClientContext], Any]
+Mod = Callable[[Any, ClientContext, CallNext], Any]
+
+
+def client_seed(seed: int, rnd: int, client: str) -> int:
+    """The seed a client trains with in a round: the same whichever backend or process runs it."""
+    return int(np.random.SeedSequence([seed, rnd, zlib.crc32(client.encode())]).generate_state(1)[0])
+
+
+class TaskClient:
+    """Trains and evaluates a Task's model on one client's data; one model per thread, shared by clients."""
+
+    def __init__(self, task: Task, *, max_cached_clients: int = 10_000) -> None:
+        self.task = task
+        self._local = threading.local()
+        self._data: OrderedDict[str, tuple[DataLoader[Any], DataLoader[Any] | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_cached_clients = max_cached_clients
+
+    def model(self) -> nn.Module:
+        m = getattr(self._local, "model", None)
+        if m is None:
+            m = self._local.model = self.task.model_fn()
+        return m
+
+    def data(self, client: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        with self._lock:
+            if client in self._data:
+                self._data.move_to_end(client)
+                return self._data[client]
+        loaders = self.task.data_fn(client)
+        with self._lock:
+            self._data[client] = loaders
+            while len(self._data) > self.max_cached_clients:
+                self._data.popitem(last=False)
+        return loaders
+
+    def fit(self, ins: FitIns, ctx: ClientContext) -> FitRes:
+        model = self.model()
+        set_params(model, ins.params)
+        train, _ = self.data(ctx.client)
+        config: dict[str, Any] = dict(ins.config)
+        config.update(ctx.train_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(config.get("seed", 0)))
+            metrics = self.task.train(model, train, config)
+        return FitRes(params=get_params(model), num_examples=_size(train), metrics=dict(metrics))
+
+    def evaluate(self, ins: EvaluateIns, ctx: ClientContext) -> EvaluateRes:
+        model = self.model()
+        set_params(model, ins.params)
+        _, test = self.data(ctx.client)
+        if test is None:
+            raise ProtocolError(f"client {ctx.client} has no test data; set fraction_evaluate=0 or give test data")
+        loss, metrics = self.task.evaluate(model, test)
+        return EvaluateRes(loss=loss, num_examples=_size(test), metrics=dict(metrics))
+
+
+def _size(loader: DataLoader[Any]) -> int:
+    try:
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return sum(len(b[-1]) for b in loader)
+
+
+class ClientApp:
+    """Handles one message for one client: runs the mods, then dispatches Fit/Evaluate to the client."""
+
+    def __init__(self, client: TaskClient, mods: Sequence[Mod] = ()) -> None:
+        self.client = client
+        self.mods = list(mods)
+        self.contexts: dict[str, ClientContext] = {}
+
+    def context(self, client: str) -> ClientContext:
+        if client not in self.contexts:
+            self.contexts[client] = ClientContext(client)
+        return self.contexts[client]
+
+    def _dispatch(self, msg: Any, ctx: ClientContext) -> Any:
+        if isinstance(msg, FitIns):
+            return self.client.fit(msg, ctx)
+        if isinstance(msg, EvaluateIns):
+            return self.client.evaluate(msg, ctx)
+        raise ProtocolError(f"client {ctx.client} got an unexpected {type(msg).__name__}; no mod handles it")
+
+    def handle(self, client: str, msg: Any) -> Any:
+        ctx = self.context(client)
+        ctx.train_config = {}
+        call: CallNext = self._dispatch
+        for mod in reversed(self.mods):
+            call = _bind(mod, call)
+        return call(msg, ctx)
+
+    # Stateful extension protocol: in simulation the server's checkpoint carries every client's context.
+    name = "clients"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c: ctx.state for c, ctx in self.contexts.items() if ctx.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.contexts = {c: ClientContext(c, dict(s)) for c, s in state.items()}
+
+
+def _bind(mod: Mod, call_next: CallNext) -> CallNext:
+    return lambda msg, ctx: mod(msg, ctx, call_next)

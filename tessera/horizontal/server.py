@@ -1,0 +1,282 @@
+"""The coordinator's round loop: sample, fit, validate, aggregate, evaluate, record, checkpoint.
+
+Two extension points keep cross-cutting features out of this loop:
+- `Aggregation` runs the fit phase of a round (send FitIns, gather replies, produce new params). `PlainAggregation`
+  is the default; secure aggregation supplies one that never sees single updates.
+- `Extension`s carry state into checkpoints and add keys to each round's record (a privacy ledger, client state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tessera.core import serde
+from tessera.core.errors import ConfigError, RoundFailed, SerdeError, ShapeMismatch
+from tessera.core.io import atomic_write_bytes
+from tessera.core.logging import get_logger
+from tessera.core.metrics import History, MetricsWriter
+from tessera.core.types import Metrics, Params, check_compatible, clone, is_finite
+from tessera.horizontal.client import client_seed
+from tessera.horizontal.strategies.base import FitResults, Strategy
+from tessera.runtime.backend import Backend, ClientFailure
+from tessera.runtime.messages import EvaluateRes, FitIns, FitRes
+
+log = get_logger(__name__)
+CHECKPOINT = "checkpoint.tsr"
+CentralEval = Callable[[Params], tuple[float, Metrics]]
+
+
+@dataclass
+class FitOutcome:
+    params: Params
+    results: FitResults
+    failures: list[ClientFailure] = field(default_factory=list)
+
+
+class Aggregation(Protocol):
+    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
+            current: Params, *, timeout: float | None) -> FitOutcome: ...
+
+
+def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, list[ClientFailure]]:
+    """Split replies into usable results and failures; wrong-shape or non-finite updates never pass."""
+    ok: FitResults = []
+    failed: list[ClientFailure] = []
+    for cid, rep in replies.items():
+        if isinstance(rep, ClientFailure):
+            failed.append(rep)
+        elif not isinstance(rep, FitRes):
+            failed.append(ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}"))
+        elif rep.num_examples < 0:
+            failed.append(ClientFailure(cid, "rejected: negative num_examples"))
+        else:
+            try:
+                check_compatible(current, rep.params, who=f"update from {cid}")
+            except ShapeMismatch as exc:
+                failed.append(ClientFailure(cid, f"rejected: {exc}"))
+                continue
+            if not is_finite(rep.params):
+                failed.append(ClientFailure(cid, "rejected: update contains NaN or Inf"))
+                continue
+            ok.append((cid, rep))
+    for f in failed:
+        if f.reason.startswith("rejected"):
+            log.warning("client %s: update rejected before aggregation", f.client)
+    return ok, failed
+
+
+def require_quorum(rnd: int, ok: int, failed: list[ClientFailure], strategy: Strategy) -> None:
+    if ok < strategy.min_available:
+        raise RoundFailed(
+            f"round {rnd}: only {ok} client(s) succeeded, fewer than strategy.min_available="
+            f"{strategy.min_available} ({len(failed)} failed); the last checkpoint is kept — lower min_available "
+            "or fix the failing clients, then resume"
+        )
+
+
+class PlainAggregation:
+    """Clients send their params in the clear; the strategy aggregates them."""
+
+    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
+            current: Params, *, timeout: float | None) -> FitOutcome:
+        replies = backend.exchange(dict(plan), timeout=timeout)
+        ok, failed = validate_fit(replies, current)
+        require_quorum(rnd, len(ok), failed, strategy)
+        return FitOutcome(strategy.aggregate_fit(rnd, ok, current), ok, failed)
+
+
+class Extension(Protocol):
+    """Optional hooks: `name`, `state_dict()`, `load_state_dict()`, `on_round_end(rnd, record)`."""
+
+    name: str
+
+
+@dataclass
+class ServerConfig:
+    rounds: int
+    seed: int = 0
+    output_dir: str | Path | None = None
+    checkpoint_every: int = 1
+    fit_timeout: float | None = None
+    progress: bool = False
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        backend: Backend,
+        clients: Sequence[str],
+        initial_params: Params,
+        config: ServerConfig,
+        aggregation: Aggregation | None = None,
+        central_eval: CentralEval | None = None,
+        extensions: Sequence[Any] = (),
+    ) -> None:
+        if not clients:
+            raise ConfigError("a federation needs at least one client")
+        self.strategy = strategy
+        self.backend = backend
+        self.clients = list(clients)
+        self.params = clone(initial_params)
+        self.config = config
+        self.aggregation = aggregation or PlainAggregation()
+        self.central_eval = central_eval
+        self.extensions = list(extensions)
+        self.history = History()
+        self.round = 0
+        out = Path(config.output_dir) if config.output_dir else None
+        self.out = out
+        self.writer = MetricsWriter(out / "metrics.jsonl") if out else None
+
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        ext = {e.name: e.state_dict() for e in self.extensions if hasattr(e, "state_dict")}
+        return {"format": 1, "round": self.round, "seed": self.config.seed, "params": self.params,
+                "strategy": self.strategy.state_dict(), "history": self.history.records, "extensions": ext}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1 or state.get("seed") != self.config.seed:
+            raise ConfigError("checkpoint was written by a different job (format or seed differs); "
+                              "resume with the same job.toml or start a fresh output_dir")
+        check_compatible(self.params, state["params"], who="checkpoint params")
+        self.round = int(state["round"])
+        self.params = state["params"]
+        self.strategy.load_state_dict(state["strategy"])
+        self.history = History(state["history"])
+        for e in self.extensions:
+            if hasattr(e, "load_state_dict") and e.name in state["extensions"]:
+                e.load_state_dict(state["extensions"][e.name])
+
+    def save_checkpoint(self) -> None:
+        if self.out is not None:
+            atomic_write_bytes(self.out / CHECKPOINT, serde.dumps(self.state_dict()))
+
+    def resume(self) -> bool:
+        """Load the checkpoint in output_dir if there is one; returns whether it did."""
+        if self.out is None or not (self.out / CHECKPOINT).exists():
+            return False
+        try:
+            state = serde.loads((self.out / CHECKPOINT).read_bytes())
+        except SerdeError as exc:
+            raise ConfigError(f"{self.out / CHECKPOINT} is not a valid checkpoint ({exc}); move it away") from None
+        self.load_state_dict(state)
+        if self.writer is not None:
+            self.writer.reset(self.history.records)
+        log.info("resumed from round %d", self.round)
+        return True
+
+    # ------------------------------------------------------------------------------------------------- rounds
+    def rng(self, rnd: int, phase: int) -> np.random.Generator:
+        """Per-round RNG derived from (seed, round, phase): resume needs no RNG state to continue identically."""
+        return np.random.default_rng([self.config.seed, rnd, phase])
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        traffic0 = (self.backend.traffic.up, self.backend.traffic.down)
+        plan = self.strategy.configure_fit(rnd, self.params, self.clients, self.rng(rnd, 0))
+        plan = [(c, _with_seed(ins, client_seed(self.config.seed, rnd, c))) for c, ins in plan]
+        outcome = self.aggregation.run(rnd, plan, self.backend, self.strategy, self.params,
+                                       timeout=self.config.fit_timeout)
+        self.params = outcome.params
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients_sampled": len(plan),
+            "clients_succeeded": len(outcome.results),
+            "clients_failed": len(outcome.failures),
+            "failures": [{"client": f.client, "reason": f.reason} for f in outcome.failures],
+        }
+        record.update(_weighted_train_metrics(outcome.results))
+        record.update(self._evaluate(rnd))
+        record["bytes_up"] = self.backend.traffic.up - traffic0[0]
+        record["bytes_down"] = self.backend.traffic.down - traffic0[1]
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        for e in self.extensions:
+            if hasattr(e, "on_round_end"):
+                e.on_round_end(rnd, record)
+        return record
+
+    def _evaluate(self, rnd: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        plan = self.strategy.configure_evaluate(rnd, self.params, self.clients, self.rng(rnd, 1))
+        if plan:
+            replies = self.backend.exchange(dict(plan))
+            ok = [(c, r) for c, r in replies.items() if isinstance(r, EvaluateRes)]
+            if ok:
+                loss, metrics = self.strategy.aggregate_evaluate(rnd, ok)
+                out.update(eval_loss=loss, eval_metrics=metrics, eval_clients=len(ok))
+        if self.central_eval is not None:
+            loss, metrics = self.central_eval(self.params)
+            out.update(central_loss=loss, central_metrics=metrics)
+        return out
+
+    def run(self, *, resume: bool = False) -> History:
+        if resume:
+            self.resume()
+        self.backend.start(self.clients)
+        try:
+            with _progress(self.config.progress, self.config.rounds, self.round) as advance:
+                while self.round < self.config.rounds:
+                    rnd = self.round + 1
+                    record = self.run_round(rnd)
+                    self.round = rnd
+                    self.history.append(record)
+                    if self.writer is not None:
+                        self.writer.write(record)
+                    if rnd % self.config.checkpoint_every == 0 or rnd == self.config.rounds:
+                        self.save_checkpoint()
+                    advance(record)
+        finally:
+            self.backend.close()
+        return self.history
+
+
+def _with_seed(ins: FitIns, seed: int) -> FitIns:
+    return FitIns(round=ins.round, params=ins.params, config={**ins.config, "seed": seed}, extras=ins.extras)
+
+
+def _weighted_train_metrics(results: FitResults) -> dict[str, Any]:
+    total = sum(r.num_examples for _, r in results)
+    if not results or total == 0:
+        return {}
+    keys = set.intersection(*(set(r.metrics) for _, r in results))
+    mean = {k: sum(r.metrics[k] * r.num_examples for _, r in results) / total for k in sorted(keys)}
+    out: dict[str, Any] = {"train_metrics": {k: v for k, v in mean.items() if k != "loss"}}
+    if "loss" in mean:
+        out["train_loss"] = mean["loss"]
+    return out
+
+
+class _progress:
+    """A rich progress bar over rounds (a no-op when disabled), showing the latest loss and accuracy."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda record: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), transient=False)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("", total=self.total, completed=self.done)
+
+        def advance(record: dict[str, Any]) -> None:
+            acc = record.get("eval_metrics", {}).get("accuracy")
+            desc = f"loss {record.get('train_loss', float('nan')):.4f}" + (f"  acc {acc:.3f}" if acc else "")
+            self.bar.update(self.task, advance=1, description=desc)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(None, None, None)

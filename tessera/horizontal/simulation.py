@@ -1,0 +1,98 @@
+"""Wire a horizontal job's parts to a backend and run it: the one path FLModel, the CLI and examples share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from tessera.core.errors import ConfigError
+from tessera.core.metrics import History
+from tessera.core.types import Params, get_params
+from tessera.horizontal.client import ClientApp, Mod, TaskClient
+from tessera.horizontal.server import Aggregation, CentralEval, PlainAggregation, Server, ServerConfig
+from tessera.horizontal.strategies.base import Strategy
+from tessera.horizontal.task import Task
+from tessera.runtime.backend import Backend, InProcessBackend
+
+
+@dataclass
+class JobParts:
+    """Everything a horizontal run is made of. Plugins (secure aggregation, DP) edit these before the run."""
+
+    task: Task
+    strategy: Strategy
+    clients: list[str]
+    aggregation: Aggregation = field(default_factory=PlainAggregation)
+    mods: list[Mod] = field(default_factory=list)
+    extensions: list[Any] = field(default_factory=list)
+    central_eval: CentralEval | None = None
+
+    def client_app(self) -> ClientApp:
+        return ClientApp(TaskClient(self.task), self.mods)
+
+
+class Plugin(Protocol):
+    """A feature that changes how a job runs (e.g. secure aggregation): it edits the parts in place."""
+
+    def configure(self, parts: JobParts) -> None: ...
+
+
+def initial_params(task: Task, seed: int) -> Params:
+    """The global model's starting params: `model_fn()` under `torch.manual_seed(seed)`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_params(task.model_fn())
+
+
+def make_backend(parts: JobParts, backend: str, options: dict[str, Any] | None = None) -> tuple[Backend, list[Any]]:
+    """Build the backend; returns it and the extra extensions it brings (client state for checkpoints)."""
+    options = dict(options or {})
+    if backend == "inprocess":
+        app = parts.client_app()
+        return InProcessBackend(app, **options), [app]
+    if backend == "ray":
+        from tessera.runtime.ray import RayBackend
+
+        rb = RayBackend(parts.client_app, **options)
+        return rb, [rb]
+    raise ConfigError(f"job.backend: unknown backend {backend!r}; use 'inprocess' or 'ray'")
+
+
+def simulate(
+    parts: JobParts,
+    *,
+    rounds: int,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+    backend: str = "inprocess",
+    backend_options: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    params: Params | None = None,
+    plugins: Sequence[Plugin] = (),
+    checkpoint_every: int = 1,
+    on_server: Callable[[Server], None] | None = None,
+) -> tuple[History, Params]:
+    """Run `rounds` rounds of the job; returns the history and the final global params."""
+    for plugin in plugins:
+        plugin.configure(parts)
+    be, extra = make_backend(parts, backend, backend_options)
+    server = Server(
+        strategy=parts.strategy,
+        backend=be,
+        clients=parts.clients,
+        initial_params=params if params is not None else initial_params(parts.task, seed),
+        config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir, progress=progress,
+                            checkpoint_every=checkpoint_every),
+        aggregation=parts.aggregation,
+        central_eval=parts.central_eval,
+        extensions=[*parts.extensions, *extra],
+    )
+    if on_server is not None:
+        on_server(server)
+    history = server.run(resume=resume)
+    return history, server.params

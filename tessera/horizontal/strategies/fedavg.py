@@ -1,0 +1,161 @@
+"""FedAvg and the family built on a (weighted) mean of client deltas.
+
+Every strategy here is "mean delta, then a server update": `aggregate_fit` computes the example-weighted mean of
+client deltas and hands it to `apply`. Secure aggregation computes the same mean without seeing single deltas and
+calls `apply` directly, so every strategy in this file works under it unchanged.
+
+Server optimisers follow Reddi et al. 2021, "Adaptive Federated Optimization" (Algorithm 2), with the
+pseudo-gradient Delta = mean_i(y_i - x) and v initialised to zero (as Flower does), no bias correction:
+    FedAdagrad: v += Delta^2
+    FedAdam:    v  = b2 v + (1-b2) Delta^2
+    FedYogi:    v  = v - (1-b2) Delta^2 sign(v - Delta^2)
+    all three:  m  = b1 m + (1-b1) Delta ;  x = x + eta m / (sqrt(v) + tau)
+FedAvgM (Hsu et al. 2019): m = beta m + Delta ; x = x + eta m.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tessera.core.errors import ConfigError
+from tessera.core.types import Params, Scalar
+from tessera.horizontal.strategies.aggregate import weighted_mean
+from tessera.horizontal.strategies.base import FitResults, Strategy
+
+
+def mean_delta(results: FitResults, current: Params) -> Params:
+    """Example-weighted mean of (client params - current params), in float64 accuracy."""
+    deltas = [{k: r.params[k].double() - current[k].double() for k in current} for _, r in results]
+    return weighted_mean(deltas, [r.num_examples for _, r in results])
+
+
+class FedAvg(Strategy):
+    """McMahan et al. 2017: x <- x + server_lr * sum_i n_i (y_i - x) / sum_i n_i."""
+
+    name = "fedavg"
+
+    def __init__(self, *, server_lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if server_lr <= 0:
+            raise ConfigError(f"strategy.server_lr: must be positive, got {server_lr}")
+        self.server_lr = server_lr
+
+    def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
+        return self.apply(rnd, current, mean_delta(results, current))
+
+    def apply(self, rnd: int, current: Params, delta: Params) -> Params:
+        """The server update from the mean delta (float64 tensors)."""
+        return _step(current, {k: d * self.server_lr if _fl(current[k]) else d for k, d in delta.items()})
+
+
+class FedProx(FedAvg):
+    """Li et al. 2020: FedAvg aggregation; clients add (mu/2)||w - w_global||^2 to their loss."""
+
+    name = "fedprox"
+
+    def __init__(self, *, proximal_mu: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if proximal_mu < 0:
+            raise ConfigError(f"strategy.proximal_mu: must be >= 0, got {proximal_mu}")
+        self.proximal_mu = proximal_mu
+
+    def fit_config(self, rnd: int) -> dict[str, Scalar]:
+        return {**super().fit_config(rnd), "proximal_mu": self.proximal_mu}
+
+
+class FedAvgM(FedAvg):
+    name = "fedavgm"
+
+    def __init__(self, *, server_momentum: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= server_momentum < 1:
+            raise ConfigError(f"strategy.server_momentum: must be in [0, 1), got {server_momentum}")
+        self.server_momentum = server_momentum
+        self.momentum: Params = {}
+
+    def apply(self, rnd: int, current: Params, delta: Params) -> Params:
+        step: Params = {}
+        for k, d in delta.items():
+            if not _fl(current[k]):
+                step[k] = d
+                continue
+            m = self.momentum.get(k)
+            m = d.clone() if m is None else self.server_momentum * m + d
+            self.momentum[k] = m
+            step[k] = self.server_lr * m
+        return _step(current, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": self.momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.momentum = {k: v.double() for k, v in state["momentum"].items()}
+
+
+class _Adaptive(FedAvg):
+    def __init__(self, *, eta: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if eta <= 0 or tau <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1):
+            raise ConfigError("strategy: need eta > 0, tau > 0 and beta_1, beta_2 in [0, 1)")
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.m: Params = {}
+        self.v: Params = {}
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, rnd: int, current: Params, delta: Params) -> Params:
+        step: Params = {}
+        for k, d in delta.items():
+            if not _fl(current[k]):
+                step[k] = d
+                continue
+            m = self.m.get(k, torch.zeros_like(d))
+            v = self.v.get(k, torch.zeros_like(d))
+            self.m[k] = m = self.beta_1 * m + (1 - self.beta_1) * d
+            self.v[k] = v = self.second_moment(v, d * d)
+            step[k] = self.eta * m / (v.sqrt() + self.tau)
+        return _step(current, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.m = {k: t.double() for k, t in state["m"].items()}
+        self.v = {k: t.double() for k, t in state["v"].items()}
+
+
+class FedAdagrad(_Adaptive):
+    name = "fedadagrad"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v + d2
+
+
+class FedAdam(_Adaptive):
+    name = "fedadam"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return self.beta_2 * v + (1 - self.beta_2) * d2
+
+
+class FedYogi(_Adaptive):
+    name = "fedyogi"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.beta_2) * d2 * torch.sign(v - d2)
+
+
+def _fl(t: torch.Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def _step(current: Params, step: Params) -> Params:
+    out: Params = {}
+    for k, x in current.items():
+        new = x.double() + step[k].double()
+        out[k] = new.to(x.dtype) if x.is_floating_point() else new.round().to(x.dtype)
+    return out
