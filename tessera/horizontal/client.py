@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tessera.core.errors import ProtocolError
-from tessera.core.types import get_params, set_params
-from tessera.horizontal.task import Task
+from tessera.core.types import Params
+from tessera.horizontal.task import Task, task_get_params, task_set_params
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 
@@ -73,20 +73,26 @@ class TaskClient:
                 self._data.popitem(last=False)
         return loaders
 
+    def _get(self, model: nn.Module) -> Params:
+        return task_get_params(self.task, model)
+
+    def _set(self, model: nn.Module, params: Params) -> None:
+        task_set_params(self.task, model, params)
+
     def fit(self, ins: FitIns, ctx: ClientContext) -> FitRes:
         model = self.model()
-        set_params(model, ins.params)
+        self._set(model, ins.params)
         train, _ = self.data(ctx.client)
         config: dict[str, Any] = dict(ins.config)
         config.update(ctx.train_config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(config.get("seed", 0)))
             metrics = self.task.train(model, train, config)
-        return FitRes(params=get_params(model), num_examples=_size(train), metrics=dict(metrics))
+        return FitRes(params=self._get(model), num_examples=_size(train), metrics=dict(metrics))
 
     def evaluate(self, ins: EvaluateIns, ctx: ClientContext) -> EvaluateRes:
         model = self.model()
-        set_params(model, ins.params)
+        self._set(model, ins.params)
         _, test = self.data(ctx.client)
         if test is None:
             raise ProtocolError(f"client {ctx.client} has no test data; set fraction_evaluate=0 or give test data")

@@ -11,11 +11,11 @@ import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
-from tessera.core.types import Params, get_params
+from tessera.core.types import Params
 from tessera.horizontal.client import ClientApp, Mod, TaskClient
 from tessera.horizontal.server import Aggregation, CentralEval, PlainAggregation, Server, ServerConfig
 from tessera.horizontal.strategies.base import Strategy
-from tessera.horizontal.task import Task
+from tessera.horizontal.task import Task, task_get_params
 from tessera.runtime.backend import Backend, InProcessBackend
 
 
@@ -45,7 +45,7 @@ def initial_params(task: Task, seed: int) -> Params:
     """The global model's starting params: `model_fn()` under `torch.manual_seed(seed)`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_params(task.model_fn())
+        return task_get_params(task, task.model_fn())
 
 
 def make_backend(parts: JobParts, backend: str, options: dict[str, Any] | None = None) -> tuple[Backend, list[Any]]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tessera.core.types import Metrics
+from tessera.core.types import Metrics, Params, get_params, set_params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -21,6 +21,9 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
 class Task(Protocol):
+    """Optional methods `get_params(model) -> Params` and `set_params(model, params)` choose which tensors travel
+    (LoRA sends adapters only); without them the whole state dict does."""
+
     def model_fn(self) -> nn.Module: ...
 
     def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]: ...
@@ -114,3 +117,16 @@ class SupervisedTask:
             return float("nan"), {}
         logits, y = torch.cat(outs), torch.cat(ys)
         return total / count, {name: fn(logits, y) for name, fn in self.metrics.items()}
+
+
+def task_get_params(task: Task, model: nn.Module) -> Params:
+    fn = getattr(task, "get_params", None)
+    return fn(model) if fn is not None else get_params(model)  # type: ignore[no-any-return]
+
+
+def task_set_params(task: Task, model: nn.Module, params: Params) -> None:
+    fn = getattr(task, "set_params", None)
+    if fn is not None:
+        fn(model, params)
+    else:
+        set_params(model, params)
