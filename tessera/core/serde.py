@@ -17,6 +17,7 @@ type name and check the fields against the dataclass on the way back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import sys
 import types
@@ -57,7 +58,7 @@ def _encode_obj(obj: Any, buffers: list[bytes], offset: list[int]) -> Any:
         t = obj.detach().to("cpu").contiguous()
         if t.dtype not in _NAMES:
             raise SerdeError(f"tensor dtype {t.dtype} cannot be sent; cast to one of {sorted(_DTYPES)}")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         desc = [_NAMES[t.dtype], list(t.shape), offset[0], len(raw)]
         buffers.append(raw)
         offset[0] += len(raw)
@@ -186,7 +187,7 @@ def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int = DEF
         raise SerdeError(f"unknown message type {env['type']!r}")
     if expected is not None and cls not in expected:
         raise SerdeError(f"expected {[c.__name__ for c in expected]}, got {cls.__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     given = env["fields"]
     if set(given) != names:
@@ -196,6 +197,11 @@ def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int = DEF
             raise SerdeError(f"{cls.__name__}.{k}: value of type {type(v).__name__} does not match {hints[k]}")
     values = {k: (tuple(v) if _is_tuple(hints[k]) else v) for k, v in given.items()}
     return cls(**values)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _is_tuple(tp: Any) -> bool:

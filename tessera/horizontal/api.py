@@ -28,7 +28,7 @@ def as_tensor(a: Any, *, what: str) -> torch.Tensor:
     if isinstance(a, np.ndarray):
         if a.dtype == object:
             raise ConfigError(f"{what}: object arrays cannot be trained on; convert columns to numbers first")
-        a = torch.from_numpy(np.ascontiguousarray(a))
+        a = torch.from_numpy(np.array(a, copy=True))  # own the memory: the caller may change its array
     if not isinstance(a, torch.Tensor):
         raise ConfigError(f"{what}: expected a numpy array, torch tensor or pandas frame, got {type(a).__name__}")
     return a.float() if a.dtype == torch.float64 else a
