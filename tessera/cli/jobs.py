@@ -30,7 +30,7 @@ def build_model_fn(cfg: JobConfig, in_features: int, num_classes: int) -> Callab
     cls = datasets.resolve(m.name, what="model.name", choices=["mlp", "logreg"])
     if not callable(cls):
         raise ConfigError(f"model.name: {m.name!r} is not callable")
-    return lambda: cls(**m.kwargs)  # type: ignore[no-any-return]
+    return lambda: cls(**m.kwargs)
 
 
 def build_strategy(cfg: JobConfig) -> Strategy:
@@ -39,7 +39,8 @@ def build_strategy(cfg: JobConfig) -> Strategy:
         raise ConfigError(f"strategy.name: unknown strategy {cfg.strategy.name!r}; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[name]
     kwargs = cfg.strategy.kwargs()
-    allowed = {p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters} - {"self", "kwargs"}
+    allowed = {p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters}  # type: ignore[misc]
+    allowed -= {"self", "kwargs"}
     for key in kwargs:
         if key not in allowed:
             raise ConfigError(f"strategy.{key}: not an option of {name}; options are {sorted(allowed)}")
@@ -47,7 +48,10 @@ def build_strategy(cfg: JobConfig) -> Strategy:
     return cls(**kwargs, local_config={**local, **kwargs.pop("local_config", {})})
 
 
-def split_data(cfg: JobConfig) -> tuple[dict[str, tuple[np.ndarray, ...]], tuple[np.ndarray, np.ndarray] | None, int, int]:
+ClientData = dict[str, tuple[np.ndarray, ...]]
+
+
+def split_data(cfg: JobConfig) -> tuple[ClientData, tuple[np.ndarray, np.ndarray] | None, int, int]:
     """Per-client (x_train, y_train, x_test, y_test), the optional central test set, in_features, num_classes."""
     x, y = datasets.load(cfg.data.dataset)
     rng = np.random.default_rng(cfg.job.seed)
@@ -59,10 +63,10 @@ def split_data(cfg: JobConfig) -> tuple[dict[str, tuple[np.ndarray, ...]], tuple
         x, y = x[perm[cut:]], y[perm[cut:]]
     parts = partition(y, cfg.data.num_clients, scheme=cfg.data.partition, rng=rng, alpha=cfg.data.alpha,
                       shards_per_client=cfg.data.shards_per_client)
-    out = {}
-    for i, idx in enumerate(parts):
-        idx = rng.permutation(idx)
-        cut = max(1, int(round(len(idx) * cfg.data.test_fraction)))
+    out: ClientData = {}
+    for i, rows in enumerate(parts):
+        idx = rng.permutation(rows)
+        cut = max(1, round(len(idx) * cfg.data.test_fraction))
         te, tr = idx[:cut], idx[cut:]
         out[f"client{i:0{len(str(len(parts) - 1))}d}"] = (x[tr], y[tr], x[te], y[te])
     return out, central, int(x.shape[1]), int(y.max()) + 1

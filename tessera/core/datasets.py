@@ -34,6 +34,8 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name in BUILTIN:
         return BUILTIN[name]()
     fn = resolve(name, what="data.dataset", choices=sorted(BUILTIN))
+    if not callable(fn):
+        raise ConfigError(f"data.dataset: {name!r} is not a function returning (x, y)")
     x, y = fn()
     return np.asarray(x), np.asarray(y)
 

@@ -171,6 +171,8 @@ def message(cls: type[M]) -> type[M]:
 
 def encode_message(msg: Any) -> bytes:
     name = type(msg).__name__
+    if not dataclasses.is_dataclass(msg) or isinstance(msg, type):
+        raise SerdeError(f"{name} is not a message instance")
     if _REGISTRY.get(name) is not type(msg):
         raise SerdeError(f"{name} is not a registered message type")
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}

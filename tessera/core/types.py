@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import TypeAlias
 
@@ -41,7 +42,9 @@ def set_params(model: nn.Module, params: Mapping[str, torch.Tensor], *, who: str
             v.copy_(params[k])
 
 
-def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, who: str) -> None:
+def check_compatible(
+    reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, who: str
+) -> None:
     """Raise ShapeMismatch unless `other` has exactly the keys, shapes and dtypes of `reference`."""
     if list(reference) != list(other):
         missing = [k for k in reference if k not in other]
@@ -78,7 +81,7 @@ def zeros_like(a: Mapping[str, torch.Tensor]) -> Params:
 def l2_norm(a: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over the floating tensors of `a`, computed in float64."""
     total = sum(float(v.double().pow(2).sum()) for v in a.values() if v.is_floating_point())
-    return float(total) ** 0.5
+    return math.sqrt(total)
 
 
 def num_bytes(a: Iterable[torch.Tensor]) -> int:

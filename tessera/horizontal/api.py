@@ -82,7 +82,7 @@ class FLModel:
         if len(x) != len(self.parties) or (y is not None and len(y) != len(self.parties)):
             raise ConfigError(f"{what}: give one array per party ({len(self.parties)}: {self.parties}), "
                               f"got x={len(x)}" + ("" if y is None else f", y={len(y)}"))
-        out = []
+        out: list[tuple[torch.Tensor, ...]] = []
         for i, name in enumerate(self.parties):
             xs = as_tensor(x[i], what=f"x[{name}]")
             if y is None:

@@ -46,7 +46,9 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
                       f"{max_tries} draws; raise alpha or use fewer clients")
 
 
-def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
+def shards(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """McMahan et al. 2017: sort by label, cut into num_clients * shards_per_client shards, deal them out."""
     labels = np.asarray(labels)
     _check(len(labels), num_clients * shards_per_client)

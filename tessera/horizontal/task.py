@@ -89,7 +89,7 @@ class SupervisedTask:
                 if anchor is not None:
                     prox = sum((named[k] - anchor[k]).pow(2).sum() for k in anchor)
                     objective = loss + 0.5 * mu * prox
-                objective.backward()
+                objective.backward()  # type: ignore[no-untyped-call]
                 if correction is not None:
                     for k, p in named.items():
                         if p.grad is not None and k in correction:
@@ -121,7 +121,7 @@ class SupervisedTask:
 
 def task_get_params(task: Task, model: nn.Module) -> Params:
     fn = getattr(task, "get_params", None)
-    return fn(model) if fn is not None else get_params(model)  # type: ignore[no-any-return]
+    return fn(model) if fn is not None else get_params(model)
 
 
 def task_set_params(task: Task, model: nn.Module, params: Params) -> None:

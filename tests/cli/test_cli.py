@@ -32,7 +32,7 @@ batch_size = 64
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "tessera", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def write_job(tmp: Path, strategy: str = 'name = "fedavg"', rounds: int = 2) -> Path:
