@@ -18,16 +18,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, report  # noqa: E402
+from common import best_of, report
 
-from tessera.core.datasets import digits  # noqa: E402
-from tessera.core.models import MLP  # noqa: E402
-from tessera.core.types import get_params, set_params  # noqa: E402
-from tessera.horizontal.client import client_seed  # noqa: E402
-from tessera.horizontal.partition import iid  # noqa: E402
-from tessera.horizontal.simulation import JobParts, initial_params, simulate  # noqa: E402
-from tessera.horizontal.strategies import FedAvg  # noqa: E402
-from tessera.horizontal.task import SupervisedTask  # noqa: E402
+from tessera.core.datasets import digits
+from tessera.core.models import MLP
+from tessera.core.types import get_params, set_params
+from tessera.horizontal.client import client_seed
+from tessera.horizontal.partition import iid
+from tessera.horizontal.simulation import JobParts, initial_params, simulate
+from tessera.horizontal.strategies import FedAvg
+from tessera.horizontal.task import SupervisedTask
 
 CLIENTS, ROUNDS, BATCH, LR, SEED = 10, 5, 16, 0.05, 0
 
