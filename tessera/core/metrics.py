@@ -106,19 +106,24 @@ def plot_history(
     for name, series, ylabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         drawn = 0
-        for run, hist in runs.items():
-            for key, label in series:
+        styles = ["-", "--", ":"]
+        for ci, (run, hist) in enumerate(runs.items()):
+            for si, (key, label) in enumerate(series):
                 ys = [(r["round"], _get(r, key)) for r in hist.records if _get(r, key) is not None]
                 if ys:
                     xs, vs = zip(*ys, strict=True)
-                    ax.plot(xs, vs, marker="o", markersize=3, label=f"{run}: {label}" if len(runs) > 1 else label)
+                    # colour = run, line style = series, so overlapping runs stay distinguishable
+                    ax.plot(xs, vs, linestyle=styles[si % 3], marker="o", markersize=3,
+                            color=f"C{ci if len(runs) > 1 else si}",
+                            label=f"{run}: {label}" if len(runs) > 1 else label)
                     drawn += 1
         if not drawn:
             plt.close(fig)
             continue
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{prefix}{name} per round".strip())
+        ax.set_title(f"{name} per round" + (f" — {', '.join(runs)}" if len(runs) > 1 else ""))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
