@@ -32,7 +32,10 @@ class JobParts:
     central_eval: CentralEval | None = None
 
     def client_app(self) -> ClientApp:
-        return ClientApp(TaskClient(self.task), self.mods)
+        # A strategy that needs client-side work (SCAFFOLD's control variates) brings its own mods; they run
+        # innermost, next to training, so other mods (DP, masking, attacks) see its final reply.
+        strategy_mods: list[Mod] = list(getattr(self.strategy, "client_mods", list)())
+        return ClientApp(TaskClient(self.task), [*self.mods, *strategy_mods])
 
 
 class Plugin(Protocol):
