@@ -1,0 +1,332 @@
+"""GrpcBackend: the coordinator's side of the Backend protocol over one mTLS stream per client party.
+
+Clients dial in and hold a stream open; `exchange` pushes each request down its client's stream and waits for the
+reply with the same message id. A client that is not connected, disconnects mid-request, sends garbage, or stays
+silent past the deadline becomes a `ClientFailure` for that exchange only; when it reconnects it is used again
+(`rejoin_wait_s` lets the coordinator wait for it at the start of a fit phase).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tessera.core.errors import ConfigError, SerdeError, TransportError
+from tessera.core.logging import get_logger
+from tessera.core.serde import decode_message, encode_message
+from tessera.runtime.backend import ClientFailure, Reply, Traffic
+from tessera.runtime.grpc import transport as tp
+from tessera.runtime.grpc.certs import identity_problem
+from tessera.runtime.grpc.config import FederationConfig
+from tessera.runtime.messages import ErrorRes, FitIns
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A stream the coordinator closed: who it claimed to be and why (no payload is kept)."""
+
+    claimed: str
+    reason: str
+
+
+_CLOSE = object()
+HELLO_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Abort:
+    code: grpc.StatusCode
+    details: str
+
+
+class Session:
+    """One client's open stream: an outbox of frames and the replies it owes."""
+
+    def __init__(self, party: str, chunk_bytes: int) -> None:
+        self.party = party
+        self.chunk_bytes = chunk_bytes
+        self.outbox: queue.Queue[Any] = queue.Queue()
+        self.pending: dict[int, Future[bytes]] = {}
+        self.next_id = 1
+        self.client_id: str | None = None  # set by HELLO; until then the session is not registered
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def send(self, blob: bytes) -> Future[bytes]:
+        fut: Future[bytes] = Future()
+        with self.lock:
+            if self.closed:
+                fut.set_exception(TransportError(f"party {self.party} disconnected"))
+                return fut
+            msg_id, self.next_id = self.next_id, self.next_id + 1
+            self.pending[msg_id] = fut
+            for frame in tp.split(msg_id, blob, self.chunk_bytes):
+                self.outbox.put(frame)
+        return fut
+
+    def deliver(self, msg_id: int, blob: bytes) -> None:
+        with self.lock:
+            fut = self.pending.pop(msg_id, None)
+            issued = msg_id < self.next_id
+        if fut is not None:
+            fut.set_result(blob)
+        elif not issued:
+            raise tp.FrameError(f"reply to message {msg_id}, which was never sent")
+        # else: a late reply to a request whose deadline passed; dropped
+
+    def forget(self, fut: Future[bytes]) -> None:
+        """Stop waiting for a reply (its deadline passed); a late reply is then dropped."""
+        with self.lock:
+            self.pending = {k: f for k, f in self.pending.items() if f is not fut}
+
+    def close(self, reason: str, abort: _Abort | None = None) -> None:
+        with self.lock:
+            self.closed = True
+            pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(TransportError(reason))
+        self.outbox.put(abort if abort is not None else _CLOSE)
+
+
+@dataclass
+class GrpcBackend:
+    """Backend over gRPC + mTLS. `routes` maps each job client id to the party name serving it.
+
+    `min_clients`: `start` waits up to `quorum_deadline_s` for every client and fails unless at least this many
+    joined.
+    """
+
+    fed: FederationConfig
+    routes: dict[str, str]
+    min_clients: int = 1
+    traffic: Traffic = field(default_factory=Traffic)
+    refused: list[Refusal] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.routes.values()) - set(self.fed.client_names)
+        if unknown:
+            raise ConfigError(f"routes name parties not in {self.fed.source}: {sorted(unknown)}")
+        self._sessions: dict[str, Session] = {}
+        self._cond = threading.Condition()
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+        self._stopping = False  # no more requests go out (abort/close)
+        self._no_waiting = False  # shutdown requested: stop waiting for absent clients
+
+    # ------------------------------------------------------------------------------------------ server side
+    def listen(self) -> int:
+        """Bind and start serving; returns the port (useful when the address says port 0)."""
+        if self._server is not None:
+            assert self.port is not None
+            return self.port
+        from concurrent.futures import ThreadPoolExecutor
+
+        me = self.fed.coordinator
+        addr = me.listen or me.address
+        assert addr is not None
+        # one worker per stream plus headroom for refused ones; each stream's reader gets its own thread
+        server = grpc.server(ThreadPoolExecutor(max_workers=len(self.routes) + 8, thread_name_prefix="tessera-grpc"),
+                             options=tp.channel_options(self.fed))
+        handler = grpc.stream_stream_rpc_method_handler(self._session, request_deserializer=None,
+                                                        response_serializer=None)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(tp.SERVICE, {tp.METHOD: handler}),))
+        port = int(server.add_secure_port(addr, tp.server_credentials(self.fed, me)))
+        if port == 0:
+            raise TransportError(f"could not listen on {addr}; is another process using the port?")
+        server.start()
+        self._server, self.port = server, port
+        log.info("coordinator listening on %s (port %d)", addr, port)
+        return port
+
+    def _refuse(self, context: grpc.ServicerContext, claimed: str, code: grpc.StatusCode, reason: str) -> None:
+        self.refused.append(Refusal(claimed, reason))
+        log.warning("refused a stream claiming %r: %s", claimed, reason)
+        context.abort(code, reason)
+
+    def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        claimed = dict(context.invocation_metadata()).get(tp.PARTY_KEY)
+        name = claimed if isinstance(claimed, str) else ""
+        # checked before a single frame is read: an impostor's bytes never reach the reassembler
+        problem = identity_problem(context.auth_context(), name, list(self.routes.values()))
+        if problem is not None:
+            self._refuse(context, name, grpc.StatusCode.PERMISSION_DENIED, problem)
+        session = Session(name, self.fed.settings.chunk_bytes)
+        context.add_callback(lambda: session.close(f"party {name} disconnected"))
+        threading.Thread(target=self._read, args=(session, requests), daemon=True,
+                         name=f"tessera-read-{name}").start()
+        try:
+            timeout: float | None = HELLO_TIMEOUT_S  # the first item is WELCOME once the reader saw HELLO
+            while True:
+                try:
+                    item = session.outbox.get(timeout=timeout)
+                except queue.Empty:
+                    session.close(f"party {name} sent no HELLO")
+                    self._refuse(context, name, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"no HELLO frame within {HELLO_TIMEOUT_S} s")
+                timeout = None
+                if item is _CLOSE:
+                    return
+                if isinstance(item, _Abort):
+                    self._refuse(context, name, item.code, item.details)
+                yield item
+        finally:
+            self._detach(session)
+
+    def _read(self, session: Session, requests: Iterator[bytes]) -> None:
+        s = self.fed.settings
+        reasm = tp.Reassembler()
+        try:
+            for raw in requests:
+                frame = tp.parse(raw, max_message_bytes=s.max_message_bytes, chunk_bytes=s.chunk_bytes)
+                if frame.kind is tp.Kind.HELLO and session.client_id is None:
+                    self._hello(session, frame.payload)
+                    continue
+                if frame.kind is not tp.Kind.DATA or session.client_id is None:
+                    raise tp.FrameError(f"unexpected {frame.kind.name} frame (a session starts with one HELLO, "
+                                        "then carries DATA)")
+                done = reasm.feed(frame)
+                if done is not None:
+                    session.deliver(*done)
+        except tp.FrameError as exc:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.oversize else grpc.StatusCode.INVALID_ARGUMENT
+            session.close(f"party {session.party} sent a bad frame: {exc}", _Abort(code, str(exc)))
+            return
+        except Exception as exc:  # the stream broke (peer gone, cancelled): just a disconnect
+            log.debug("stream of %s ended: %s", session.party, type(exc).__name__)
+        session.close(f"party {session.party} disconnected")
+
+    def _hello(self, session: Session, payload: bytes) -> None:
+        """Register the session: only now does it count as connected and receive requests."""
+        if payload != session.party.encode():
+            raise tp.FrameError("HELLO names a different party than the call metadata")
+        session.client_id = next(c for c, p in self.routes.items() if p == session.party)
+        session.outbox.put(tp.control(tp.Kind.WELCOME, session.client_id.encode()))  # before any request can
+        self._attach(session)
+
+    def _attach(self, session: Session) -> None:
+        with self._cond:
+            old = self._sessions.get(session.party)
+            self._sessions[session.party] = session
+            self._cond.notify_all()
+        if old is not None:  # a reconnect: the old stream is dead or about to be
+            old.close(f"party {session.party} reconnected")
+        log.info("party %s connected", session.party)
+
+    def _detach(self, session: Session) -> None:
+        with self._cond:
+            if self._sessions.get(session.party) is session:
+                del self._sessions[session.party]
+                log.info("party %s disconnected", session.party)
+            self._cond.notify_all()
+
+    def _live(self, party: str) -> Session | None:
+        session = self._sessions.get(party)
+        return None if session is None or session.closed else session
+
+    def connected(self) -> list[str]:
+        with self._cond:
+            return [c for c, p in self.routes.items() if self._live(p) is not None]
+
+    def wait_for(self, clients: list[str], timeout: float) -> list[str]:
+        """Wait until all `clients` are connected or `timeout` passes; returns the connected ones."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._stopping or self._no_waiting):
+                up = [c for c in clients if self._live(self.routes[c]) is not None]
+                left = deadline - time.monotonic()
+                if len(up) == len(clients) or left <= 0:
+                    return up
+                self._cond.wait(min(left, 1.0))
+            return []
+
+    # -------------------------------------------------------------------------------------- Backend protocol
+    def start(self, clients: list[str]) -> None:
+        missing = [c for c in clients if c not in self.routes]
+        if missing:
+            raise ConfigError(f"clients {missing} have no party in {self.fed.source}")
+        self.listen()
+        up = self.wait_for(clients, self.fed.settings.quorum_deadline_s)
+        if len(up) < self.min_clients:
+            gone = [self.routes[c] for c in clients if c not in up]
+            raise TransportError(f"only {len(up)} of {len(clients)} clients joined within quorum_deadline_s="
+                                 f"{self.fed.settings.quorum_deadline_s} (need {self.min_clients}); missing: {gone}")
+
+    def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        s = self.fed.settings
+        budget = s.rpc_deadline_s if timeout is None else min(timeout, s.rpc_deadline_s)
+        if s.rejoin_wait_s > 0 and any(isinstance(m, FitIns) for m in requests.values()):
+            self.wait_for(list(requests), s.rejoin_wait_s)
+        deadline = time.monotonic() + budget
+        out: dict[str, Reply] = {}
+        sent: dict[str, tuple[Session, Future[bytes]]] = {}
+        for cid, msg in requests.items():
+            with self._cond:
+                session = None if self._stopping else self._live(self.routes[cid])
+            if session is None:
+                out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected")
+                continue
+            blob = encode_message(msg)
+            self.traffic.add(cid, down=len(blob), up=0)
+            sent[cid] = (session, session.send(blob))
+        for cid, (session, fut) in sent.items():
+            out[cid] = self._await_reply(cid, session, fut, deadline, budget)
+        return {c: out[c] for c in requests}
+
+    def _await_reply(self, cid: str, session: Session, fut: Future[bytes], deadline: float, budget: float) -> Reply:
+        try:
+            blob = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            session.forget(fut)
+            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s")
+        except TransportError as exc:
+            return ClientFailure(cid, str(exc))
+        self.traffic.add(cid, down=0, up=len(blob))
+        try:
+            reply = decode_message(blob, max_bytes=self.fed.settings.max_message_bytes)
+        except SerdeError as exc:
+            return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}")
+        if isinstance(reply, ErrorRes):
+            return ClientFailure(cid, f"{reply.kind}: {reply.reason}")
+        return reply
+
+    def stop_waiting(self) -> None:
+        """Shutdown requested (first Ctrl-C): waits for absent clients end now; requests in flight continue."""
+        with self._cond:
+            self._no_waiting = True
+            self._cond.notify_all()
+
+    def abort(self, reason: str = "coordinator is shutting down") -> None:
+        """Fail every pending request now (second Ctrl-C): the round in flight is abandoned."""
+        with self._cond:
+            self._stopping = True
+            sessions = list(self._sessions.values())
+            self._cond.notify_all()
+        for s in sessions:
+            with s.lock:
+                pending, s.pending = s.pending, {}
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(TransportError(reason))
+
+    def close(self) -> None:
+        """Tell every client the job is over (BYE), then stop serving."""
+        with self._cond:
+            self._stopping = True
+            sessions = list(self._sessions.values())
+            self._cond.notify_all()
+        for s in sessions:
+            s.outbox.put(tp.control(tp.Kind.BYE))
+            s.close("coordinator closed the federation")
+        if self._server is not None:
+            self._server.stop(grace=5.0).wait(10.0)
+            self._server = None

@@ -1,0 +1,169 @@
+"""The client party's loop: dial the coordinator, serve whatever it pushes, redial with backoff when cut off.
+
+Any registered message type is served (FitIns, EvaluateIns, secure-aggregation stages, split-learning steps): the
+request is decoded, handed to `handler.handle(client_id, msg)`, and the reply streamed back under the same
+message id. A handler error travels back as `ErrorRes`, so the coordinator records a failure instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tessera.core.errors import ConfigError, TesseraError, TransportError
+from tessera.core.logging import get_logger
+from tessera.core.serde import decode_message, encode_message
+from tessera.runtime.backend import Handler
+from tessera.runtime.federation import Role
+from tessera.runtime.grpc import transport as tp
+from tessera.runtime.grpc.config import FederationConfig, PartyConfig
+from tessera.runtime.messages import ErrorRes
+
+log = get_logger(__name__)
+
+# Test-only: a client SIGKILLs itself on receiving the fit request of this round, so failure tests are
+# deterministic instead of racing a kill against the round. Never set in production.
+KILL_AT_ROUND_ENV = "TESSERA_TEST_KILL_AT_ROUND"
+_FATAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    connections: int = 0
+    client_id: str | None = None
+
+
+def _drain(outbox: queue.Queue[bytes | None]) -> Iterator[bytes]:
+    while (item := outbox.get()) is not None:
+        yield item
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:200]
+
+
+def _test_hook(msg: Any) -> None:
+    at = os.environ.get(KILL_AT_ROUND_ENV)
+    if at and getattr(msg, "round", None) == int(at) and type(msg).__name__ == "FitIns":
+        log.warning("test hook %s=%s: killing this process", KILL_AT_ROUND_ENV, at)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ClientParty:
+    """Runs one client party until the coordinator says BYE, `stop()` is called, or retries run out."""
+
+    def __init__(self, fed: FederationConfig, name: str, handler: Handler, *,
+                 expected_client_id: str | None = None) -> None:
+        self.fed = fed
+        self.me: PartyConfig = fed.party(name)
+        if self.me.role is not Role.CLIENT:
+            raise ConfigError(f"{fed.source}: party {name!r} is the coordinator; ClientParty serves client parties")
+        self.handler = handler
+        self.expected_client_id = expected_client_id
+        self.stats = ClientStats()
+        self._stop = threading.Event()
+        self._call: Any = None
+        self._welcomed = False
+
+    def stop(self) -> None:
+        """Leave now (signal-safe): the current stream is cancelled and `run` returns."""
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def run(self) -> ClientStats:
+        retry = self.fed.settings.retry
+        failures, backoff = 0, retry.initial_backoff_s
+        while not self._stop.is_set():
+            try:
+                if self._stream():
+                    log.info("coordinator closed the federation; %d requests served", self.stats.requests)
+                    return self.stats
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if self._stop.is_set():
+                    break
+                if code in _FATAL:
+                    raise TransportError(f"the coordinator refused party {self.me.name!r}: {code.name}: "
+                                         f"{exc.details()}") from None
+                log.info("connection to the coordinator failed (%s); retrying", code.name)
+            if self._welcomed:  # we were in: a blip, not a misconfiguration; start the backoff over
+                failures, backoff = 0, retry.initial_backoff_s
+            failures += 1
+            if failures >= retry.max_attempts:
+                raise TransportError(f"party {self.me.name!r} could not reach the coordinator at "
+                                     f"{self.fed.coordinator.address} after {failures} attempts; check the address, "
+                                     "that it is running, and that both use the same federation CA")
+            self._stop.wait(backoff)
+            backoff = min(backoff * retry.multiplier, retry.max_backoff_s)
+        return self.stats
+
+    def _stream(self) -> bool:
+        """One connection; True when the coordinator said BYE."""
+        s = self.fed.settings
+        self._welcomed = False
+        outbox: queue.Queue[bytes | None] = queue.Queue()
+        outbox.put(tp.control(tp.Kind.HELLO, self.me.name.encode()))
+        channel = tp.client_channel(self.fed, self.me)
+        call = channel.stream_stream(tp.FULL_METHOD, request_serializer=None, response_deserializer=None)(
+            _drain(outbox), metadata=((tp.PARTY_KEY, self.me.name),))
+        self._call = call
+        self.stats.connections += 1
+        reasm = tp.Reassembler()
+        try:
+            for raw in call:
+                frame = tp.parse(raw, max_message_bytes=s.max_message_bytes, chunk_bytes=s.chunk_bytes)
+                if frame.kind is tp.Kind.BYE:
+                    return True
+                if frame.kind is tp.Kind.WELCOME:
+                    self._welcome(frame.payload.decode("utf-8", "replace"))
+                    continue
+                if not self._welcomed:
+                    raise tp.FrameError("the coordinator sent a request before WELCOME")
+                done = reasm.feed(frame)
+                if done is not None:
+                    msg_id, blob = done
+                    for out in tp.split(msg_id, self._answer(blob), s.chunk_bytes):
+                        outbox.put(out)
+            return False
+        finally:
+            self._call = None
+            outbox.put(None)
+            call.cancel()
+            channel.close()
+
+    def _welcome(self, client_id: str) -> None:
+        if self.expected_client_id is not None and client_id != self.expected_client_id:
+            raise ConfigError(f"the coordinator assigned {self.me.name!r} to client {client_id!r} but this party "
+                              f"expected {self.expected_client_id!r}; use the same federation.toml everywhere")
+        self.stats.client_id = client_id
+        self._welcomed = True
+        log.info("party %s joined as %s", self.me.name, client_id)
+
+    def _answer(self, blob: bytes) -> bytes:
+        limit = self.fed.settings.max_message_bytes
+        client_id = self.stats.client_id
+        assert client_id is not None  # requests come only after WELCOME
+        try:
+            msg = decode_message(blob, max_bytes=limit)
+            _test_hook(msg)
+            reply = encode_message(self.handler.handle(client_id, msg))
+            self.stats.requests += 1
+        except (TesseraError, Exception) as exc:  # any failure goes back as ErrorRes; the party keeps serving
+            log.warning("request failed: %s", type(exc).__name__)
+            reply = encode_message(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
+        if len(reply) > limit:
+            reply = encode_message(ErrorRes(kind="SerdeError", reason=f"reply of {len(reply)} bytes exceeds "
+                                            f"max_message_bytes={limit}"))
+        return reply

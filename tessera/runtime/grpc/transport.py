@@ -1,0 +1,178 @@
+"""Frames on the wire and the gRPC plumbing shared by both ends. No protoc: raw bytes through a generic handler.
+
+One long-lived bidirectional stream per client (`/tessera.Federation/Session`). The client dials out (clients sit
+behind NAT), names itself in the call metadata, and then serves requests the coordinator pushes. Every gRPC
+message on the stream is one frame::
+
+    magic "TSF1" | kind u8 | message id u64 | chunk index u32 | chunk count u32 | total length u64 | sha256 32B
+    | payload (at most chunk_bytes)
+
+A serde-encoded message is split into `count` DATA frames sharing an id; the receiver preallocates `total`
+bytes only after checking it against max_message_bytes, requires chunks in order, and checks length and sha256
+before decoding. Control frames carry no chunks: HELLO (client -> coordinator, first frame, payload = its party
+name) registers the session, WELCOME (payload = the job client id it serves) acknowledges it, BYE ends the job.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from tessera.core.errors import TransportError
+from tessera.runtime.grpc.config import FederationConfig, PartyConfig, read_pem
+
+SERVICE = "tessera.Federation"
+METHOD = "Session"
+FULL_METHOD = f"/{SERVICE}/{METHOD}"
+PARTY_KEY = "x-tessera-party"
+MAGIC = b"TSF1"
+HEADER = struct.Struct("<4sBQIIQ32s")
+_SLACK = 4096  # room for the frame header and gRPC's own envelope above chunk_bytes
+
+
+class Kind(enum.IntEnum):
+    DATA = 0
+    WELCOME = 1
+    BYE = 2
+    HELLO = 3
+
+
+class FrameError(TransportError):
+    """A frame that is malformed, out of order, over a limit or fails its hash; the stream carrying it is closed."""
+
+    oversize = False
+
+
+class OversizeError(FrameError):
+    oversize = True
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    msg_id: int
+    index: int
+    count: int
+    total: int
+    digest: bytes
+    payload: bytes
+
+
+def split(msg_id: int, blob: bytes, chunk_bytes: int) -> Iterator[bytes]:
+    """The DATA frames of one encoded message."""
+    if not blob:
+        raise FrameError("refusing to send an empty message")
+    digest = hashlib.sha256(blob).digest()
+    count = math.ceil(len(blob) / chunk_bytes)
+    view = memoryview(blob)
+    for i in range(count):
+        head = HEADER.pack(MAGIC, Kind.DATA, msg_id, i, count, len(blob), digest)
+        yield head + view[i * chunk_bytes : (i + 1) * chunk_bytes]
+
+
+def control(kind: Kind, payload: bytes = b"") -> bytes:
+    return HEADER.pack(MAGIC, kind, 0, 0, 0, len(payload), bytes(32)) + payload
+
+
+def parse(raw: bytes, *, max_message_bytes: int, chunk_bytes: int) -> Frame:
+    """Check one frame's header against the limits; raises FrameError (OversizeError for size limits)."""
+    if not isinstance(raw, bytes) or len(raw) < HEADER.size:
+        raise FrameError("frame shorter than its header")
+    magic, kind, msg_id, index, count, total, digest = HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise FrameError("bad frame magic; the peer is not speaking tessera's framing")
+    try:
+        k = Kind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind}") from None
+    payload = raw[HEADER.size :]
+    if k is not Kind.DATA:
+        if len(payload) != total or total > 1024:
+            raise FrameError("malformed control frame")
+        return Frame(k, 0, 0, 0, total, digest, payload)
+    if total > max_message_bytes:
+        raise OversizeError(f"message of {total} bytes exceeds max_message_bytes={max_message_bytes}; raise it in "
+                            "federation.toml on every party if this is expected")
+    if len(payload) > chunk_bytes:
+        raise OversizeError(f"chunk of {len(payload)} bytes exceeds chunk_bytes={chunk_bytes}")
+    if total == 0 or count == 0 or index >= count or count > total or not payload:
+        raise FrameError(f"inconsistent frame header (chunk {index} of {count}, total {total})")
+    return Frame(k, msg_id, index, count, total, digest, payload)
+
+
+class Reassembler:
+    """Rebuilds one message at a time from in-order chunks; a stream interleaving messages is refused."""
+
+    def __init__(self) -> None:
+        self._buf: bytearray | None = None
+        self._head: tuple[int, int, int, bytes] | None = None
+        self._offset = 0
+        self._next = 0
+        self._hash = hashlib.sha256()
+
+    def feed(self, f: Frame) -> tuple[int, bytes] | None:
+        """Add a chunk; returns (message id, bytes) when the message is complete and verified."""
+        head = (f.msg_id, f.count, f.total, f.digest)
+        if self._buf is None:
+            if f.index != 0:
+                raise FrameError(f"message {f.msg_id} starts at chunk {f.index}, expected 0")
+            self._buf, self._head = bytearray(f.total), head
+            self._offset, self._next, self._hash = 0, 0, hashlib.sha256()
+        if head != self._head or f.index != self._next:
+            raise FrameError("chunks arrived out of order or interleaved with another message")
+        end = self._offset + len(f.payload)
+        if end > f.total:
+            raise FrameError(f"chunks carry more than the {f.total} bytes announced")
+        self._buf[self._offset : end] = f.payload
+        self._hash.update(f.payload)
+        self._offset, self._next = end, self._next + 1
+        if self._next < f.count:
+            return None
+        buf, self._buf = self._buf, None
+        if end != f.total:
+            raise FrameError(f"message {f.msg_id}: got {end} bytes, header announced {f.total}")
+        if self._hash.digest() != f.digest:
+            raise FrameError(f"message {f.msg_id}: sha256 mismatch; the payload was corrupted or forged")
+        return f.msg_id, bytes(buf)
+
+
+def channel_options(fed: FederationConfig) -> list[tuple[str, int | str]]:
+    limit = fed.settings.chunk_bytes + _SLACK
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 10_000),  # notice a vanished peer (NAT drop, cable pulled) within ~15 s
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+def server_credentials(fed: FederationConfig, me: PartyConfig) -> grpc.ServerCredentials:
+    """TLS with the federation CA as the only root, and a client certificate required: no cert, or one from
+    another CA, fails the handshake before any handler runs."""
+    return grpc.ssl_server_credentials(
+        [(read_pem(me.key, f"{me.name}'s key"), read_pem(me.cert, f"{me.name}'s certificate"))],
+        root_certificates=read_pem(fed.ca_cert, "federation.ca_cert"),
+        require_client_auth=True,
+    )
+
+
+def client_channel(fed: FederationConfig, me: PartyConfig) -> grpc.Channel:
+    """A channel to the coordinator that verifies the coordinator's cert is issued to the coordinator's name."""
+    coord = fed.coordinator
+    assert coord.address is not None  # validated in config
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(fed.ca_cert, "federation.ca_cert"),
+        private_key=read_pem(me.key, f"{me.name}'s key"),
+        certificate_chain=read_pem(me.cert, f"{me.name}'s certificate"),
+    )
+    options = [*channel_options(fed), ("grpc.ssl_target_name_override", coord.name)]
+    return grpc.secure_channel(coord.address, creds, options=options)
