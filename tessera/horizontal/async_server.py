@@ -78,14 +78,16 @@ class _Driver:
             config = {**self.parts.strategy.fit_config(run.version), "seed": seed}
             reply = self.backend.exchange({cid: FitIns(round=run.version, params=run.params, config=config)})[cid]
             ok, failed = validate_fit({cid: reply}, run.params)
-            if failed:  # arrives at once: a failure costs no simulated compute
-                heapq.heappush(self.queue, _Arrival(run.clock, run.dispatched, cid, run.version, None, failed[0]))
+            # A rejected update cost its client the training time; a crash costs one step (a retry back-off), so
+            # a client that always fails cannot spin at one instant of simulated time.
+            steps = float(reply.metrics.get("steps", 1.0)) if isinstance(reply, FitRes) else 1.0
+            arrival = run.clock + max(steps, 1.0) / self.speeds[cid]
+            if failed:
+                heapq.heappush(self.queue, _Arrival(arrival, run.dispatched, cid, run.version, None, failed[0]))
                 continue
             res = ok[0][1]
-            steps = float(res.metrics.get("steps", 1.0))
             delta = {k: res.params[k].double() - run.params[k].double() for k in run.params}
-            heapq.heappush(self.queue, _Arrival(run.clock + steps / self.speeds[cid], run.dispatched, cid,
-                                                run.version, delta, res))
+            heapq.heappush(self.queue, _Arrival(arrival, run.dispatched, cid, run.version, delta, res))
 
     def rebased(self, a: _Arrival) -> tuple[str, FitRes]:
         """The update as if it started from the current model, with its staleness in the metrics."""

@@ -66,7 +66,9 @@ class FedNova(Strategy):
         for k, x in current.items():
             acc = torch.zeros(x.shape, dtype=torch.float64)
             for pi, a, (_, r) in zip(p, norms, results, strict=True):
-                acc += (pi * tau_eff / a) * (r.params[k].double() - x.double())
+                # integer buffers (counters) are not moved by steps: plain example-weighted mean for them
+                w = pi * tau_eff / a if x.is_floating_point() else pi
+                acc += w * (r.params[k].double() - x.double())
             target[k] = x.double() + acc
         stepped = server_step({k: x.double() for k, x in current.items()}, target, self.server_lr)
         return {k: stepped[k].to(x.dtype) if x.is_floating_point() else stepped[k].round().to(x.dtype)
