@@ -1,0 +1,109 @@
+"""Framing: split/reassemble round-trips exactly; every malformed, oversize, reordered or forged frame is refused."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tessera.runtime.grpc import transport as tp
+
+LIMIT, CHUNK = 10_000, 1024
+
+
+def _roundtrip(blob: bytes, msg_id: int = 5) -> tuple[int, bytes]:
+    r = tp.Reassembler()
+    out = None
+    for raw in tp.split(msg_id, blob, CHUNK):
+        assert out is None, "completed before the last chunk"
+        out = r.feed(tp.parse(raw, max_message_bytes=LIMIT, chunk_bytes=CHUNK))
+    assert out is not None
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=1, max_size=5000))
+def test_split_then_reassemble_gives_the_same_bytes(blob: bytes) -> None:
+    frames = list(tp.split(9, blob, CHUNK))
+    assert len(frames) == -(-len(blob) // CHUNK)  # ceil: chunk count is exactly what the size needs
+    assert _roundtrip(blob, 9) == (9, blob)
+
+
+def test_two_messages_back_to_back_on_one_stream() -> None:
+    r = tp.Reassembler()
+    got = []
+    for i, blob in enumerate([b"a" * 3000, b"b" * 10]):
+        for raw in tp.split(i + 1, blob, CHUNK):
+            done = r.feed(tp.parse(raw, max_message_bytes=LIMIT, chunk_bytes=CHUNK))
+            if done:
+                got.append(done)
+    assert got == [(1, b"a" * 3000), (2, b"b" * 10)]
+
+
+def _frames(blob: bytes) -> list[bytes]:
+    return list(tp.split(1, blob, CHUNK))
+
+
+def _feed_all(frames: list[bytes]) -> None:
+    r = tp.Reassembler()
+    for raw in frames:
+        r.feed(tp.parse(raw, max_message_bytes=LIMIT, chunk_bytes=CHUNK))
+
+
+def test_flipped_payload_byte_fails_the_hash() -> None:
+    frames = _frames(bytes(3000))
+    frames[1] = frames[1][:-1] + b"\x01"
+    with pytest.raises(tp.FrameError, match="sha256"):
+        _feed_all(frames)
+
+
+def test_out_of_order_and_interleaved_chunks_are_refused() -> None:
+    frames = _frames(bytes(3000))
+    with pytest.raises(tp.FrameError, match="starts at chunk 1"):
+        _feed_all([frames[1]])
+    with pytest.raises(tp.FrameError, match="out of order"):
+        _feed_all([frames[0], frames[2]])
+    other = list(tp.split(2, bytes(3000), CHUNK))
+    with pytest.raises(tp.FrameError, match="interleaved"):
+        _feed_all([frames[0], other[0]])
+
+
+def test_a_header_lying_about_the_total_is_refused() -> None:
+    blob = bytes(100)
+    digest = hashlib.sha256(blob).digest()
+    short = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 200, digest) + blob  # says 200, carries 100
+    with pytest.raises(tp.FrameError, match="announced 200"):
+        _feed_all([short])
+    long = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 2, 50, digest) + blob  # says 50, first chunk has 100
+    with pytest.raises(tp.FrameError, match="more than the 50"):
+        _feed_all([long])
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (b"short", "shorter than its header"),
+    (b"XXXX" + bytes(tp.HEADER.size), "bad frame magic"),
+    (tp.HEADER.pack(tp.MAGIC, 9, 1, 0, 1, 1, bytes(32)) + b"x", "unknown frame kind"),
+    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 3, 2, 1, bytes(32)) + b"x", "inconsistent"),
+    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 0, bytes(32)), "inconsistent"),
+    (tp.HEADER.pack(tp.MAGIC, tp.Kind.WELCOME, 0, 0, 0, 5, bytes(32)) + b"x", "malformed control"),
+])
+def test_malformed_frames_are_refused(raw: bytes, match: str) -> None:
+    with pytest.raises(tp.FrameError, match=match) as info:
+        tp.parse(raw, max_message_bytes=LIMIT, chunk_bytes=CHUNK)
+    assert not info.value.oversize
+
+
+def test_oversize_message_and_chunk_are_refused_before_allocation() -> None:
+    huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, LIMIT + 1, bytes(32)) + b"x"
+    with pytest.raises(tp.OversizeError, match="max_message_bytes"):
+        tp.parse(huge, max_message_bytes=LIMIT, chunk_bytes=CHUNK)
+    fat = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, CHUNK + 1, bytes(32)) + bytes(CHUNK + 1)
+    with pytest.raises(tp.OversizeError, match="chunk_bytes"):
+        tp.parse(fat, max_message_bytes=LIMIT, chunk_bytes=CHUNK)
+
+
+def test_control_frames_round_trip() -> None:
+    f = tp.parse(tp.control(tp.Kind.WELCOME, b"client0"), max_message_bytes=LIMIT, chunk_bytes=CHUNK)
+    assert (f.kind, f.payload) == (tp.Kind.WELCOME, b"client0")
