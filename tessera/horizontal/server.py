@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tessera.core import serde
-from tessera.core.errors import ConfigError, RoundFailed, SerdeError, ShapeMismatch
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, RoundFailed, SerdeError, ShapeMismatch
 from tessera.core.io import atomic_write_bytes
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
@@ -132,6 +132,7 @@ class Server:
         self.extensions = list(extensions)
         self.history = History()
         self.round = 0
+        self.stopped: str | None = None  # why the run ended early (a spent privacy budget), if it did
         out = Path(config.output_dir) if config.output_dir else None
         self.out = out
         self.writer = MetricsWriter(out / "metrics.jsonl") if out else None
@@ -225,7 +226,14 @@ class Server:
             with _progress(self.config.progress, self.config.rounds, self.round) as advance:
                 while self.round < self.config.rounds:
                     rnd = self.round + 1
-                    record = self.run_round(rnd)
+                    try:
+                        record = self.run_round(rnd)
+                    except PrivacyBudgetExceeded as exc:
+                        # A spent privacy budget ends the run, it does not fail it: the rounds so far stand.
+                        log.warning("run stopped before round %d: %s", rnd, exc)
+                        self.stopped = str(exc)
+                        self.save_checkpoint()
+                        break
                     self.round = rnd
                     self.history.append(record)
                     if self.writer is not None:
