@@ -1,0 +1,182 @@
+"""The client side of SecAgg+ as an explicit stage machine: `step(state, msg, train) -> (state, reply)`.
+
+A message is accepted only in its stage and for the round the client is in; anything else (out of stage, a replay,
+another round's share, a server that asks for both secrets of one client) raises ProtocolError and the client
+leaves the round, which the server sees as a dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tessera.core import serde
+from tessera.core.errors import ProtocolError
+from tessera.core.types import Scalar
+from tessera.secagg import crypto, shamir
+from tessera.secagg.graph import neighbours
+from tessera.secagg.messages import (
+    ClientState,
+    KeysRes,
+    MaskedInputIns,
+    MaskedInputRes,
+    SetupIns,
+    ShareKeysIns,
+    ShareKeysRes,
+    Stage,
+    UnmaskIns,
+    UnmaskRes,
+)
+from tessera.secagg.prg import SEED_BYTES, expand
+from tessera.secagg.quantize import quantize, quantize_unit, ring_mask
+
+# train(params, config) -> (update vector float64 of length dim - 1, num_examples, metrics)
+TrainFn = Callable[[MaskedInputIns], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+def _expect(state: ClientState | None, stage: Stage, msg: Any) -> ClientState:
+    name = type(msg).__name__
+    if state is None:
+        raise ProtocolError(f"{name} arrived before SetupIns; a round starts with the setup stage")
+    if msg.round != state.setup.round:
+        raise ProtocolError(f"{name} is for round {msg.round} but this client is in round {state.setup.round}")
+    if state.stage != stage:
+        raise ProtocolError(f"{name} arrived in stage {state.stage!r} (expected in {stage.value!r}): "
+                            "out of stage or replayed")
+    return state
+
+
+def aad(rnd: int, sender: str, receiver: str) -> bytes:
+    return serde.dumps(["tessera-secagg-share", rnd, sender, receiver])
+
+
+def on_setup(state: ClientState | None, msg: SetupIns, me: str) -> tuple[ClientState, KeysRes]:
+    if state is not None and state.setup.round >= msg.round:
+        raise ProtocolError(f"SetupIns for round {msg.round} after round {state.setup.round} began: replayed or "
+                            "stale setup")
+    if me not in msg.clients or len(set(msg.clients)) != len(msg.clients):
+        raise ProtocolError("SetupIns does not list this client exactly once")
+    if not 1 < msg.threshold <= msg.degree + 1:
+        raise ProtocolError(f"SetupIns threshold {msg.threshold} is impossible with {msg.degree} neighbours")
+    c_sk, c_pk = crypto.keypair()
+    s_sk, s_pk = crypto.keypair()
+    new = ClientState(stage=Stage.SHARE_KEYS.value, setup_blob=serde.encode_message(msg), c_sk=c_sk, s_sk=s_sk)
+    return new, KeysRes(round=msg.round, c_pk=c_pk, s_pk=s_pk)
+
+
+def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str) -> tuple[ClientState, ShareKeysRes]:
+    st = _expect(state, Stage.SHARE_KEYS, msg)
+    setup = st.setup
+    if msg.c_pks.get(me) != crypto.public_of(st.c_sk) or msg.s_pks.get(me) != crypto.public_of(st.s_sk):
+        raise ProtocolError("ShareKeysIns carries a wrong public key for this client; the server swapped keys")
+    graph = neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)
+    holders = [c for c in setup.clients if c in msg.c_pks]
+    if set(msg.c_pks) != set(msg.s_pks) or any(c != me and c not in graph[me] for c in holders):
+        raise ProtocolError("ShareKeysIns lists clients that are not this client's neighbours")
+    keys = list(msg.c_pks.values()) + list(msg.s_pks.values())
+    if len(set(keys)) != len(keys):
+        raise ProtocolError("ShareKeysIns repeats a public key; refusing to share secrets")
+    if len(holders) < setup.threshold:
+        raise ProtocolError(f"only {len(holders)} share holders for threshold {setup.threshold}; leaving the round")
+    b_seed = os.urandom(SEED_BYTES)
+    xs = [setup.clients.index(c) + 1 for c in holders]
+    b_sh = shamir.split(b_seed, xs=xs, threshold=setup.threshold)
+    sk_sh = shamir.split(st.s_sk, xs=xs, threshold=setup.threshold)
+    sealed: dict[str, bytes] = {}
+    for c, x in zip(holders, xs, strict=True):
+        if c == me:
+            continue
+        key = crypto.agree(st.c_sk, msg.c_pks[c], info=crypto.SHARE_INFO)
+        body = serde.dumps({"round": setup.round, "sender": me, "receiver": c, "b": b_sh[x], "sk": sk_sh[x]})
+        sealed[c] = crypto.seal(key, body, aad=aad(setup.round, me, c))
+    x_me = setup.clients.index(me) + 1
+    new = dataclasses.replace(st, stage=Stage.COLLECT.value, b_seed=b_seed, c_pks=dict(msg.c_pks),
+                              s_pks=dict(msg.s_pks), held_b={me: b_sh[x_me]}, held_sk={me: sk_sh[x_me]})
+    return new, ShareKeysRes(round=setup.round, shares=sealed)
+
+
+def _open_shares(st: ClientState, msg: MaskedInputIns, me: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    held_b, held_sk = dict(st.held_b), dict(st.held_sk)
+    rnd = st.setup.round
+    for sender, blob in msg.shares.items():
+        if sender == me or sender not in st.c_pks:
+            raise ProtocolError("received a share from a client that is not a neighbour in this round")
+        key = crypto.agree(st.c_sk, st.c_pks[sender], info=crypto.SHARE_INFO)
+        body = serde.loads(crypto.open_sealed(key, blob, aad=aad(rnd, sender, me)))
+        if not (isinstance(body, dict) and body.get("round") == rnd and body.get("sender") == sender
+                and body.get("receiver") == me and isinstance(body.get("b"), bytes)
+                and isinstance(body.get("sk"), bytes)):
+            raise ProtocolError("a share is for another round, sender or receiver; leaving the round")
+        held_b[sender], held_sk[sender] = body["b"], body["sk"]
+    return held_b, held_sk
+
+
+def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
+    """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after)."""
+    setup = st.setup
+    out = q + expand(st.b_seed, setup.dim, bits=setup.bits)
+    me_i = setup.clients.index(me)
+    for v in partners:
+        seed = crypto.agree(st.s_sk, st.s_pks[v], info=crypto.MASK_INFO)
+        pm = expand(seed, setup.dim, bits=setup.bits)
+        out = out + pm if me_i < setup.clients.index(v) else out - pm
+    return out.bitwise_and_(ring_mask(setup.bits))
+
+
+def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> torch.Tensor:
+    """Fold the FedAvg weight w = min(n, max_weight) / max_weight into the update and quantise (w last)."""
+    if vector.numel() != setup.dim - 1:
+        raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
+    w = min(float(num_examples), setup.max_weight) / setup.max_weight
+    gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) else secrets.randbits(63))
+    body = quantize(w * vector.double().clamp(-setup.clip, setup.clip), clip=setup.clip, levels=setup.levels,
+                    gen=gen)
+    return torch.cat([body, quantize_unit(w, levels=setup.levels, gen=gen)])
+
+
+def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
+                    train: TrainFn) -> tuple[ClientState, MaskedInputRes]:
+    st = _expect(state, Stage.COLLECT, msg)
+    held_b, held_sk = _open_shares(st, msg, me)
+    index = st.setup.clients.index
+    partners = tuple(sorted(msg.shares, key=index))  # neighbours that shared keys: their masks are recoverable
+    vector, n, metrics = train(msg)
+    q = encode_input(vector, n, st.setup, msg.config.get("seed"))
+    masked = mask_vector(q, st=st, me=me, partners=partners)
+    wire = masked.to(torch.int32) if st.setup.bits <= 32 else masked  # two's complement view, same bits
+    new = dataclasses.replace(st, stage=Stage.UNMASK.value, held_b=held_b, held_sk=held_sk, masked_with=partners)
+    return new, MaskedInputRes(round=st.setup.round, masked=wire, num_examples=n, metrics=metrics)
+
+
+def on_unmask(state: ClientState | None, msg: UnmaskIns, me: str) -> UnmaskRes:
+    st = _expect(state, Stage.UNMASK, msg)
+    surv, drop = set(msg.survivors), set(msg.dropped)
+    if surv & drop:
+        raise ProtocolError("UnmaskIns names a client as both survivor and dropout: the server would learn its "
+                            "update; refusing")
+    if me not in surv or len(surv) < st.setup.threshold:
+        raise ProtocolError(f"UnmaskIns lists {len(surv)} survivors (threshold {st.setup.threshold}) or omits "
+                            "this client; refusing to reveal shares")
+    return UnmaskRes(round=st.setup.round, b_shares={u: s for u, s in st.held_b.items() if u in surv},
+                     sk_shares={u: s for u, s in st.held_sk.items() if u in drop})
+
+
+def step(state: ClientState | None, msg: Any, me: str, train: TrainFn) -> tuple[ClientState, Any]:
+    """One transition of the client's stage machine; secrets are wiped once the round is over."""
+    if isinstance(msg, SetupIns):
+        return on_setup(state, msg, me)
+    if isinstance(msg, ShareKeysIns):
+        return on_share_keys(state, msg, me)
+    if isinstance(msg, MaskedInputIns):
+        return on_masked_input(state, msg, me, train)
+    if isinstance(msg, UnmaskIns):
+        reply = on_unmask(state, msg, me)
+        assert state is not None
+        # Keep only the round number (to refuse replays); every secret of the round is dropped here.
+        return ClientState(stage=Stage.DONE.value, setup_blob=state.setup_blob, c_sk=b"", s_sk=b""), reply
+    raise ProtocolError(f"{type(msg).__name__} is not a SecAgg+ message")

@@ -1,0 +1,136 @@
+"""The SecAgg+ wire messages and the client's per-round state: frozen dataclasses registered with `@message`.
+
+Stages (Bonawitz et al. 2017, with Bell et al. 2020's sparse graph), one `backend.exchange` each:
+    SETUP       server -> SetupIns (public round config)       client -> KeysRes (two X25519 public keys)
+    SHARE_KEYS  server -> ShareKeysIns (neighbours' keys)       client -> ShareKeysRes (sealed Shamir shares)
+    COLLECT     server -> MaskedInputIns (FitIns + its shares)  client -> MaskedInputRes (masked update)
+    UNMASK      server -> UnmaskIns (survivors, dropped)        client -> UnmaskRes (shares of b_u / of s_u^SK)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from tessera.core.serde import decode_message, message
+from tessera.core.types import Params, Scalar
+
+
+class Stage(StrEnum):
+    SETUP = "setup"
+    SHARE_KEYS = "share_keys"
+    COLLECT = "collect"
+    UNMASK = "unmask"
+    DONE = "done"
+
+
+STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.UNMASK)
+
+
+@message
+@dataclass(frozen=True)
+class SetupIns:
+    """The public configuration of one secure-aggregation round (identical for every client)."""
+
+    round: int
+    clients: tuple[str, ...]  # everyone asked to take part; Shamir x coordinate = position + 1
+    threshold: int  # shares needed to reconstruct a secret
+    degree: int  # neighbours per client in the SecAgg+ graph
+    graph_seed: int
+    bits: int
+    clip: float
+    levels: int
+    max_weight: float
+    dim: int  # masked vector length (update coordinates + 1 weight coordinate)
+
+
+@message
+@dataclass(frozen=True)
+class KeysRes:
+    round: int
+    c_pk: bytes  # X25519 public key for share encryption
+    s_pk: bytes  # X25519 public key for pairwise mask agreement
+
+
+@message
+@dataclass(frozen=True)
+class ShareKeysIns:
+    """The public keys of the client's neighbours that advertised (and the client's own, to check the server)."""
+
+    round: int
+    c_pks: dict[str, bytes]
+    s_pks: dict[str, bytes]
+
+
+@message
+@dataclass(frozen=True)
+class ShareKeysRes:
+    round: int
+    shares: dict[str, bytes]  # receiver -> AEAD-sealed shares of this client's b_u and s_u^SK
+
+
+@message
+@dataclass(frozen=True)
+class MaskedInputIns:
+    """The fit request of the round plus the sealed shares other clients addressed to this one."""
+
+    round: int
+    params: Params
+    config: dict[str, Scalar] = field(default_factory=dict)
+    shares: dict[str, bytes] = field(default_factory=dict)  # sender -> sealed shares
+
+
+@message
+@dataclass(frozen=True)
+class MaskedInputRes:
+    round: int
+    masked: torch.Tensor  # int32 (bits <= 32) or int64, length dim, uniform in Z_{2^bits}
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True)
+class UnmaskIns:
+    round: int
+    survivors: tuple[str, ...]  # sent a masked input: reveal shares of their self-mask seeds
+    dropped: tuple[str, ...]  # shared keys but sent no masked input: reveal shares of their mask keys
+
+
+@message
+@dataclass(frozen=True)
+class UnmaskRes:
+    round: int
+    b_shares: dict[str, bytes]
+    sk_shares: dict[str, bytes]
+
+
+@message
+@dataclass(frozen=True)
+class ClientState:
+    """What a client remembers between the stages of one round (kept in ClientContext.state, wiped at the end)."""
+
+    stage: str
+    setup_blob: bytes  # the round's SetupIns, encoded (messages do not nest)
+    c_sk: bytes
+    s_sk: bytes
+    b_seed: bytes = b""
+    c_pks: dict[str, bytes] = field(default_factory=dict)
+    s_pks: dict[str, bytes] = field(default_factory=dict)
+    held_b: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) b_u, by owner
+    held_sk: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) s_u^SK, by owner
+    masked_with: tuple[str, ...] = ()
+
+    @property
+    def setup(self) -> SetupIns:
+        out = decode_message(self.setup_blob, expected=(SetupIns,))
+        assert isinstance(out, SetupIns)
+        return out
+
+
+REQUESTS = {Stage.SETUP: SetupIns, Stage.SHARE_KEYS: ShareKeysIns, Stage.COLLECT: MaskedInputIns,
+            Stage.UNMASK: UnmaskIns}
+REPLIES = {Stage.SETUP: KeysRes, Stage.SHARE_KEYS: ShareKeysRes, Stage.COLLECT: MaskedInputRes,
+           Stage.UNMASK: UnmaskRes}

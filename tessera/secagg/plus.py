@@ -1,0 +1,177 @@
+"""SecAgg+ in the horizontal round: the `SecAggPlus` plugin, its client mod and its server `Aggregation`.
+
+The Aggregation runs the four stages over `backend.exchange`, so it works unchanged over the in-process, Ray and
+gRPC backends. Clients fold their FedAvg weight into the quantised update; the server unmasks sum_i w_i delta_i and
+sum_i w_i, and hands the mean delta to the strategy's server update (`apply`): FedAvg, FedProx, FedAvgM, FedAdam,
+FedYogi, FedAdagrad and client-level DP (distributed) all aggregate this way.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tessera.core import serde
+from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
+from tessera.core.logging import get_logger
+from tessera.core.types import Params, check_compatible, is_finite
+from tessera.runtime.backend import Backend, ClientFailure
+from tessera.runtime.messages import FitIns, FitRes
+from tessera.secagg.client import step
+from tessera.secagg.graph import default_degree, share_threshold
+from tessera.secagg.messages import STAGES, ClientState, MaskedInputIns, SetupIns, Stage
+from tessera.secagg.quantize import check_bits, levels_for
+from tessera.secagg.server import SecAggServer
+
+if TYPE_CHECKING:
+    from tessera.horizontal.client import CallNext, ClientContext
+    from tessera.horizontal.simulation import JobParts
+    from tessera.horizontal.strategies.base import Strategy
+
+log = get_logger(__name__)
+STATE_KEY = "secagg"
+
+
+def flatten(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors as one float64 vector, in key order."""
+    return torch.cat([t.detach().double().reshape(-1) for t in params.values()])
+
+
+def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Params:
+    """Split a float64 vector back into tensors shaped like `like` (float64)."""
+    out: Params = {}
+    pos = 0
+    for k, t in like.items():
+        out[k] = vector[pos : pos + t.numel()].reshape(t.shape).clone()
+        pos += t.numel()
+    if pos != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} values, params need {pos}")
+    return out
+
+
+@dataclass(frozen=True)
+class SecAggPlus:
+    """SecAgg+ secure aggregation (the server learns only the weighted sum of the round's updates).
+
+    threshold: fraction of a client's share holders (itself + neighbours) needed to unmask it, in (0.5, 1];
+    clip: per-coordinate range [-clip, clip] of an update delta before quantisation; bits: ring Z_{2^bits};
+    max_weight: num_examples at which the FedAvg weight saturates (w = min(n, max_weight) / max_weight);
+    dropout: fraction of clients the round is sized to survive (picks the neighbour degree); degree: override.
+
+    >>> simulate(parts, rounds=10, plugins=[SecAggPlus(threshold=0.6, clip=8.0, bits=32)])
+    """
+
+    threshold: float = 0.6
+    clip: float = 8.0
+    bits: int = 32
+    max_weight: float = 10_000.0
+    dropout: float = 0.3
+    degree: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.threshold <= 1.0:
+            raise ConfigError(f"secagg.threshold: must be in (0.5, 1] (a fraction of share holders; more than half "
+                              f"so two disjoint groups cannot both unmask), got {self.threshold}")
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"secagg.clip: must be a positive number, got {self.clip}")
+        check_bits(self.bits)
+        if not self.max_weight > 0:
+            raise ConfigError(f"secagg.max_weight: must be positive, got {self.max_weight}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"secagg.dropout: must be in [0, 1), got {self.dropout}")
+        if self.degree is not None and self.degree < 1:
+            raise ConfigError(f"secagg.degree: must be at least 1, got {self.degree}")
+
+    def setup(self, rnd: int, clients: list[str], *, dim: int, graph_seed: int) -> SetupIns:
+        """The public config of a round: checks overflow headroom before any client trains."""
+        n = len(clients)
+        if n < 2:
+            raise ConfigError("secure aggregation needs at least 2 clients per round (the sum of one update is the "
+                              "update); raise strategy.min_fit_clients")
+        degree = min(n - 1, self.degree) if self.degree else default_degree(n, threshold=self.threshold,
+                                                                            dropout=self.dropout)
+        if degree < n - 1 and degree % 2:
+            degree += 1
+        return SetupIns(round=rnd, clients=tuple(clients), threshold=share_threshold(self.threshold, degree),
+                        degree=min(degree, n - 1), graph_seed=graph_seed, bits=self.bits, clip=self.clip,
+                        levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim)
+
+    def configure(self, parts: JobParts) -> None:
+        check_strategy(parts.strategy)
+        parts.aggregation = SecAggPlusAggregation(self)
+        parts.mods.insert(0, secagg_mod)  # outermost: it masks what every other mod produced
+
+
+def check_strategy(strategy: Strategy) -> None:
+    if not hasattr(strategy, "apply"):
+        raise ConfigError(f"secure aggregation reveals only a sum, so it needs a mean-based strategy with a server "
+                          f"update (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad); {strategy.name} "
+                          "needs single updates")
+
+
+def graph_seed(rnd: int, clients: list[str]) -> int:
+    return int(np.random.SeedSequence([rnd, zlib.crc32("|".join(clients).encode())]).generate_state(1)[0])
+
+
+def secagg_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """Client mod: runs the SecAgg+ stages; in the collect stage trains through the inner mods and masks."""
+    if type(msg).__module__ != "tessera.secagg.messages":
+        return call_next(msg, ctx)
+    raw = ctx.state.get(STATE_KEY)
+    state = serde.decode_message(raw, expected=(ClientState,)) if isinstance(raw, bytes) else None
+
+    def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
+        res = call_next(FitIns(round=m.round, params=m.params, config=dict(m.config)), ctx)
+        if not isinstance(res, FitRes):
+            raise ProtocolError(f"training returned {type(res).__name__}, not FitRes")
+        check_compatible(m.params, res.params, who=f"update of {ctx.client}")
+        if not is_finite(res.params):
+            raise ProtocolError("the local update has NaN or Inf; not masking it")
+        return flatten(res.params) - flatten(m.params), res.num_examples, dict(res.metrics)
+
+    new, reply = step(state, msg, ctx.client, train)
+    ctx.state[STATE_KEY] = serde.encode_message(new)
+    return reply
+
+
+def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns], *,
+               timeout: float | None) -> None:
+    """Drive the four stages over `backend.exchange`; raises RoundFailed/ProtocolError before any unmasking."""
+    for stage in STAGES:
+        requests = server.requests(fit if stage == Stage.COLLECT else None)
+        for client, reply in backend.exchange(requests, timeout=timeout).items():
+            server.receive(client, reply)
+        server.advance()
+
+
+class SecAggPlusAggregation:
+    """The fit phase of a round under SecAgg+: the server sees masked vectors and the unmasked sum only."""
+
+    def __init__(self, config: SecAggPlus) -> None:
+        self.config = config
+        self.last: SecAggServer | None = None  # the last round's server state machine (for inspection)
+
+    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
+            current: Params, *, timeout: float | None) -> Any:
+        from tessera.horizontal.server import FitOutcome, require_quorum
+
+        clients = [c for c, _ in plan]
+        dim = sum(t.numel() for t in current.values()) + 1
+        server = SecAggServer(self.config.setup(rnd, clients, dim=dim, graph_seed=graph_seed(rnd, clients)))
+        self.last = server
+        run_stages(server, backend, dict(plan), timeout=timeout)
+        res = server.result
+        assert res is not None
+        results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
+        failures = [ClientFailure(c, r) for c, r in server.state.failures.items() if c not in server.meta]
+        require_quorum(rnd, len(results), failures, strategy)
+        if res.weight <= 0:
+            raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")
+        mean = unflatten(res.values / res.weight, current)
+        return FitOutcome(strategy.apply(rnd, current, mean), results, failures)  # type: ignore[attr-defined]

@@ -1,0 +1,200 @@
+"""The server side of SecAgg+ as an explicit stage machine over a frozen `ServerState`.
+
+Per stage: `requests()` -> one message per client, `receive(client, reply)` for each reply (a ClientFailure is a
+dropout), `advance()` checks the survivors against the threshold and moves on. The server adds masked inputs into
+a running sum as they arrive; it never holds an unmasked update, and it reconstructs the self-mask seed b_u only
+for clients whose input arrived and the mask key s_u^SK only for clients whose input did not, never both for one
+client. Below the threshold, or on any protocol violation, it raises before anything is unmasked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tessera.core.errors import ProtocolError, RoundFailed
+from tessera.runtime.backend import ClientFailure
+from tessera.runtime.messages import FitIns
+from tessera.secagg import crypto, shamir
+from tessera.secagg.graph import neighbours
+from tessera.secagg.messages import (
+    REPLIES,
+    KeysRes,
+    MaskedInputIns,
+    MaskedInputRes,
+    SetupIns,
+    ShareKeysIns,
+    ShareKeysRes,
+    Stage,
+    UnmaskIns,
+    UnmaskRes,
+)
+from tessera.secagg.prg import expand
+from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum, ring_mask
+
+
+@dataclass(frozen=True)
+class ServerState:
+    stage: Stage
+    setup: SetupIns
+    asked: tuple[str, ...] = ()  # who was sent this stage's request
+    pending: Mapping[str, Any] = field(default_factory=dict)  # this stage's replies so far
+    keys: Mapping[str, KeysRes] = field(default_factory=dict)  # U1: advertised keys
+    inbox: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)  # receiver -> sender -> sealed share
+    shared: tuple[str, ...] = ()  # U2: sent shares
+    survivors: tuple[str, ...] = ()  # U3: sent a masked input
+    masked_sum: torch.Tensor | None = None
+    failures: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SumResult:
+    """The unmasked ring sum and its dequantisation: sum_i w_i x_i and sum_i w_i over the survivors."""
+
+    ring_sum: torch.Tensor
+    values: torch.Tensor
+    weight: float
+    survivors: tuple[str, ...]
+
+
+class SecAggServer:
+    def __init__(self, setup: SetupIns) -> None:
+        self.state = ServerState(stage=Stage.SETUP, setup=setup)
+        self.graph = neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)
+        self.index = {c: i for i, c in enumerate(setup.clients)}
+        self.revealed_b: set[str] = set()  # clients whose self-mask seed the server reconstructed
+        self.revealed_sk: set[str] = set()  # clients whose mask key the server reconstructed
+        self.result: SumResult | None = None
+        self.meta: dict[str, tuple[int, dict[str, float]]] = {}  # survivor -> (num_examples, metrics)
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def requests(self, fit: Mapping[str, FitIns] | None = None) -> dict[str, Any]:
+        st, s = self.state, self.state.setup
+        out: dict[str, Any]
+        if st.stage == Stage.SETUP:
+            out = {c: s for c in s.clients}
+        elif st.stage == Stage.SHARE_KEYS:
+            out = {}
+            for u in st.keys:
+                near = [v for v in (u, *self.graph[u]) if v in st.keys]
+                out[u] = ShareKeysIns(round=s.round, c_pks={v: st.keys[v].c_pk for v in near},
+                                      s_pks={v: st.keys[v].s_pk for v in near})
+        elif st.stage == Stage.COLLECT:
+            if fit is None:
+                raise ValueError("the collect stage needs each client's FitIns")
+            out = {u: MaskedInputIns(round=s.round, params=fit[u].params, config=dict(fit[u].config),
+                                     shares=dict(st.inbox.get(u, {}))) for u in st.shared}
+        elif st.stage == Stage.UNMASK:
+            dropped = tuple(u for u in st.shared if u not in st.survivors)
+            out = {u: UnmaskIns(round=s.round, survivors=st.survivors, dropped=dropped) for u in st.survivors}
+        else:
+            raise ProtocolError(f"the round is over (stage {st.stage.value}); start a new SecAggServer")
+        self.state = dataclasses.replace(st, asked=tuple(out), pending={})
+        return out
+
+    # ---------------------------------------------------------------------------------------------- replies
+    def receive(self, client: str, reply: Any) -> None:
+        st = self.state
+        if client not in st.asked:
+            raise ProtocolError(f"a reply from {client!r}, who was not asked in stage {st.stage.value}")
+        if client in st.pending or client in st.failures:
+            raise ProtocolError(f"a second reply from {client!r} in stage {st.stage.value}: duplicate or replay")
+        if isinstance(reply, ClientFailure):
+            self.state = dataclasses.replace(st, failures={**st.failures, client: reply.reason})
+            return
+        want = REPLIES.get(st.stage)
+        if want is None or not isinstance(reply, want):
+            raise ProtocolError(f"{type(reply).__name__} from {client!r} is out of stage {st.stage.value}")
+        if getattr(reply, "round", None) != st.setup.round:
+            raise ProtocolError(f"{type(reply).__name__} from {client!r} is for round {getattr(reply, 'round', None)}, "
+                                f"not {st.setup.round}")
+        stored: Any = reply
+        if isinstance(reply, MaskedInputRes):
+            stored = (reply.num_examples, dict(reply.metrics))  # the masked vector goes into the sum only
+            self._add(client, reply)
+        self.state = dataclasses.replace(self.state, pending={**st.pending, client: stored})
+
+    def _add(self, client: str, reply: MaskedInputRes) -> None:
+        s, m = self.state.setup, reply.masked
+        if m.dtype not in (torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
+            raise ProtocolError(f"masked input from {client!r} is {m.dtype}{tuple(m.shape)}, expected ({s.dim},)")
+        x = m.to(torch.int64).bitwise_and_(ring_mask(s.bits))
+        total = x if self.state.masked_sum is None else self.state.masked_sum + x
+        self.state = dataclasses.replace(self.state, masked_sum=total.bitwise_and_(ring_mask(s.bits)))
+
+    # ---------------------------------------------------------------------------------------------- advance
+    def _quorum(self, who: list[str], what: str) -> None:
+        t = self.state.setup.threshold
+        if len(who) < t:
+            raise RoundFailed(f"round {self.state.setup.round}: only {len(who)} client(s) {what}, fewer than the "
+                              f"secure-aggregation threshold {t}; the round is abandoned and no sum is revealed")
+
+    def advance(self) -> None:
+        st = self.state
+        ok = [c for c in st.asked if c in st.pending]
+        if st.stage == Stage.SETUP:
+            self._quorum(ok, "advertised keys")
+            self.state = dataclasses.replace(st, stage=Stage.SHARE_KEYS, keys={c: st.pending[c] for c in ok})
+        elif st.stage == Stage.SHARE_KEYS:
+            self._quorum(ok, "shared their secrets")
+            inbox: dict[str, dict[str, bytes]] = {}
+            for u in ok:
+                res: ShareKeysRes = st.pending[u]
+                if not set(res.shares) <= {v for v in self.graph[u] if v in st.keys}:
+                    raise ProtocolError(f"{u!r} addressed shares to clients outside its neighbourhood")
+                for v, blob in res.shares.items():
+                    inbox.setdefault(v, {})[u] = blob
+            self.state = dataclasses.replace(st, stage=Stage.COLLECT, shared=tuple(ok), inbox=inbox)
+        elif st.stage == Stage.COLLECT:
+            self._quorum(ok, "sent a masked input")
+            self.state = dataclasses.replace(st, stage=Stage.UNMASK, survivors=tuple(ok))
+            self.meta = {c: st.pending[c] for c in ok}
+        elif st.stage == Stage.UNMASK:
+            self._quorum(ok, "answered the unmasking request")
+            self.result = self._unmask({c: st.pending[c] for c in ok})
+            self.state = dataclasses.replace(self.state, stage=Stage.DONE)
+        else:
+            raise ProtocolError("the round is already over")
+
+    def _gather(self, owner: str, replies: Mapping[str, UnmaskRes], kind: str) -> bytes:
+        t = self.state.setup.threshold
+        shares: dict[int, bytes] = {}
+        for v, r in replies.items():
+            got = (r.b_shares if kind == "b" else r.sk_shares).get(owner)
+            if got is not None and (v == owner or v in self.graph[owner]) and len(got) == shamir.SHARE_BYTES:
+                shares[self.index[v] + 1] = got
+        if len(shares) < t:
+            raise RoundFailed(f"round {self.state.setup.round}: only {len(shares)} share(s) to unmask one client, "
+                              f"fewer than the threshold {t}; the round is abandoned and no sum is revealed")
+        try:
+            return shamir.combine(shares, threshold=t)
+        except ValueError as exc:
+            raise ProtocolError(f"inconsistent shares ({exc}); the round is abandoned") from None
+
+    def _unmask(self, replies: Mapping[str, UnmaskRes]) -> SumResult:
+        st, s = self.state, self.state.setup
+        assert st.masked_sum is not None
+        total = st.masked_sum.clone()
+        seeds = {u: self._gather(u, replies, "b") for u in st.survivors}
+        dropped = [u for u in st.shared if u not in st.survivors and any(v in st.survivors for v in self.graph[u])]
+        keys = {u: self._gather(u, replies, "sk") for u in dropped}
+        # Everything needed is in hand: only now is any mask removed.
+        for u, b in seeds.items():
+            self.revealed_b.add(u)
+            total -= expand(b, s.dim, bits=s.bits)
+        for u, sk in keys.items():
+            self.revealed_sk.add(u)
+            if crypto.public_of(sk) != st.keys[u].s_pk:
+                raise ProtocolError(f"shares of {u!r}'s mask key do not match its public key; round abandoned")
+            for v in (v for v in self.graph[u] if v in st.survivors):
+                pm = expand(crypto.agree(sk, st.keys[v].s_pk, info=crypto.MASK_INFO), s.dim, bits=s.bits)
+                total = total - pm if self.index[v] < self.index[u] else total + pm  # undo v's +-pm
+        total.bitwise_and_(ring_mask(s.bits))
+        n = len(st.survivors)
+        values = dequantize_sum(total[:-1], count=n, clip=s.clip, levels=s.levels)
+        weight = float(dequantize_unit_sum(total[-1:], levels=s.levels)[0])
+        return SumResult(ring_sum=total, values=values, weight=weight, survivors=st.survivors)
