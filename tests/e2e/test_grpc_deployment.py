@@ -127,3 +127,31 @@ def test_killed_client_misses_round_two_and_rejoins_round_three(tmp_path: Path) 
                     config=ServerConfig(rounds=3, seed=cfg.job.seed))
     oracle.run()
     _assert_equal_params(_checkpoint(out)["params"], oracle.params)
+
+
+def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path) -> None:
+    fed, job, out = _setup(tmp_path)
+    with parties() as ps:
+        coord = Party(fed, "server", job)
+        ps.append(coord)
+        coord.expect("listening on port")
+        ps += [Party(fed, n, job) for n in CLIENTS]
+        coord.expect("round 1 done")
+        coord.proc.send_signal(signal.SIGTERM)
+        assert coord.wait() == 0, coord.output()
+        assert "stopped on signal after round" in coord.output()
+        for p in ps[1:]:
+            assert p.wait() == 0, p.output()  # the coordinator said BYE
+    stopped_at = _checkpoint(out)["round"]
+    assert 1 <= stopped_at < 3 and len(_records(out)) == stopped_at
+
+    with parties() as ps:
+        coord = Party(fed, "server", job, args=("--resume",))
+        ps.append(coord)
+        coord.expect("listening on port")
+        ps += [Party(fed, n, job) for n in CLIENTS]
+        assert coord.wait() == 0, coord.output()
+    cfg = load_job(job)
+    _, want = simulate(build_parts(cfg), rounds=3, seed=cfg.job.seed)
+    _assert_equal_params(_checkpoint(out)["params"], want)
+    assert [r["round"] for r in _records(out)] == [1, 2, 3]
