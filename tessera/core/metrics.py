@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ def plot_history(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = histories if isinstance(histories, dict) else {"run": histories}
     out = Path(out_dir)
@@ -123,7 +124,7 @@ def plot_history(
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{name} per round" + (f" — {', '.join(runs)}" if len(runs) > 1 else ""))
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -133,3 +134,33 @@ def plot_history(
         paths.append(path)
     log.info("wrote %d plots to %s", len(paths), out)
     return paths
+
+
+def plot_curves(
+    curves: dict[str, list[float]], path: str | Path, *, title: str, ylabel: str, xlabel: str = "round",
+    ylim: tuple[float, float] | None = None, dashed: Callable[[str], bool] = lambda name: False,
+) -> Path:
+    """One line per named curve against round 1..n (a demo's comparison plot); `dashed` marks reference runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, "--" if dashed(name) else "-", marker="o", markersize=3,
+                label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
