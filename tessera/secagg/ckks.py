@@ -1,20 +1,200 @@
-"""CKKS homomorphic aggregation (placeholder, filled below)."""
+"""CKKS homomorphic aggregation in the horizontal round: the `CKKS` plugin, its client mod and `Aggregation`.
+
+Trust model (vs SecAgg+): every client of a round holds the same secret key; the server holds only the public
+context, sums ciphertexts, and asks one surviving client to decrypt the sum. Dropouts after encryption cost
+nothing (no unmasking). But the server together with any one client can decrypt every update, and a client
+asked to decrypt cannot tell a sum from a single update: an honest-but-curious server is assumed. SecAgg+
+instead tolerates up to t - 1 colluding clients together with the server.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tenseal as ts
+import torch
+
+from tessera.core import serde
+from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
+from tessera.core.types import Params, check_compatible, is_finite
+from tessera.runtime.backend import Backend, ClientFailure, InProcessBackend
+from tessera.runtime.messages import FitIns, FitRes
+from tessera.secagg.ckks_protocol import (
+    CKKSClientState,
+    CKKSDecryptIns,
+    CKKSDecryptRes,
+    CKKSFitIns,
+    CKKSFitRes,
+    CKKSKeygenIns,
+    CKKSKeygenRes,
+    CKKSKeyRes,
+    CKKSSetupIns,
+    client_step,
+    public_context,
+)
+from tessera.secagg.plus import check_strategy, flatten, unflatten
 
 if TYPE_CHECKING:
+    from tessera.horizontal.client import CallNext, ClientContext
     from tessera.horizontal.simulation import JobParts
+    from tessera.horizontal.strategies.base import Strategy
+
+STATE_KEY = "secagg_ckks"
 
 
 @dataclass(frozen=True)
 class CKKS:
+    """Homomorphic aggregation with CKKS (TenSEAL); see the module docstring for its trust model.
+
+    >>> simulate(parts, rounds=10, plugins=[CKKS(clip=8.0)])
+    """
+
     clip: float = 8.0
     max_weight: float = 10_000.0
     poly_modulus_degree: int = 8192
     scale_bits: int = 40
 
+    def __post_init__(self) -> None:
+        if self.poly_modulus_degree not in (8192, 16384):
+            raise ConfigError(f"secagg.poly_modulus_degree: use 8192 or 16384, got {self.poly_modulus_degree}")
+        if not (self.clip > 0 and self.max_weight > 0 and 20 <= self.scale_bits <= 50):
+            raise ConfigError("secagg: CKKS needs clip > 0, max_weight > 0 and scale_bits in [20, 50]")
+
+    def setup(self, rnd: int, clients: list[str], *, dim: int) -> CKKSSetupIns:
+        if len(clients) < 2:
+            raise ConfigError("secure aggregation needs at least 2 clients per round; raise strategy.min_fit_clients")
+        return CKKSSetupIns(round=rnd, clients=tuple(clients), poly_modulus_degree=self.poly_modulus_degree,
+                            scale_bits=self.scale_bits, clip=self.clip, max_weight=float(self.max_weight), dim=dim)
+
     def configure(self, parts: JobParts) -> None:
-        raise NotImplementedError
+        check_strategy(parts.strategy)
+        parts.aggregation = CKKSAggregation(self)
+        parts.mods.insert(0, ckks_mod)
+
+
+class CKKSServer:
+    """Runs the four CKKS stages; holds only the public context (`context.is_private()` is False)."""
+
+    def __init__(self, setup: CKKSSetupIns) -> None:
+        self.setup = setup
+        self.context: ts.Context | None = None
+        self.failures: dict[str, str] = {}
+        self.meta: dict[str, tuple[int, dict[str, float]]] = {}
+
+    def _reply(self, client: str, reply: Any, want: type) -> Any:
+        if isinstance(reply, ClientFailure):
+            self.failures[client] = reply.reason
+            return None
+        if not isinstance(reply, want) or getattr(reply, "round", None) != self.setup.round:
+            raise ProtocolError(f"{type(reply).__name__} from {client!r} is out of stage or for another round")
+        return reply
+
+    def run(self, backend: Backend, fit: dict[str, FitIns], *, timeout: float | None) -> tuple[np.ndarray, float]:
+        s = self.setup
+        replies = backend.exchange({c: s for c in s.clients}, timeout=timeout)
+        pks = {c: r.pk for c, r in replies.items() if self._reply(c, r, CKKSKeyRes) is not None}
+        keygen: CKKSKeygenRes | None = None
+        for leader in pks:  # the first responder generates the key; if it vanishes, the next one does
+            got = backend.exchange({leader: CKKSKeygenIns(s.round, pks)}, timeout=timeout)[leader]
+            keygen = self._reply(leader, got, CKKSKeygenRes)
+            if keygen is not None:
+                break
+        if keygen is None or len(pks) < 2:
+            raise RoundFailed(f"round {s.round}: the CKKS key ceremony failed (no key leader answered)")
+        self.context = public_context(keygen.public_context)
+        asked = {c: CKKSFitIns(s.round, fit[c].params, dict(fit[c].config), leader, keygen.sealed.get(c, b""),
+                               pks[leader]) for c in pks}
+        total: list[Any] | None = None
+        for c, r in backend.exchange(asked, timeout=timeout).items():
+            res = self._reply(c, r, CKKSFitRes)
+            if res is None:
+                continue
+            cts = [ts.ckks_vector_from(self.context, b) for b in res.chunks]
+            if total is not None and len(cts) != len(total):
+                raise ProtocolError(f"{c!r} sent {len(cts)} ciphertexts, expected {len(total)}")
+            total = cts if total is None else [a + b for a, b in zip(total, cts, strict=True)]
+            self.meta[c] = (res.num_examples, dict(res.metrics))
+        if total is None or len(self.meta) < 2:
+            raise RoundFailed(f"round {s.round}: {len(self.meta)} encrypted update(s) arrived; a sum needs 2")
+        blobs = [v.serialize() for v in total]
+        for c in self.meta:  # any survivor can decrypt the sum; try them in turn
+            dec = self._reply(c, backend.exchange({c: CKKSDecryptIns(s.round, blobs)}, timeout=timeout)[c],
+                              CKKSDecryptRes)
+            if dec is not None and tuple(dec.values.shape) == (s.dim,):
+                vals = dec.values.double().numpy()
+                return vals[:-1], float(vals[-1])
+        raise RoundFailed(f"round {s.round}: no surviving client decrypted the sum")
+
+
+def ckks_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """Client mod: key ceremony, encrypt the (weighted, clipped) update, decrypt the sum when asked."""
+    if type(msg).__module__ != "tessera.secagg.ckks_protocol":
+        return call_next(msg, ctx)
+    raw = ctx.state.get(STATE_KEY)
+    state = serde.decode_message(raw, expected=(CKKSClientState,)) if isinstance(raw, bytes) else None
+
+    def train(m: CKKSFitIns) -> tuple[torch.Tensor, int, dict[str, float]]:
+        res = call_next(FitIns(round=m.round, params=m.params, config=dict(m.config)), ctx)
+        if not isinstance(res, FitRes):
+            raise ProtocolError(f"training returned {type(res).__name__}, not FitRes")
+        check_compatible(m.params, res.params, who=f"update of {ctx.client}")
+        if not is_finite(res.params):
+            raise ProtocolError("the local update has NaN or Inf; not encrypting it")
+        return flatten(res.params) - flatten(m.params), res.num_examples, dict(res.metrics)
+
+    new, reply = client_step(state, msg, ctx.client, train)
+    ctx.state[STATE_KEY] = serde.encode_message(new)
+    return reply
+
+
+class CKKSAggregation:
+    def __init__(self, config: CKKS) -> None:
+        self.config = config
+        self.last: CKKSServer | None = None
+
+    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
+            current: Params, *, timeout: float | None) -> Any:
+        from tessera.horizontal.server import FitOutcome, require_quorum
+
+        clients = [c for c, _ in plan]
+        server = CKKSServer(self.config.setup(rnd, clients, dim=sum(t.numel() for t in current.values()) + 1))
+        self.last = server
+        values, weight = server.run(backend, dict(plan), timeout=timeout)
+        results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
+        failures = [ClientFailure(c, r) for c, r in server.failures.items() if c not in server.meta]
+        require_quorum(rnd, len(results), failures, strategy)
+        if weight <= 1e-12:
+            raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")
+        mean = unflatten(torch.from_numpy(values / weight), current)
+        return FitOutcome(strategy.apply(rnd, current, mean), results, failures)  # type: ignore[attr-defined]
+
+
+class _Parties:
+    def __init__(self, updates: Sequence[Params], drop: Set[str]) -> None:
+        self.vectors = {f"client{i}": flatten(u) for i, u in enumerate(updates)}
+        self.state: dict[str, bytes] = {}
+        self.drop = drop
+
+    def handle(self, client: str, msg: Any) -> Any:
+        if client in self.drop and isinstance(msg, CKKSFitIns):
+            raise ConnectionError("client went offline")
+        raw = self.state.get(client)
+        state = serde.decode_message(raw, expected=(CKKSClientState,)) if raw is not None else None
+        new, reply = client_step(state, msg, client, lambda m: (self.vectors[client], 1, {}))
+        self.state[client] = serde.encode_message(new)
+        return reply
+
+
+def simulate_ckks_round(updates: Sequence[Params], *, dropouts: Set[int], clip: float = 8.0,
+                        poly_modulus_degree: int = 8192) -> tuple[Params, CKKSServer, InProcessBackend]:
+    """One CKKS round among in-process clients (those in `dropouts` vanish before encrypting); returns the
+    decrypted SUM (float64) of the others' updates, the server (public context only) and the backend."""
+    clients = [f"client{i}" for i in range(len(updates))]
+    cfg = CKKS(clip=clip, max_weight=1.0, poly_modulus_degree=poly_modulus_degree)
+    server = CKKSServer(cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1))
+    backend = InProcessBackend(_Parties(updates, {clients[i] for i in dropouts}))
+    values, _ = server.run(backend, {c: FitIns(round=1, params={}) for c in clients}, timeout=None)
+    return unflatten(torch.from_numpy(values), updates[0]), server, backend
