@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,8 +77,11 @@ def lora_template(spec: ModelSpec, lora: LoRAConfig) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora.seed)
         try:
-            # peft swaps modules in place, so it works on a copy; the copy still shares the base's tensors.
-            model = get_peft_model(shared_copy(base), cfg)
+            with warnings.catch_warnings():
+                # peft 0.21 still asks transformers 5 for the renamed is_gradient_checkpointing; harmless here
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                # peft swaps modules in place, so it works on a copy; the copy still shares the base's tensors.
+                model = get_peft_model(shared_copy(base), cfg)
         except ValueError as exc:
             raise ConfigError(f"lora.target_modules {targets} do not fit {spec.arch.value}: {exc}") from None
     with _LOCK:

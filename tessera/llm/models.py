@@ -56,6 +56,9 @@ class ModelSpec:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        # accept plain strings (job.toml, JSON manifests) for the enum fields
+        object.__setattr__(self, "arch", Arch(self.arch))
+        object.__setattr__(self, "head", Head(self.head))
         if self.arch is Arch.LOCAL and not self.path:
             raise ConfigError("ModelSpec(arch='local') needs path= a checkpoint directory (config.json, weights, "
                               "tokenizer files)")
