@@ -1,10 +1,11 @@
 """Architecture references: how a bundle says which module to build, and how the loader builds it safely.
 
 A spec is JSON: ``{"ref": "package.module:Class", "kwargs": {...}}`` for a class built from its constructor
-kwargs, plus ``"children": [[name, spec], ...]`` for the containers tessera knows how to assemble
-(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, the split inference model). Kwargs come from, in order:
-the ``kwargs=`` given to save_bundle, the model's ``config`` attribute (a dict or dataclass, as on
-`tessera.core.models.MLP`), or, for plain ``torch.nn`` layers, their own attributes.
+kwargs, ``"modules": {arg: spec}`` for constructor arguments that are modules themselves (a fuse model's head),
+and ``"children": [[name, spec], ...]`` for the containers ``nn.Sequential``, ``nn.ModuleList`` and
+``nn.ModuleDict``. Kwargs come from, in order: the ``kwargs=`` given to save_bundle, the model's ``config``
+attribute (a dict or dataclass, as on `tessera.core.models.MLP`), or, for ``torch.nn`` layers and tessera's own
+modules only, the attributes they store their constructor arguments in.
 
 Loading imports ``module`` only if it is on the allowlist (``tessera``, ``torch.nn``, plus what the caller
 passes in ``allow=``) and only uses the attribute if it is an ``nn.Module`` class; nothing is ever unpickled.
@@ -47,7 +48,7 @@ def _jsonable(value: Any, *, what: str) -> Any:
 
 
 def _config_kwargs(module: nn.Module) -> dict[str, Any] | None:
-    config = getattr(module, "config", None)
+    config = vars(module).get("config")  # the instance's own attribute, not one a wrapper forwards
     if isinstance(config, Mapping):
         return dict(config)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -55,23 +56,29 @@ def _config_kwargs(module: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _torch_layer_kwargs(module: nn.Module) -> dict[str, Any]:
-    """Constructor kwargs of a built-in torch.nn layer, read back from the attributes it stores them in."""
+def _introspect(module: nn.Module) -> Spec:
+    """Constructor kwargs of a torch.nn or tessera module, read back from the attributes it stores them in.
+
+    Module-valued arguments (a fuse model's `head`, a split model's `bases`) become nested specs.
+    """
     cls = type(module)
-    out: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    modules: dict[str, Spec] = {}
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
             continue
         value = getattr(module, p.name, inspect.Parameter.empty)
         if p.name == "bias" and (value is None or isinstance(value, Tensor)):
             value = value is not None
-        if value is inspect.Parameter.empty or isinstance(value, Tensor | nn.Module):
+        if isinstance(value, nn.Module):
+            modules[p.name] = describe(value)
+        elif value is inspect.Parameter.empty or isinstance(value, Tensor):
             if p.default is inspect.Parameter.empty:
                 raise ExportError(f"cannot read constructor argument {p.name!r} of {cls.__name__}; pass "
                                   "save_bundle(..., kwargs=...) or load with load_bundle(path, model=...)")
-            continue
-        out[p.name] = _jsonable(value, what=f"{cls.__name__}.{p.name}")
-    return out
+        else:
+            kwargs[p.name] = _jsonable(value, what=f"{cls.__name__}.{p.name}")
+    return {"ref": class_ref(cls), "kwargs": kwargs, **({"modules": modules} if modules else {})}
 
 
 def describe(module: nn.Module, *, arch: str | None = None, kwargs: Mapping[str, Any] | None = None) -> Spec:
@@ -86,8 +93,8 @@ def describe(module: nn.Module, *, arch: str | None = None, kwargs: Mapping[str,
     if container is not None:
         return {"ref": ref, "kwargs": container.kwargs(module),
                 "children": [[name, describe(child)] for name, child in module.named_children()]}
-    if type(module).__module__.startswith("torch.nn.modules."):
-        return {"ref": ref, "kwargs": _torch_layer_kwargs(module)}
+    if arch is None and type(module).__module__.startswith(("torch.nn.modules.", "tessera.")):
+        return _introspect(module)
     raise ExportError(
         f"cannot record how to rebuild {type(module).__qualname__}: give it a `config` attribute holding its "
         "constructor kwargs (a dict or dataclass), or pass save_bundle(..., kwargs={...}); a bundle of a model "
@@ -134,8 +141,11 @@ def build(spec: Any, allow: Sequence[str] = ()) -> nn.Module:
         return container.make(cls, children, kwargs)
     if cls.__module__.startswith("torch.nn.modules."):
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    modules = spec.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise ExportError("architecture spec is malformed; the manifest is corrupt")
     try:
-        return cls(**kwargs)
+        return cls(**kwargs, **{str(k): build(v, allow) for k, v in modules.items()})
     except TypeError as exc:
         raise ExportError(f"cannot build {spec.get('ref')} from the recorded kwargs: {exc}") from None
 
@@ -146,16 +156,10 @@ class _Container:
     make: Callable[[type[nn.Module], OrderedDict[str, nn.Module], dict[str, Any]], nn.Module]
 
 
-def _make_split(cls: type[nn.Module], children: OrderedDict[str, nn.Module], kw: dict[str, Any]) -> nn.Module:
-    return cls(bases=children["bases"], fuse=children["fuse"], **kw)
-
-
 _CONTAINERS: dict[str, _Container] = {
     "torch.nn.modules.container:Sequential": _Container(lambda m: {}, lambda c, ch, kw: nn.Sequential(ch)),
     "torch.nn.modules.container:ModuleList": _Container(lambda m: {}, lambda c, ch, kw: nn.ModuleList(ch.values())),
     "torch.nn.modules.container:ModuleDict": _Container(lambda m: {}, lambda c, ch, kw: nn.ModuleDict(ch)),
-    "tessera.export.split:SplitInference": _Container(
-        lambda m: {"label_party": m.label_party}, _make_split),
 }
 
 

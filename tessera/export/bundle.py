@@ -40,7 +40,7 @@ from tessera.export.manifest import (
     tolerance_for,
     write_manifest,
 )
-from tessera.export.split import SplitInference, fused_model, split_parts
+from tessera.export.split import fused_model, split_parts
 
 log = get_logger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -64,11 +64,16 @@ def _unwrap(model: Any, party: str | None, provenance: Provenance | None
                                     parties=tuple(getattr(fl, "parties", ())))
     if not isinstance(model, nn.Module):
         raise ExportError(f"save_bundle exports an nn.Module, an FLModel or a split model, got {type(model).__name__}")
-    if isinstance(model, SplitInference):
-        if party is not None and party != model.label_party:
-            fused_model(base_models=dict(model.bases.items()), fuse_model=model.fuse,
-                        label_party=model.label_party, party=party)  # raises the data-owner refusal
-        return model, provenance, {"role": "fused", "label_party": model.label_party, "parties": model.parties}
+    composed = getattr(model, "bases", None)
+    if isinstance(composed, nn.ModuleDict) and isinstance(getattr(model, "fuse", None), nn.Module) and \
+            isinstance(getattr(model, "label_party", None), str):  # a composed split model
+        label_party = str(model.label_party)
+        if party is None:
+            raise ExportError("exporting a split model needs party=<who asks>; only the label party "
+                              f"{label_party!r} may export the fused inference model")
+        model = fused_model(base_models=dict(composed.items()), fuse_model=model.fuse,  # type: ignore[arg-type]
+                            label_party=label_party, party=party)
+        return model, provenance, {"role": "fused", "label_party": label_party, "parties": model.parties}
     return model, provenance, ({"role": "base", "party": party} if party is not None else None)
 
 

@@ -116,7 +116,8 @@ def split_inputs(example_inputs: Any) -> tuple[list[torch.Tensor], dict[str, tor
             raise ExportError(f"example input {name!r} is a {type(t).__name__}; every input must be a tensor")
         if t.is_meta:
             raise ExportError("example inputs on the meta device carry no values; give real rows")
-    return args, kwargs
+    # fresh, contiguous CPU copies, like the ones verify_bundle reruns (see unpack_reference)
+    return [a.detach().to("cpu").clone() for a in args], {k: v.detach().to("cpu").clone() for k, v in kwargs.items()}
 
 
 def flatten_outputs(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
@@ -167,9 +168,11 @@ def reference_tensors(args: Sequence[torch.Tensor], kwargs: Mapping[str, torch.T
 
 def unpack_reference(ref: Mapping[str, torch.Tensor], n_args: int, kw_names: Sequence[str]
                      ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    # Fresh copies: tensors read from a file may sit at addresses a SIMD kernel treats differently from a freshly
+    # allocated one, which changes float32 sums in the last bit.
     try:
-        args = [ref[f"input.args.{i}"] for i in range(n_args)]
-        kwargs = {k: ref[f"input.kwargs.{k}"] for k in kw_names}
+        args = [ref[f"input.args.{i}"].clone() for i in range(n_args)]
+        kwargs = {k: ref[f"input.kwargs.{k}"].clone() for k in kw_names}
     except KeyError as exc:
         raise ExportError(f"reference file lacks input {exc}; the bundle is corrupt, re-export it") from None
     outputs = {k: v for k, v in ref.items() if k == "output" or k.startswith("output.")}
