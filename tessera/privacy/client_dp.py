@@ -1,0 +1,205 @@
+"""Client-level DP of updates (DP-FedAvg, McMahan et al. 2018): each client's whole update is the unit of privacy.
+
+Per round, with n clients aggregated, clip bound C and noise multiplier z:
+- central: the server clips each delta to L2 <= C, sums, adds N(0, (zC)^2) per coordinate (OS entropy unless seeded),
+  divides by n and hands the mean to the inner strategy's server update (`apply`). Trusts the server.
+- distributed: each client clips its own delta and adds N(0, (zC)^2 / n); the server (or secure aggregation,
+  whose masking mod is outermost, so it masks the already-noised update) averages. The sum of the n shares has
+  the central noise, and no single party sees an un-noised update under SecAgg. Clients report
+  num_examples = 1 so any mean-based aggregation computes the plain (uniform) mean the noise is scaled for.
+Accounting: one subsampled Gaussian step per round at q = sampled clients / all clients (sampling without
+replacement is accounted as Poisson, as is usual for DP-FedAvg), composed by the ledger under party
+`CLIENT_PARTY`. Weights are uniform, not example-weighted: that is what bounds one client's influence by C / n.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from tessera.core.errors import ConfigError
+from tessera.core.logging import get_logger
+from tessera.core.types import Metrics, Params, Scalar
+from tessera.horizontal.client import CallNext, ClientContext
+from tessera.horizontal.server import PlainAggregation
+from tessera.horizontal.simulation import JobParts
+from tessera.horizontal.strategies.aggregate import weighted_mean
+from tessera.horizontal.strategies.base import FitResults, Strategy
+from tessera.horizontal.strategies.clipping import clip_update
+from tessera.privacy.ledger import PrivacyLedger
+from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
+
+log = get_logger(__name__)
+CLIENT_PARTY = "client-level"
+_SAMPLING = ("fraction_fit", "min_fit_clients", "min_available", "fraction_evaluate", "min_evaluate_clients",
+             "local_config")
+
+
+def gaussian_like(params: Params, std: float, gen: torch.Generator) -> Params:
+    """N(0, std^2) noise (float64) for every floating tensor of `params`; zeros for the others."""
+    return {k: torch.randn(v.shape, dtype=torch.float64, generator=gen) * std if v.is_floating_point()
+            else torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
+
+
+def clipped_delta(params: Params, current: Params, *, clip: float) -> Params:
+    """(params - current) clipped to L2 <= clip, in float64."""
+    p = clip_update(params, current, max_norm=clip)
+    return {k: p[k].double() - c.double() for k, c in current.items()}
+
+
+class ClientDPStrategy(Strategy):
+    """Wraps a mean-based strategy (FedAvg family: has `apply`) with client-level DP aggregation."""
+
+    def __init__(self, inner: Strategy, *, clip: float, noise_multiplier: float, mode: str, ledger: PrivacyLedger,
+                 seed: int | None = None) -> None:
+        if not hasattr(inner, "apply"):
+            raise ConfigError(f"client-level DP needs a mean-based strategy with a server update (FedAvg, FedAvgM, "
+                              f"FedAdam, ...); {inner.name} has none")
+        self.__dict__.update({k: v for k, v in vars(inner).items() if k in _SAMPLING})
+        self.inner, self.clip, self.z, self.mode = inner, clip, noise_multiplier, mode
+        self._apply: Callable[[int, Params, Params], Params] = inner.apply
+        self.ledger, self.seed = ledger, seed
+        self.name = f"client_dp({inner.name})"
+        self.pending: float | None = None  # this round's client sampling rate, committed at round end
+        self.total_clients = 0
+
+    def configure_fit(self, rnd: int, params: Params, clients: Sequence[str],
+                      rng: np.random.Generator) -> list[tuple[str, FitIns]]:
+        plan = self.inner.configure_fit(rnd, params, clients, rng)
+        q = len(plan) / max(1, len(clients))
+        if self.z > 0:
+            self.ledger.check(CLIENT_PARTY, noise_multiplier=self.z, sample_rate=q, steps=1)
+        self.pending = q
+        if self.mode == "distributed":
+            extra: dict[str, Scalar] = {"dp_clip": self.clip, "dp_noise_std": self.z * self.clip / len(plan) ** 0.5}
+            plan = [(c, FitIns(round=i.round, params=i.params, config={**i.config, **extra}, extras=i.extras))
+                    for c, i in plan]
+        return plan
+
+    def fit_config(self, rnd: int) -> dict[str, Scalar]:
+        return self.inner.fit_config(rnd)
+
+    def configure_evaluate(self, rnd: int, params: Params, clients: Sequence[str],
+                           rng: np.random.Generator) -> list[tuple[str, EvaluateIns]]:
+        return self.inner.configure_evaluate(rnd, params, clients, rng)
+
+    def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
+        return self._apply(rnd, current, self.noisy_mean(rnd, results, current))
+
+    def apply(self, rnd: int, current: Params, delta: Params) -> Params:
+        """The inner server update from an already-private mean (secure aggregation of noised updates)."""
+        return self._apply(rnd, current, delta)
+
+    def noisy_mean(self, rnd: int, results: FitResults, current: Params) -> Params:
+        n = len(results)
+        if self.mode == "distributed":  # clients clipped and noised: the server only averages
+            deltas = [{k: r.params[k].double() - c.double() for k, c in current.items()} for _, r in results]
+            return weighted_mean(deltas, [1.0] * n)
+        mean = weighted_mean([clipped_delta(r.params, current, clip=self.clip) for _, r in results], [1.0] * n)
+        if self.z == 0:
+            return mean
+        # Anyone who could regenerate this noise could subtract it from the released model: OS entropy unless a
+        # seed was given explicitly for a reproducible simulation.
+        seed = secrets.randbits(63) if self.seed is None else \
+            int(np.random.SeedSequence([self.seed, rnd]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed)
+        noise = gaussian_like(current, self.z * self.clip, gen)
+        return {k: m + noise[k] / n if current[k].is_floating_point() else m for k, m in mean.items()}
+
+    def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
+        return self.inner.aggregate_evaluate(rnd, results)
+
+    def client_mods(self) -> list[Any]:
+        return list(getattr(self.inner, "client_mods", list)())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def distributed_noise_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """Client side of distributed client-level DP: clip the update to C, add this client's noise share."""
+    reply = call_next(msg, ctx)
+    if not (isinstance(msg, FitIns) and isinstance(reply, FitRes) and "dp_clip" in msg.config):
+        return reply
+    clip, std = float(msg.config["dp_clip"]), float(msg.config["dp_noise_std"])
+    delta = clipped_delta(reply.params, msg.params, clip=clip)
+    # The coordinator knows every round seed, so noise it could regenerate would protect nothing: use the OS.
+    gen = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = gaussian_like(msg.params, std, gen) if std > 0 else None
+    params: Params = {}
+    for k, c in msg.params.items():
+        if not c.is_floating_point():
+            params[k] = reply.params[k]
+            continue
+        d = delta[k] + noise[k] if noise is not None else delta[k]
+        params[k] = (c.double() + d).to(c.dtype)
+    return FitRes(params=params, num_examples=1, metrics=reply.metrics, extras=reply.extras)
+
+
+class ClientDPRecorder:
+    """Extension: commits each round's client-level DP step to the ledger and records epsilon."""
+
+    name = "client_dp"
+
+    def __init__(self, strategy: ClientDPStrategy) -> None:
+        self.strategy = strategy
+
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+        s = self.strategy
+        if s.pending is not None and s.z > 0:
+            s.ledger.step(CLIENT_PARTY, noise_multiplier=s.z, sample_rate=s.pending, steps=1)
+        s.pending = None
+        record["epsilon"] = {CLIENT_PARTY: s.ledger.epsilon(CLIENT_PARTY) if s.z > 0 else float("inf")}
+        record["dp_delta"] = s.ledger.delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.strategy.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.ledger.load_state_dict(state["ledger"])
+
+
+class ClientLevelDP:
+    """Plugin: client-level DP of updates, central (server noises) or distributed (clients noise, SecAgg sums).
+
+    >>> simulate(parts, rounds=20, plugins=[ClientLevelDP(clip=0.5, noise_multiplier=1.0, mode="central")])
+    """
+
+    def __init__(self, *, clip: float, noise_multiplier: float, mode: Literal["central", "distributed"] = "central",
+                 delta: float = 1e-5, budget: float | None = None, accountant: str = "rdp",
+                 seed: int | None = None) -> None:
+        if not clip > 0:
+            raise ConfigError(f"dp.clip: must be positive, got {clip}")
+        if not noise_multiplier >= 0:
+            raise ConfigError(f"dp.noise_multiplier: must be >= 0, got {noise_multiplier}")
+        if mode not in ("central", "distributed"):
+            raise ConfigError(f"dp.kind: unknown mode {mode!r}; use 'central' or 'distributed'")
+        if noise_multiplier == 0:
+            if budget is not None:
+                raise ConfigError("dp.budget: a noise multiplier of 0 gives no privacy, so no budget can hold")
+            log.warning("client-level DP with noise_multiplier=0 clips updates but gives no privacy (epsilon=inf)")
+        self.clip, self.z, self.mode, self.seed = clip, noise_multiplier, mode, seed
+        self.ledger = PrivacyLedger(accountant, delta=delta, budget=budget)
+        self.strategy: ClientDPStrategy | None = None
+
+    def configure(self, parts: JobParts) -> None:
+        if isinstance(parts.strategy, ClientDPStrategy) or any(
+                getattr(e, "name", None) in ("dp", "client_dp") for e in parts.extensions):
+            raise ConfigError("client-level DP cannot be combined with another DP plugin in one job (each owns the "
+                              "round's epsilon record); give one [dp] section")
+        if self.mode == "central" and not isinstance(parts.aggregation, PlainAggregation):
+            raise ConfigError("dp.kind='central' clips single updates, which secure aggregation hides from the "
+                              "server; use kind='distributed' with secure aggregation")
+        self.strategy = ClientDPStrategy(parts.strategy, clip=self.clip, noise_multiplier=self.z, mode=self.mode,
+                                         ledger=self.ledger, seed=self.seed)
+        parts.strategy = self.strategy
+        parts.extensions.append(ClientDPRecorder(self.strategy))
+        if self.mode == "distributed":
+            parts.mods.append(distributed_noise_mod)

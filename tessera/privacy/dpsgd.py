@@ -1,0 +1,257 @@
+"""The DPSGD plugin: every client trains with sample-level DP-SGD (DPTrainer), the run enforces the budget.
+
+Pieces and where they run:
+- `DPTask` wraps the job's Task at the clients: one `DPTrainer` per client id (cached), so each client's model is
+  wrapped by Opacus once for the whole federation. The params the server sees are the plain module's.
+- `DPSGDMod` (a client Mod) hands the task the client id and the client's persistent state, where the client's
+  own ledger lives (`ctx.state["dp"]`, plain numbers, checkpointed with the other client state). The client is
+  the authority on its budget: a round that would exceed it fails at that client with "privacy budget exhausted".
+- `DPRecorder` (server side) wraps the aggregation and is an Extension: it mirrors each client's reported
+  (noise, rate, steps) in a ledger that rides in the checkpoint, writes `record["epsilon"]`, stops sampling
+  clients whose budget is spent, and stops the run cleanly (PrivacyBudgetExceeded) when too few remain.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError, RoundFailed
+from tessera.core.logging import get_logger
+from tessera.core.types import Metrics, Params
+from tessera.horizontal.client import CallNext, ClientContext
+from tessera.horizontal.server import Aggregation, FitOutcome
+from tessera.horizontal.simulation import JobParts
+from tessera.horizontal.strategies.base import Strategy
+from tessera.horizontal.task import Task
+from tessera.privacy.ledger import BUDGET_EXHAUSTED, PrivacyLedger
+from tessera.privacy.opacus import DPConfig, DPTrainer
+from tessera.runtime.backend import Backend, ClientFailure
+from tessera.runtime.messages import FitIns, FitRes
+
+log = get_logger(__name__)
+CLIENT_KEY, STATE_KEY = "dp_client", "dp_state"
+_DP_KEYS = {"dp_noise_multiplier", "dp_sample_rate", "dp_steps", "epsilon"}
+
+
+class DPTask:
+    """A Task whose `train` runs DP-SGD through a per-client DPTrainer; everything else is the inner task's.
+
+    The inner task must say how to train: `loss_fn` and `optimizer_fn` attributes (SupervisedTask has both).
+    """
+
+    def __init__(self, inner: Task, config: DPConfig, *, max_cached_clients: int = 256) -> None:
+        loss_fn, optimizer_fn = getattr(inner, "loss_fn", None), getattr(inner, "optimizer_fn", None)
+        if loss_fn is None or optimizer_fn is None:
+            raise ConfigError("DPSGD needs a task with `loss_fn` and `optimizer_fn` (use SupervisedTask, or add "
+                              f"both attributes to {type(inner).__name__})")
+        self.inner, self.config = inner, config
+        self.loss_fn, self.optimizer_fn = loss_fn, optimizer_fn
+        self.trainers: OrderedDict[str, DPTrainer] = OrderedDict()
+        self.max_cached_clients = max_cached_clients
+        self._lock = threading.Lock()  # clients may train in parallel threads (InProcessBackend max_workers > 1)
+        for name in ("get_params", "set_params"):  # keep the inner task's choice of which tensors travel
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def model_fn(self) -> nn.Module:
+        return self.inner.model_fn()
+
+    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        return self.inner.data_fn(client_id)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
+        return self.inner.evaluate(model, loader)
+
+    def trainer(self, client: str) -> DPTrainer:
+        """This client's DPTrainer: built (and its model wrapped) on first use only."""
+        with self._lock:
+            if client in self.trainers:
+                self.trainers.move_to_end(client)
+                return self.trainers[client]
+            trainer = DPTrainer(self.inner.model_fn(), self.optimizer_fn, config=self.config, party=client)
+            self.trainers[client] = trainer
+            while len(self.trainers) > self.max_cached_clients:
+                self.trainers.popitem(last=False)
+            return trainer
+
+    def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics:
+        client, state = config.get(CLIENT_KEY), config.get(STATE_KEY)
+        if not isinstance(client, str) or not isinstance(state, dict):
+            raise ProtocolError("DPTask runs only behind dpsgd_mod; add the DPSGD plugin instead of the task alone")
+        trainer = self.trainer(client)
+        # The client's persistent state is the truth (it rides in checkpoints), not the cached trainer.
+        trainer.ledger = self.config.new_ledger()
+        if "ledger" in state:
+            trainer.ledger.load_state_dict(state["ledger"])
+        trainer.noise_multiplier = float(state["noise_multiplier"]) if "noise_multiplier" in state \
+            else self.config.noise_multiplier  # a target epsilon's noise is fixed at the client's first round
+        trainer.load_params(model.state_dict())
+        try:
+            metrics = trainer.train(loader, loss_fn=self.loss_fn, epochs=int(config.get("local_epochs", 1)),
+                                    max_steps=int(config.get("max_steps", 0)) or None, seed=_seed(config))
+        finally:  # steps that ran before a failure were released: they stay on the books
+            state["ledger"] = trainer.ledger.state_dict()
+            if trainer.noise_multiplier is not None:
+                state["noise_multiplier"] = trainer.noise_multiplier
+        with torch.no_grad():
+            model.load_state_dict(trainer.module.state_dict())
+        return metrics
+
+
+def _seed(config: Mapping[str, Any]) -> int | None:
+    seed = config.get("seed")
+    return int(seed) if seed is not None else None
+
+
+class DPSGDMod:
+    """Client Mod: gives DPTask the client id and the client's persistent DP state for this fit.
+
+    The state lives in `ctx.state["dp"]` (checkpointed with the other client state). The mod also keeps a
+    reference per client, so a second run with the same plugin (FLModel.fit called again) continues each
+    client's ledger instead of starting a fresh one; a checkpoint being resumed takes precedence.
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+        if isinstance(msg, FitIns):
+            state = ctx.state.get("dp")
+            if not isinstance(state, dict):
+                state = ctx.state["dp"] = self.states.get(ctx.client, {})
+            self.states[ctx.client] = state
+            ctx.train_config[CLIENT_KEY] = ctx.client
+            ctx.train_config[STATE_KEY] = state
+        return call_next(msg, ctx)
+
+
+class _BudgetSpy:
+    """A Backend proxy that notes which clients refused to train because their budget is spent."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.traffic = backend.traffic
+        self.exhausted: set[str] = set()
+
+    def start(self, clients: list[str]) -> None:
+        self.backend.start(clients)
+
+    def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        replies = self.backend.exchange(requests, timeout=timeout)
+        self.exhausted |= {c for c, r in replies.items()
+                           if isinstance(r, ClientFailure) and BUDGET_EXHAUSTED in r.reason}
+        return replies
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class DPRecorder:
+    """Aggregation wrapper + Extension: per-client epsilon in every record, budget-aware client selection."""
+
+    name = "dp"
+
+    def __init__(self, inner: Aggregation, ledger: PrivacyLedger) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.exhausted: set[str] = set()
+        self.unprivate: set[str] = set()  # clients that trained with noise_multiplier=0 (epsilon = inf)
+
+    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
+            current: Params, *, timeout: float | None) -> FitOutcome:
+        skipped = [c for c, _ in plan if c in self.exhausted]
+        live = [(c, ins) for c, ins in plan if c not in self.exhausted]
+        if len(live) < strategy.min_available:
+            raise PrivacyBudgetExceeded(
+                f"{BUDGET_EXHAUSTED}: round {rnd} would need {strategy.min_available} client(s) but only "
+                f"{len(live)} of the {len(plan)} sampled have budget left; the run stops after round {rnd - 1} "
+                "with every reported epsilon within the budget")
+        spy = _BudgetSpy(backend)
+        try:
+            outcome = self.inner.run(rnd, live, spy, strategy, current, timeout=timeout)
+        except RoundFailed:
+            if not spy.exhausted:
+                raise
+            self.exhausted |= spy.exhausted
+            raise PrivacyBudgetExceeded(
+                f"{BUDGET_EXHAUSTED}: in round {rnd}, {len(spy.exhausted)} client(s) refused to train because the "
+                f"round would exceed their budget, leaving fewer than strategy.min_available="
+                f"{strategy.min_available}; the run stops after round {rnd - 1}") from None
+        self.exhausted |= spy.exhausted
+        for cid, res in outcome.results:
+            self._mirror(cid, res)
+        # accounting metrics are this extension's business, not training metrics to average into the record
+        outcome.results = [(cid, replace(res, metrics={k: v for k, v in res.metrics.items() if k not in _DP_KEYS}))
+                           for cid, res in outcome.results]
+        outcome.failures.extend(ClientFailure(c, f"{BUDGET_EXHAUSTED} (not asked to train)") for c in skipped)
+        return outcome
+
+    def _mirror(self, cid: str, res: FitRes) -> None:
+        m = res.metrics
+        if not {"dp_noise_multiplier", "dp_sample_rate", "dp_steps"} <= set(m):
+            log.warning("a client replied without DP accounting metrics; its epsilon is not mirrored")
+            return
+        if float(m["dp_noise_multiplier"]) == 0:  # clipping only, no privacy
+            self.unprivate.add(cid)
+            return
+        self.ledger.step(cid, noise_multiplier=float(m["dp_noise_multiplier"]),
+                         sample_rate=float(m["dp_sample_rate"]), steps=int(m["dp_steps"]))
+
+    # Extension hooks
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+        record["epsilon"] = {**self.ledger.epsilons(), **dict.fromkeys(sorted(self.unprivate), float("inf"))}
+        record["dp_delta"] = self.ledger.delta
+        if self.exhausted:
+            record["dp_exhausted"] = sorted(self.exhausted)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict(), "exhausted": sorted(self.exhausted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.exhausted = set(state["exhausted"])
+
+
+class DPSGD:
+    """Plugin: clients train with sample-level DP-SGD; per-client epsilon is recorded and the budget enforced.
+
+    One DPSGD object is one privacy context: reuse it for more rounds of the same model (FLModel.fit again) and
+    every client's epsilon continues; build a new one for an unrelated run.
+
+    >>> simulate(parts, rounds=10, plugins=[DPSGD(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5,
+    ...                                           budget=3.0)])
+    """
+
+    def __init__(self, *, noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
+                 target_epsilon: float | None = None, planned_rounds: int | None = None, delta: float = 1e-5,
+                 budget: float | None = None, accountant: str = "rdp", clipping: str = "flat",
+                 reproducible: bool = False) -> None:
+        self.config = DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               target_epsilon=target_epsilon, planned_rounds=planned_rounds, delta=delta,
+                               budget=budget, accountant=accountant, clipping=clipping,  # type: ignore[arg-type]
+                               reproducible=reproducible)
+        self.ledger = self.config.new_ledger()  # validates accountant, delta and budget now
+        self.mod = DPSGDMod()
+        self.recorder: DPRecorder | None = None
+
+    def configure(self, parts: JobParts) -> None:
+        if isinstance(parts.task, DPTask) or isinstance(parts.aggregation, DPRecorder):
+            raise ConfigError("DPSGD is configured twice for this job; give it once")
+        if any(getattr(e, "name", None) == "client_dp" for e in parts.extensions):
+            raise ConfigError("DPSGD cannot be combined with client-level DP in one job (each owns the round's "
+                              "epsilon record); give one [dp] section")
+        parts.task = DPTask(parts.task, self.config)
+        parts.mods.append(self.mod)
+        exhausted = self.recorder.exhausted if self.recorder is not None else set()
+        self.recorder = DPRecorder(parts.aggregation, self.ledger)
+        self.recorder.exhausted = exhausted
+        parts.aggregation = self.recorder
+        parts.extensions.append(self.recorder)
