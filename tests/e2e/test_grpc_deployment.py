@@ -69,11 +69,11 @@ def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_p
     issue(evil, "alice")
     certs = tmp_path / "certs"
     with parties() as ps:
-        coord = Party(fed, "server", job)
+        coord = Party(fed, "server", job, exec_cli=True)  # `python -m tessera party`, as a user starts it
         ps.append(coord)
         coord.expect("listening on port")
         for name in ("alice", "bob"):
-            ps.append(Party(fed, name, job))
+            ps.append(Party(fed, name, job, exec_cli=True))
         coord.expect("party (alice|bob) connected")
         coord.expect("party (alice|bob) connected")
         # While alice and bob hold their streams, every kind of impostor is stopped where it should be:
@@ -87,7 +87,7 @@ def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_p
         huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 2**40, bytes(32)) + b"x"
         assert attack(fed, claim="carol", cert=certs / "carol.crt", send=[huge]) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED
-        ps.append(Party(fed, "carol", job))
+        ps.append(Party(fed, "carol", job, exec_cli=True))
         assert coord.wait() == 0, coord.output()
         for p in ps[1:]:
             assert p.wait() == 0, p.output()
@@ -109,7 +109,7 @@ def test_killed_client_misses_round_two_and_rejoins_round_three(tmp_path: Path) 
         coord = Party(fed, "server", job)
         ps.append(coord)
         coord.expect("listening on port")
-        ps += [Party(fed, "alice", job), Party(fed, "bob", job, env={"TESSERA_TEST_KILL_AT_ROUND": "2"}),
+        ps += [Party(fed, "alice", job), Party(fed, "bob", job, env={"TESSERA_TEST_FAULT": "kill:FitIns:2"}),
                Party(fed, "carol", job)]
         assert ps[2].wait() == -signal.SIGKILL  # bob killed itself on receiving round 2's FitIns
         ps.append(Party(fed, "bob", job))  # restarted; the coordinator waits for it before round 3
@@ -137,7 +137,7 @@ def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path)
         coord.expect("listening on port")
         ps += [Party(fed, n, job) for n in CLIENTS]
         coord.expect("round 1 done")
-        coord.proc.send_signal(signal.SIGTERM)
+        coord.signal(signal.SIGTERM)
         assert coord.wait() == 0, coord.output()
         assert "stopped on signal after round" in coord.output()
         for p in ps[1:]:

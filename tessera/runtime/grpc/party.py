@@ -28,9 +28,10 @@ from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
 
-# Test-only: a client SIGKILLs itself on receiving the fit request of this round, so failure tests are
-# deterministic instead of racing a kill against the round. Never set in production.
-KILL_AT_ROUND_ENV = "TESSERA_TEST_KILL_AT_ROUND"
+# Test-only fault injection, so failure tests are deterministic instead of racing a signal against the protocol:
+# "kill:FitIns:2" makes this process SIGKILL itself on receiving the FitIns of round 2; "stop:ForwardIns:5"
+# makes it SIGSTOP itself (silent, connection open) on the ForwardIns of step 5. Never set in production.
+FAULT_ENV = "TESSERA_TEST_FAULT"
 _FATAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
 
@@ -53,10 +54,13 @@ def _short(exc: BaseException) -> str:
 
 
 def _test_hook(msg: Any) -> None:
-    at = os.environ.get(KILL_AT_ROUND_ENV)
-    if at and getattr(msg, "round", None) == int(at) and type(msg).__name__ == "FitIns":
-        log.warning("test hook %s=%s: killing this process", KILL_AT_ROUND_ENV, at)
-        os.kill(os.getpid(), signal.SIGKILL)
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, kind, at = spec.split(":")
+    if type(msg).__name__ == kind and getattr(msg, "round", getattr(msg, "step", None)) == int(at):
+        log.warning("test hook %s=%s: %s this process", FAULT_ENV, spec, action)
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
 
 
 class ClientParty:
