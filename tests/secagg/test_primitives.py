@@ -1,0 +1,133 @@
+"""Property tests for the SecAgg+ building blocks: Shamir, quantisation, PRG masks, AEAD, neighbour graph."""
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tessera.core.errors import ConfigError, ProtocolError
+from tessera.secagg import crypto, shamir
+from tessera.secagg.graph import default_degree, neighbours, share_threshold
+from tessera.secagg.prg import expand
+from tessera.secagg.quantize import (
+    dequantize_sum,
+    levels_for,
+    quantize,
+    ring_mask,
+    step_size,
+    sum_error_bound,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+@FAST
+@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(2, 9), data=st.data())
+def test_shamir_any_t_shares_recover_the_secret(secret: bytes, n: int, data: st.DataObject) -> None:
+    t = data.draw(st.integers(2, n))
+    xs = data.draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n, unique=True))
+    shares = shamir.split(secret, xs=xs, threshold=t, rng=random.Random(data.draw(st.integers(0, 99))))
+    subset = data.draw(st.lists(st.sampled_from(xs), min_size=t, max_size=t, unique=True))
+    assert shamir.combine({x: shares[x] for x in subset}, threshold=t) == secret
+
+
+def test_shamir_fewer_than_t_shares_do_not_recover() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, xs=[1, 2, 3, 4], threshold=3)
+    with pytest.raises(ValueError, match="need 3 shares"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=3)
+    # Interpolating t - 1 shares as if the threshold were t - 1 yields garbage, not the secret.
+    with pytest.raises(ValueError, match="inconsistent"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=2)
+
+
+@FAST
+@given(values=st.lists(st.floats(-8.0, 8.0), min_size=1, max_size=40), bits=st.integers(16, 48),
+       clients=st.integers(1, 50), seed=st.integers(0, 2**31))
+def test_quantisation_round_trip_is_within_one_step(values: list[float], bits: int, clients: int, seed: int) -> None:
+    levels = levels_for(clients=clients, bits=bits)
+    x = torch.tensor(values, dtype=torch.float64)
+    q = quantize(x, clip=8.0, levels=levels, gen=torch.Generator().manual_seed(seed))
+    assert int(q.min()) >= 0 and int(q.max()) <= levels
+    back = dequantize_sum(q, count=1, clip=8.0, levels=levels)
+    assert float((back - x).abs().max()) < step_size(clip=8.0, levels=levels) + 1e-12
+
+
+@FAST
+@given(n=st.integers(1, 30), bits=st.integers(16, 40), seed=st.integers(0, 2**31))
+def test_quantised_sum_never_wraps_and_stays_within_the_bound(n: int, bits: int, seed: int) -> None:
+    levels = levels_for(clients=n, bits=bits)
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.rand(16, generator=g, dtype=torch.float64) * 2 - 1) * 8.0 for _ in range(n)]
+    qs = [quantize(x, clip=8.0, levels=levels, gen=g) for x in xs]
+    ring = sum(qs).bitwise_and(ring_mask(bits))  # type: ignore[union-attr]
+    assert torch.equal(ring, sum(qs))  # headroom: the ring sum is the integer sum
+    err = dequantize_sum(ring, count=n, clip=8.0, levels=levels) - sum(xs)
+    assert float(err.abs().max()) < sum_error_bound(clients=n, clip=8.0, levels=levels)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    levels = 1000
+    x = torch.full((200_000,), 0.123456, dtype=torch.float64)
+    q = quantize(x, clip=1.0, levels=levels, gen=torch.Generator().manual_seed(0))
+    mean = float(dequantize_sum(q.double().mean().reshape(1), count=1, clip=1.0, levels=levels)[0])
+    assert abs(mean - 0.123456) < 3 * step_size(clip=1.0, levels=levels) / math.sqrt(200_000)
+
+
+def test_headroom_is_checked_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"raise secagg\.bits to at least 15"):
+        levels_for(clients=100, bits=12)
+    assert levels_for(clients=100, bits=32) * 100 < 2**32
+
+
+@FAST
+@given(seed=st.binary(min_size=32, max_size=32), bits=st.integers(8, 62), n=st.integers(1, 64))
+def test_prg_is_deterministic_and_in_range(seed: bytes, bits: int, n: int) -> None:
+    a, b = expand(seed, n, bits=bits), expand(seed, n, bits=bits)
+    assert torch.equal(a, b) and int(a.min()) >= 0 and int(a.max()) <= ring_mask(bits)
+
+
+@FAST
+@given(bits=st.integers(8, 62), x=st.lists(st.integers(0, 2**8 - 1), min_size=4, max_size=4))
+def test_pairwise_masks_cancel_in_the_ring(bits: int, x: list[int]) -> None:
+    sk_u, pk_u = crypto.keypair()
+    sk_v, pk_v = crypto.keypair()
+    s_uv = crypto.agree(sk_u, pk_v, info=crypto.MASK_INFO)
+    assert s_uv == crypto.agree(sk_v, pk_u, info=crypto.MASK_INFO)  # both sides derive the same seed
+    mask = expand(s_uv, 4, bits=bits)
+    xu, xv = torch.tensor(x), torch.tensor(x[::-1])
+    yu, yv = (xu + mask) & ring_mask(bits), (xv - mask) & ring_mask(bits)
+    assert torch.equal((yu + yv) & ring_mask(bits), (xu + xv) & ring_mask(bits))
+
+
+def test_prg_output_is_uniform_bytes() -> None:
+    raw = expand(bytes(32), 50_000, bits=32).to(torch.int64)
+    counts = torch.bincount((raw & 0xFF).reshape(-1), minlength=256).double()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 330  # 255 degrees of freedom: p ~ 0.001 at 330
+
+
+def test_aead_binds_round_sender_and_receiver() -> None:
+    key = bytes(range(32))
+    blob = crypto.seal(key, b"share", aad=b"round 1|a|b")
+    assert crypto.open_sealed(key, blob, aad=b"round 1|a|b") == b"share"
+    with pytest.raises(ProtocolError, match="another round"):
+        crypto.open_sealed(key, blob, aad=b"round 2|a|b")
+    with pytest.raises(ProtocolError):
+        crypto.open_sealed(key, blob[:-1] + bytes([blob[-1] ^ 1]), aad=b"round 1|a|b")
+
+
+@pytest.mark.parametrize("n", [20, 100, 1000])
+def test_neighbour_graph_is_symmetric_and_logarithmic(n: int) -> None:
+    clients = [f"c{i}" for i in range(n)]
+    k = default_degree(n, threshold=0.6, dropout=0.05)
+    graph = neighbours(clients, degree=k, graph_seed=7)
+    assert all(c not in graph[c] and all(c in graph[v] for v in graph[c]) for c in clients)
+    assert {len(v) for v in graph.values()} == {min(k, n - 1)}
+    if n >= 100:
+        assert k <= 8 * math.ceil(math.log2(n))  # O(log n), not n
+        assert k < n - 1
+    assert share_threshold(0.6, k) > (k + 1) / 2

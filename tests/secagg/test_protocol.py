@@ -1,0 +1,198 @@
+"""The SecAgg+ protocol: exact sums under dropouts at every stage, refusals, and what the server gets to see."""
+
+import math
+
+import pytest
+import torch
+
+from tessera.core import serde
+from tessera.core.errors import ProtocolError, RoundFailed
+from tessera.runtime.backend import ClientFailure
+from tessera.secagg import Stage, run_round, simulate_round
+from tessera.secagg.client import encode_input, step
+from tessera.secagg.messages import (
+    KeysRes,
+    MaskedInputIns,
+    MaskedInputRes,
+    ShareKeysIns,
+    ShareKeysRes,
+    UnmaskIns,
+    UnmaskRes,
+)
+from tessera.secagg.plus import flatten
+from tessera.secagg.quantize import ring_mask, sum_error_bound
+from tessera.secagg.server import SecAggServer
+
+from .helpers import make_updates, spied_round
+
+N = 10
+
+
+def plain_sum(updates: list, idx: tuple[int, ...] | list[int]) -> dict:
+    return {k: sum(updates[i][k].double() for i in idx) for k in updates[0]}
+
+
+def max_err(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.UNMASK])
+def test_a_drop_at_each_stage_still_gives_the_survivors_sum(stage: Stage) -> None:
+    updates = make_updates(N)
+    rep = run_round(updates, threshold=0.6, dropouts={1, 4}, clip=8.0, bits=32, seed=3, drop_stage=stage)
+    # Dropped before masking (or before sending the input): left out; dropped while unmasking: already in.
+    expected = tuple(range(N)) if stage == Stage.UNMASK else tuple(i for i in range(N) if i not in {1, 4})
+    assert rep.included == expected
+    bound = sum_error_bound(clients=len(expected), clip=8.0, levels=rep.server.state.setup.levels)
+    assert max_err(rep.sum, plain_sum(updates, expected)) < bound
+    # Pairwise masks of a client are rebuilt from shares only if it vanished after others masked with it.
+    assert rep.server.revealed_sk == ({"client1", "client4"} if stage == Stage.COLLECT else set())
+
+
+@pytest.mark.parametrize("dropped", [set(), {7}, {0, 3, 8}])  # 0%, 10%, 30% after masking
+def test_unmasked_ring_sum_is_exactly_the_sum_of_quantised_inputs(dropped: set[int]) -> None:
+    updates = make_updates(N, seed=1)
+    server, _, setup, fit = spied_round(updates, dropouts=dropped)
+    alive = [i for i in range(N) if i not in dropped]
+    q = [encode_input(flatten(updates[i]), 1, setup, fit[f"client{i}"].config["seed"]) for i in alive]
+    assert server.result is not None
+    assert torch.equal(server.result.ring_sum, sum(q).bitwise_and(ring_mask(setup.bits)))  # integers, exact
+    # Dequantised mean vs float mean: within the quantisation bound divided by the count.
+    m = len(alive)
+    mean = server.result.values / m
+    exact = flatten(plain_sum(updates, alive)) / m
+    assert float((mean - exact).abs().max()) < sum_error_bound(clients=m, clip=8.0, levels=setup.levels) / m
+    assert math.isclose(server.result.weight, m, abs_tol=m / setup.levels)
+
+
+def test_simulate_round_matches_plain_sum_with_30_percent_dropout() -> None:
+    updates = make_updates(20, seed=2)
+    drops = {2, 5, 6, 11, 15, 19}
+    total = simulate_round(updates, threshold=0.6, dropouts=drops, clip=8.0, bits=32, seed=0)
+    alive = [i for i in range(20) if i not in drops]
+    assert max_err(total, plain_sum(updates, alive)) < sum_error_bound(clients=14, clip=8.0, levels=2**32 // 20)
+
+
+@pytest.fixture
+def servers(monkeypatch: pytest.MonkeyPatch) -> list[SecAggServer]:
+    """Every SecAggServer built during the test, to inspect after a failed round."""
+    seen: list[SecAggServer] = []
+    orig = SecAggServer.__init__
+
+    def track(self: SecAggServer, setup: object) -> None:
+        orig(self, setup)  # type: ignore[arg-type]
+        seen.append(self)
+
+    monkeypatch.setattr(SecAggServer, "__init__", track)
+    return seen
+
+
+def test_below_threshold_after_masking_aborts_and_reveals_nothing(servers: list[SecAggServer]) -> None:
+    with pytest.raises(RoundFailed, match="no sum is revealed"):
+        run_round(make_updates(N), threshold=0.6, dropouts={0, 1, 2, 3, 4, 5}, clip=8.0, bits=32, seed=0)
+    assert servers[0].result is None and not servers[0].revealed_b and not servers[0].revealed_sk
+    assert servers[0].state.stage == Stage.COLLECT  # it never reached unmasking
+
+
+def test_too_few_shares_while_unmasking_aborts_before_removing_any_mask(servers: list[SecAggServer]) -> None:
+    with pytest.raises(RoundFailed, match="no sum is revealed"):
+        run_round(make_updates(N), threshold=0.9, dropouts={0, 1, 2}, clip=8.0, bits=32, seed=0,
+                  drop_stage=Stage.UNMASK)
+    assert servers[0].result is None and not servers[0].revealed_b and not servers[0].revealed_sk
+
+
+def test_masked_inputs_look_uniform_and_differ_from_the_clear_update() -> None:
+    updates = [{"w": torch.zeros(4000)} for _ in range(5)]  # all-zero updates: any structure would show
+    _server, rec, setup, fit = spied_round(updates)
+    masked = [r.masked for _, _, r in rec.log if isinstance(r, MaskedInputRes)]
+    assert len(masked) == 5
+    clear = encode_input(torch.zeros(4000), 1, setup, fit["client0"].config["seed"])
+    for m in masked:
+        assert not torch.equal(m.long() & ring_mask(32), clear)
+        counts = torch.bincount(m.reshape(-1).view(torch.uint8).long(), minlength=256).double()
+        chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+        assert chi2 < 340  # 255 dof; the clear quantised zeros would give ~10^5
+
+
+def test_server_never_holds_both_secrets_of_a_survivor() -> None:
+    server, rec, _, _ = spied_round(make_updates(N), dropouts={2, 6, 9})
+    assert server.revealed_b == {f"client{i}" for i in range(N) if i not in {2, 6, 9}}
+    assert server.revealed_sk == {"client2", "client6", "client9"}
+    assert not server.revealed_b & server.revealed_sk
+    for _, _, r in rec.log:  # and no client ever handed over both kinds of share for one owner
+        if isinstance(r, UnmaskRes):
+            assert not set(r.b_shares) & set(r.sk_shares)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def _setup_msg(n: int = 4, rnd: int = 1):  # type: ignore[no-untyped-def]
+    from tessera.secagg.plus import SecAggPlus
+
+    return SecAggPlus().setup(rnd, [f"c{i}" for i in range(n)], dim=3, graph_seed=0)
+
+
+def _no_train(m: MaskedInputIns):  # type: ignore[no-untyped-def]
+    return torch.zeros(2, dtype=torch.float64), 1, {}
+
+
+def test_client_refuses_out_of_stage_replayed_and_wrong_round_messages() -> None:
+    setup = _setup_msg()
+    with pytest.raises(ProtocolError, match="before SetupIns"):
+        step(None, ShareKeysIns(round=1, c_pks={}, s_pks={}), "c0", _no_train)
+    st, _keys = step(None, setup, "c0", _no_train)
+    with pytest.raises(ProtocolError, match="replayed or stale"):
+        step(st, setup, "c0", _no_train)
+    with pytest.raises(ProtocolError, match="out of stage or replayed"):
+        step(st, MaskedInputIns(round=1, params={}), "c0", _no_train)
+    with pytest.raises(ProtocolError, match="round 2"):
+        step(st, ShareKeysIns(round=2, c_pks={}, s_pks={}), "c0", _no_train)
+
+
+def _three_clients(rnd: int):  # type: ignore[no-untyped-def]
+    setup = _setup_msg(3, rnd)
+    states, keys = {}, {}
+    for c in setup.clients:
+        states[c], keys[c] = step(None, setup, c, _no_train)
+    c_pks = {c: k.c_pk for c, k in keys.items()}
+    s_pks = {c: k.s_pk for c, k in keys.items()}
+    shares = {}
+    for c in setup.clients:
+        states[c], shares[c] = step(states[c], ShareKeysIns(round=rnd, c_pks=c_pks, s_pks=s_pks), c, _no_train)
+    return states, shares
+
+
+def test_share_for_the_wrong_round_is_refused() -> None:
+    _, old = _three_clients(1)
+    states, new = _three_clients(2)
+    replayed = MaskedInputIns(round=2, params={}, shares={"c1": old["c1"].shares["c0"], "c2": new["c2"].shares["c0"]})
+    with pytest.raises(ProtocolError):
+        step(states["c0"], replayed, "c0", _no_train)
+    ok = MaskedInputIns(round=2, params={}, shares={"c1": new["c1"].shares["c0"], "c2": new["c2"].shares["c0"]})
+    st, _res = step(states["c0"], ok, "c0", _no_train)
+    with pytest.raises(ProtocolError, match="out of stage or replayed"):
+        step(st, ok, "c0", _no_train)  # a replayed collect request
+    with pytest.raises(ProtocolError, match="both survivor and dropout"):
+        step(st, UnmaskIns(round=2, survivors=("c0", "c1"), dropped=("c1",)), "c0", _no_train)
+
+
+def test_server_refuses_duplicates_wrong_stage_wrong_round_and_strangers() -> None:
+    server = SecAggServer(_setup_msg(4))
+    server.requests()
+    key = KeysRes(round=1, c_pk=b"x" * 32, s_pk=b"y" * 32)
+    server.receive("c0", key)
+    with pytest.raises(ProtocolError, match="duplicate or replay"):
+        server.receive("c0", key)
+    with pytest.raises(ProtocolError, match="out of stage"):
+        server.receive("c1", ShareKeysRes(round=1, shares={}))
+    with pytest.raises(ProtocolError, match="for round 7"):
+        server.receive("c2", KeysRes(round=7, c_pk=b"x" * 32, s_pk=b"y" * 32))
+    with pytest.raises(ProtocolError, match="not asked"):
+        server.receive("mallory", key)
+    server.receive("c3", ClientFailure("c3", "offline"))
+    with pytest.raises(ProtocolError, match="duplicate or replay"):
+        server.receive("c3", key)
+
+
+def test_messages_survive_the_wire_format() -> None:
+    setup = _setup_msg()
+    assert serde.decode_message(serde.encode_message(setup)) == setup
