@@ -16,6 +16,7 @@ chunk granularity); the receiver bounds decompression by the declared size. Noth
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -201,10 +202,15 @@ def _digest(root: Path) -> str | None:
 def _decompress(data: bytes, raw_bytes: int) -> bytes:
     import zstandard
 
+    # Read at most one byte more than declared from a stream: a frame's own size field is not trusted (bomb).
     try:
-        return bytes(zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_bytes))
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            out = reader.read(raw_bytes + 1)
     except zstandard.ZstdError as exc:
-        raise ProtocolError(f"chunk is not valid zstd within {raw_bytes} bytes: {exc}") from None
+        raise ProtocolError(f"chunk is not valid zstd: {exc}") from None
+    if len(out) > raw_bytes:
+        raise ProtocolError(f"chunk is not valid zstd within {raw_bytes} bytes (it expands further)")
+    return bytes(out)
 
 
 @dataclass(frozen=True)

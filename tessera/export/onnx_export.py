@@ -66,6 +66,8 @@ def export_onnx(bundle: str | Path, *, opset: int = DEFAULT_OPSET, allow: Sequen
     tmp = root / f".{ONNX_FILE}.partial"
     try:
         with warnings.catch_warnings():
+            # the TorchScript exporter warns about its own deprecation; nothing else is silenced
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx(\.|$)")
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*",
                                     category=DeprecationWarning)
             torch.onnx.export(wrapper, tuple(_f32(t) for t in inputs), tmp, dynamo=False, opset_version=opset,
