@@ -116,7 +116,7 @@ def test_refuses_foreign_adapters_and_bad_configs() -> None:
         load_adapter(model, {**params, k: torch.zeros(1, 1)})
     with pytest.raises(ConfigError, match="path"):
         ModelSpec(arch="local")
-    with pytest.raises(ConfigError, match="lora.r"):
+    with pytest.raises(ConfigError, match=r"lora\.r"):
         LoRAConfig(r=0)
     with pytest.raises(ConfigError, match="target_modules"):
         lora_template(LLAMA, LoRAConfig(target_modules=("no_such_layer",)))
