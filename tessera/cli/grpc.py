@@ -3,10 +3,17 @@
 The coordinator and every client load the same job.toml and federation.toml. The i-th client party in
 federation.toml serves the job's i-th client partition, and the coordinator uses the job's client ids for seeds,
 so a deployed run reproduces `tessera simulate job.toml` bit for bit.
+
+Split learning runs the same way with `--split APP` instead of `--job`: APP (a module or a .py file, optionally
+`:attr`) defines `owner(name, out) -> DataOwner`, `label_party(name, backend, out) -> SplitTrainer` and `FIT`
+(the keyword arguments of `SplitTrainer.fit`). The coordinator is the label party; every client party is a data
+owner. `run_split_inprocess(app, ...)` runs the same app in one process (the oracle of the deployed run).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import signal
 from collections.abc import Callable
@@ -16,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from tessera.core.errors import ConfigError, RoundFailed, TransportError
+from tessera.core.errors import ConfigError, ProtocolError, RoundFailed, TransportError
 from tessera.core.logging import setup_logging
 
 if TYPE_CHECKING:
@@ -176,6 +183,109 @@ def run_client(fed: FederationConfig, name: str, cfg: JobConfig) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- split learning
+def load_split_app(ref: str) -> Any:
+    """`pkg.module`, `pkg.module:attr`, `path/app.py` or `path/app.py:attr` -> the object with owner/label_party/FIT."""
+    where, _, attr = ref.rpartition(":") if ":" in ref else (ref, "", "")
+    try:
+        if where.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if spec is None or spec.loader is None or not Path(where).is_file():
+                raise ImportError(where)
+            mod: Any = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(where)
+        app = getattr(mod, attr) if attr else mod
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--split: cannot load {ref!r} ({type(exc).__name__}: {exc}); give a module or .py file "
+                          "defining owner(name, out), label_party(name, backend, out) and FIT") from None
+    missing = [n for n in ("owner", "label_party", "FIT") if not hasattr(app, n)]
+    if missing:
+        raise ConfigError(f"--split {ref}: missing {missing}; a split app defines owner(name, out) -> DataOwner, "
+                          "label_party(name, backend, out) -> SplitTrainer and FIT (SplitTrainer.fit arguments)")
+    return app
+
+
+class _StopAfterEpoch(Exception):
+    """Raised from the epoch callback once a shutdown was requested (the epoch's checkpoint is already written)."""
+
+
+def run_split_label(fed: FederationConfig, app: Any, out: Path, *, resume: bool = False) -> History:
+    """The coordinator of a split job: the label party, driving every data owner over gRPC."""
+    from tessera.runtime.grpc.backend import GrpcBackend
+
+    owners = fed.client_names
+    backend = GrpcBackend(fed, {o: o for o in owners}, min_clients=len(owners))
+    trainer = app.label_party(fed.coordinator.name, backend, out)
+    if trainer.label_party != fed.coordinator.name or sorted(trainer.owners) != sorted(owners):
+        raise ConfigError(f"{fed.source}: the split app's label party {trainer.label_party!r} and owners "
+                          f"{trainer.owners} must be the coordinator {fed.coordinator.name!r} and the client "
+                          f"parties {owners}")
+    if trainer.timeout is None:
+        trainer.timeout = fed.settings.rpc_deadline_s
+    stopper = _Stopper(backend)
+
+    def after_epoch(record: dict[str, Any]) -> None:
+        console.print(f"epoch {record['epoch']} done: train_loss {record['train_loss']:.4f}", highlight=False)
+        if stopper.requested:
+            raise _StopAfterEpoch
+
+    console.print(f"label party {fed.coordinator.name} listening on port {backend.listen()}; waiting for owners "
+                  f"{owners}", highlight=False)
+    try:
+        if resume:
+            trainer.resume()
+        trainer.fit(**app.FIT, progress=after_epoch)
+    except _StopAfterEpoch:
+        console.print(f"stopped on signal after epoch {trainer.epoch}; resume with --resume")
+    except (ProtocolError, TransportError) as exc:
+        if not stopper.requested:
+            raise RoundFailed(f"split step {trainer.step} failed: {exc}. The checkpoint holds epoch "
+                              f"{_checkpoint_epoch(out)}; restart the missing party and run again with --resume") \
+                from None
+        console.print(f"epoch abandoned on shutdown; the checkpoint holds epoch {_checkpoint_epoch(out)}")
+    finally:
+        backend.close()
+        _write_transport(out, backend)
+    history: History = trainer.history
+    return history
+
+
+def _checkpoint_epoch(out: Path) -> int:
+    from tessera.core import serde
+    from tessera.vertical.checkpoint import CHECKPOINT
+
+    path = out / CHECKPOINT
+    return int(serde.loads(path.read_bytes())["label"]["epoch"]) if path.exists() else 0
+
+
+def run_split_owner(fed: FederationConfig, name: str, app: Any, out: Path) -> int:
+    """A data owner: serve embeddings and take gradient steps until the label party says BYE."""
+    from tessera.runtime.grpc.party import ClientParty
+
+    party = ClientParty(fed, name, app.owner(name, out), expected_client_id=name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: party.stop())
+    console.print(f"data owner {name} dialling {fed.coordinator.address}", highlight=False)
+    stats = party.run()
+    console.print(f"party {name} done: {stats.requests} requests served over {stats.connections} connection(s)",
+                  highlight=False)
+    return 0
+
+
+def run_split_inprocess(app: Any, *, label: str, owners: list[str], out: Path) -> Any:
+    """The same split app in one process (`out/<party>` per party): the oracle a deployed run must equal.
+    Returns the trained SplitTrainer; the owners are reachable as `trainer.backend.handler.owners`."""
+    from tessera.runtime.backend import InProcessBackend
+    from tessera.vertical.owner import OwnerGroup
+
+    backend = InProcessBackend(OwnerGroup([app.owner(o, out / o) for o in owners]))
+    trainer = app.label_party(label, backend, out / label)
+    trainer.fit(**app.FIT)
+    return trainer
+
+
 def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
     app.add_typer(certs_app, name="certs")
 
@@ -184,6 +294,10 @@ def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -
         federation: Annotated[Path, typer.Option(help="federation.toml (parties, CA, limits, deadlines)")],
         name: Annotated[str, typer.Option(help="which party this process is")],
         job: Annotated[Path | None, typer.Option(help="job.toml (the same file at every party)")] = None,
+        split: Annotated[str | None, typer.Option(help="split learning: module or .py file defining owner, "
+                                                       "label_party and FIT (instead of --job)")] = None,
+        out: Annotated[Path, typer.Option(help="split learning: this party's folder for state, metrics and "
+                                               "checkpoints")] = Path("runs/split"),
         resume: Annotated[bool, typer.Option(help="coordinator: continue from the checkpoint")] = False,
         plots: Annotated[bool, typer.Option(help="coordinator: write PNG curves at the end")] = True,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
@@ -196,8 +310,16 @@ def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -
         setup_logging(log_level.upper())
         fed = load_federation(federation)
         me = fed.party(name)
-        if job is None:
-            raise ConfigError("--job is required: every party loads the same job.toml")
+        if (job is None) == (split is None):
+            raise ConfigError("give --job job.toml (horizontal) or --split APP (split learning), not both")
+        if split is not None:
+            app_ = load_split_app(split)
+            if me.role is Role.COORDINATOR:
+                run_split_label(fed, app_, out, resume=resume)
+            else:
+                run_split_owner(fed, name, app_, out)
+            return
+        assert job is not None
         cfg = load_job(job)
         if me.role is Role.COORDINATOR:
             run_coordinator(fed, cfg, resume=resume, plots=plots)

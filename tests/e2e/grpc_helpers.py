@@ -16,13 +16,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
+import torch
+from torch import nn
 
+from tessera.runtime.backend import Backend
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import init_ca, issue
 from tessera.runtime.grpc.config import load_federation
+from tessera.vertical import ConcatFuse, DataOwner, SplitTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -43,11 +47,11 @@ def make_certs(folder: Path, names: tuple[str, ...]) -> Path:
 
 
 def write_federation(path: Path, *, port: int, clients: tuple[str, ...] = CLIENTS, certs: str = "certs",
-                     extra: str = "", retry: str = "") -> Path:
+                     extra: str = "", retry: str = "", rpc_deadline: float = 60) -> Path:
     parties = "".join(f'\n[[parties]]\nname = "{c}"\nrole = "client"\n' for c in clients)
     path.write_text(
         f'[federation]\nca_cert = "{certs}/ca.crt"\ncerts_dir = "{certs}"\nchunk_bytes = 16384\n'
-        f"rpc_deadline_s = 60\nround_deadline_s = 60\nquorum_deadline_s = 60\n{extra}\n"
+        f"rpc_deadline_s = {rpc_deadline}\nround_deadline_s = 60\nquorum_deadline_s = 60\n{extra}\n"
         f"[federation.retry]\nmax_attempts = 40\ninitial_backoff_s = 0.2\nmax_backoff_s = 1.0\n{retry}\n"
         f'[[parties]]\nname = "server"\nrole = "coordinator"\naddress = "127.0.0.1:{port}"\n{parties}'
     )
@@ -111,6 +115,39 @@ def _run_cli(argv: list[str], env: dict[str, str], out: Any) -> None:
     from tessera.cli.main import main
 
     main()
+
+
+class SplitApp:
+    """The split job of the e2e tests (`--split tests.e2e.grpc_helpers:SplitApp`): data owners alice and bob hold
+    4 and 6 columns of the same 48 rows; the label party (the coordinator) holds the labels and a concat fuse."""
+
+    FIT: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 16}  # 3 steps per epoch
+    COLUMNS: ClassVar[dict[str, int]] = {"alice": 4, "bob": 6}
+
+    @staticmethod
+    def data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        x = {p: torch.randn(48, c, generator=g) for p, c in SplitApp.COLUMNS.items()}
+        return x, ((x["alice"].sum(1) - x["bob"][:, :3].sum(1)) > 0).float().unsqueeze(1)
+
+    @staticmethod
+    def owner(name: str, out: Path) -> DataOwner:
+        x, _ = SplitApp.data()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(len(name))
+            base = nn.Sequential(nn.Linear(SplitApp.COLUMNS[name], 3), nn.Tanh())
+        return DataOwner(name, base, lambda p: torch.optim.SGD(p, lr=0.3), data={"train": x[name]}, state_dir=out)
+
+    @staticmethod
+    def label_party(name: str, backend: Backend, out: Path) -> SplitTrainer:
+        _, y = SplitApp.data()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            fuse = ConcatFuse(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1)))
+        trainer = SplitTrainer(fuse=fuse, loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=lambda p: torch.optim.SGD(
+            p, lr=0.3), label_party=name, order=list(SplitApp.COLUMNS), backend=backend, output_dir=out)
+        trainer.add_split("train", y=y)
+        return trainer
 
 
 class Party:
