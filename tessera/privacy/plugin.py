@@ -38,7 +38,7 @@ class _Spec(BaseModel):
 
 class DPSGDSpec(_Spec):
     mode: Literal["dpsgd"] = "dpsgd"
-    noise_multiplier: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     target_epsilon: float | None = Field(None, gt=0)
     planned_rounds: int | None = Field(None, ge=1)
