@@ -125,7 +125,7 @@ def demo_export(out: Path, quick: bool = False) -> None:
     fl.fit(x=[x[s] for s in shards], y=[y[s] for s in shards], rounds=3 if quick else 10, batch_size=32)
     xt, yt = x[test], y[test]
     trained = fl.predict(xt)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant, kw in (("float32", {}), ("float16", {"dtype": torch.float16}), ("float32 + onnx", {"onnx": True})):
         path = save_bundle(fl, out / variant.replace(" + ", "_"), example_inputs=xt[:32], overwrite=True, **kw)
         t0 = time.perf_counter()
