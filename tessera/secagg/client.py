@@ -32,8 +32,8 @@ from tessera.secagg.messages import (
     UnmaskIns,
     UnmaskRes,
 )
-from tessera.secagg.prg import SEED_BYTES, expand
-from tessera.secagg.quantize import quantize, quantize_unit, ring_mask
+from tessera.secagg.prg import SEED_BYTES, add_mask, reduce, to_wire, to_words
+from tessera.secagg.quantize import quantize, quantize_unit
 
 # train(params, config) -> (update vector float64 of length dim - 1, num_examples, metrics)
 TrainFn = Callable[[MaskedInputIns], tuple[torch.Tensor, int, dict[str, float]]]
@@ -88,10 +88,11 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str) -> tupl
     b_sh = shamir.split(b_seed, xs=xs, threshold=setup.threshold)
     sk_sh = shamir.split(st.s_sk, xs=xs, threshold=setup.threshold)
     sealed: dict[str, bytes] = {}
+    enc = crypto.agree_many(st.c_sk, {c: msg.c_pks[c] for c in holders if c != me}, info=crypto.SHARE_INFO)
     for c, x in zip(holders, xs, strict=True):
         if c == me:
             continue
-        key = crypto.agree(st.c_sk, msg.c_pks[c], info=crypto.SHARE_INFO)
+        key = enc[c]
         body = serde.dumps({"round": setup.round, "sender": me, "receiver": c, "b": b_sh[x], "sk": sk_sh[x]})
         sealed[c] = crypto.seal(key, body, aad=aad(setup.round, me, c))
     x_me = setup.clients.index(me) + 1
@@ -103,10 +104,11 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str) -> tupl
 def _open_shares(st: ClientState, msg: MaskedInputIns, me: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
     held_b, held_sk = dict(st.held_b), dict(st.held_sk)
     rnd = st.setup.round
+    if any(sender == me or sender not in st.c_pks for sender in msg.shares):
+        raise ProtocolError("received a share from a client that is not a neighbour in this round")
+    keys = crypto.agree_many(st.c_sk, {u: st.c_pks[u] for u in msg.shares}, info=crypto.SHARE_INFO)
     for sender, blob in msg.shares.items():
-        if sender == me or sender not in st.c_pks:
-            raise ProtocolError("received a share from a client that is not a neighbour in this round")
-        key = crypto.agree(st.c_sk, st.c_pks[sender], info=crypto.SHARE_INFO)
+        key = keys[sender]
         body = serde.loads(crypto.open_sealed(key, blob, aad=aad(rnd, sender, me)))
         if not (isinstance(body, dict) and body.get("round") == rnd and body.get("sender") == sender
                 and body.get("receiver") == me and isinstance(body.get("b"), bytes)
@@ -117,15 +119,17 @@ def _open_shares(st: ClientState, msg: MaskedInputIns, me: str) -> tuple[dict[st
 
 
 def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
-    """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after)."""
+    """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after), as
+    the wire tensor (int32 for bits <= 32, else int64)."""
     setup = st.setup
-    out = q + expand(st.b_seed, setup.dim, bits=setup.bits)
+    acc = to_words(q, bits=setup.bits)
+    add_mask(acc, st.b_seed, bits=setup.bits)
     me_i = setup.clients.index(me)
+    seeds = crypto.agree_many(st.s_sk, {v: st.s_pks[v] for v in partners}, info=crypto.MASK_INFO)
     for v in partners:
-        seed = crypto.agree(st.s_sk, st.s_pks[v], info=crypto.MASK_INFO)
-        pm = expand(seed, setup.dim, bits=setup.bits)
-        out = out + pm if me_i < setup.clients.index(v) else out - pm
-    return out.bitwise_and_(ring_mask(setup.bits))
+        seed = seeds[v]
+        add_mask(acc, seed, bits=setup.bits, sign=1 if me_i < setup.clients.index(v) else -1)
+    return to_wire(reduce(acc, bits=setup.bits), bits=setup.bits)
 
 
 def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> torch.Tensor:
@@ -147,8 +151,7 @@ def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
     partners = tuple(sorted(msg.shares, key=index))  # neighbours that shared keys: their masks are recoverable
     vector, n, metrics = train(msg)
     q = encode_input(vector, n, st.setup, msg.config.get("seed"))
-    masked = mask_vector(q, st=st, me=me, partners=partners)
-    wire = masked.to(torch.int32) if st.setup.bits <= 32 else masked  # two's complement view, same bits
+    wire = mask_vector(q, st=st, me=me, partners=partners)  # int32 (two's complement view) or int64
     new = dataclasses.replace(st, stage=Stage.UNMASK.value, held_b=held_b, held_sk=held_sk, masked_with=partners)
     return new, MaskedInputRes(round=st.setup.round, masked=wire, num_examples=n, metrics=metrics)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,12 +32,21 @@ def public_of(secret: bytes) -> bytes:
 
 def agree(secret: bytes, peer_public: bytes, *, info: bytes) -> bytes:
     """A 32-byte key both sides derive: HKDF-SHA256(X25519(secret, peer_public), info)."""
-    try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
-        shared = X25519PrivateKey.from_private_bytes(secret).exchange(peer)
-    except ValueError as exc:
-        raise ProtocolError(f"invalid X25519 public key from a peer ({exc}); the peer must resend its keys") from None
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    return agree_many(secret, {"": peer_public}, info=info)[""]
+
+
+def agree_many(secret: bytes, peers: Mapping[str, bytes], *, info: bytes) -> dict[str, bytes]:
+    """`agree` with each peer's public key, loading the secret key once."""
+    sk = X25519PrivateKey.from_private_bytes(secret)
+    out: dict[str, bytes] = {}
+    for name, pk in peers.items():
+        try:
+            shared = sk.exchange(X25519PublicKey.from_public_bytes(pk))
+        except ValueError as exc:
+            raise ProtocolError(f"invalid X25519 public key from a peer ({exc}); the peer must resend its keys") \
+                from None
+        out[name] = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    return out
 
 
 def seal(key: bytes, plaintext: bytes, *, aad: bytes) -> bytes:

@@ -9,6 +9,7 @@ Stages (Bonawitz et al. 2017, with Bell et al. 2020's sparse graph), one `backen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -123,7 +124,7 @@ class ClientState:
     held_sk: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) s_u^SK, by owner
     masked_with: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def setup(self) -> SetupIns:
         out = decode_message(self.setup_blob, expected=(SetupIns,))
         assert isinstance(out, SetupIns)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from tessera.core.errors import ProtocolError, RoundFailed
@@ -33,8 +34,8 @@ from tessera.secagg.messages import (
     UnmaskIns,
     UnmaskRes,
 )
-from tessera.secagg.prg import expand
-from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum, ring_mask
+from tessera.secagg.prg import add_mask, reduce, to_int64, to_words
+from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ServerState:
     inbox: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)  # receiver -> sender -> sealed share
     shared: tuple[str, ...] = ()  # U2: sent shares
     survivors: tuple[str, ...] = ()  # U3: sent a masked input
-    masked_sum: torch.Tensor | None = None
+    masked_sum: np.ndarray | None = None  # running sum of masked inputs (unsigned words)
     failures: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -122,9 +123,11 @@ class SecAggServer:
         s, m = self.state.setup, reply.masked
         if m.dtype not in (torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
             raise ProtocolError(f"masked input from {client!r} is {m.dtype}{tuple(m.shape)}, expected ({s.dim},)")
-        x = m.to(torch.int64).bitwise_and_(ring_mask(s.bits))
-        total = x if self.state.masked_sum is None else self.state.masked_sum + x
-        self.state = dataclasses.replace(self.state, masked_sum=total.bitwise_and_(ring_mask(s.bits)))
+        x = to_words(m, bits=s.bits)
+        if self.state.masked_sum is None:
+            self.state = dataclasses.replace(self.state, masked_sum=x)
+        else:
+            np.add(self.state.masked_sum, x, out=self.state.masked_sum)
 
     # ---------------------------------------------------------------------------------------------- advance
     def _quorum(self, who: list[str], what: str) -> None:
@@ -178,23 +181,23 @@ class SecAggServer:
     def _unmask(self, replies: Mapping[str, UnmaskRes]) -> SumResult:
         st, s = self.state, self.state.setup
         assert st.masked_sum is not None
-        total = st.masked_sum.clone()
+        total = st.masked_sum.copy()
         seeds = {u: self._gather(u, replies, "b") for u in st.survivors}
         dropped = [u for u in st.shared if u not in st.survivors and any(v in st.survivors for v in self.graph[u])]
         keys = {u: self._gather(u, replies, "sk") for u in dropped}
         # Everything needed is in hand: only now is any mask removed.
         for u, b in seeds.items():
             self.revealed_b.add(u)
-            total -= expand(b, s.dim, bits=s.bits)
+            add_mask(total, b, bits=s.bits, sign=-1)
         for u, sk in keys.items():
             self.revealed_sk.add(u)
             if crypto.public_of(sk) != st.keys[u].s_pk:
                 raise ProtocolError(f"shares of {u!r}'s mask key do not match its public key; round abandoned")
             for v in (v for v in self.graph[u] if v in st.survivors):
-                pm = expand(crypto.agree(sk, st.keys[v].s_pk, info=crypto.MASK_INFO), s.dim, bits=s.bits)
-                total = total - pm if self.index[v] < self.index[u] else total + pm  # undo v's +-pm
-        total.bitwise_and_(ring_mask(s.bits))
+                seed = crypto.agree(sk, st.keys[v].s_pk, info=crypto.MASK_INFO)
+                add_mask(total, seed, bits=s.bits, sign=-1 if self.index[v] < self.index[u] else 1)  # undo v's
+        ring = to_int64(reduce(total, bits=s.bits))
         n = len(st.survivors)
-        values = dequantize_sum(total[:-1], count=n, clip=s.clip, levels=s.levels)
-        weight = float(dequantize_unit_sum(total[-1:], levels=s.levels)[0])
-        return SumResult(ring_sum=total, values=values, weight=weight, survivors=st.survivors)
+        values = dequantize_sum(ring[:-1], count=n, clip=s.clip, levels=s.levels)
+        weight = float(dequantize_unit_sum(ring[-1:], levels=s.levels)[0])
+        return SumResult(ring_sum=ring, values=values, weight=weight, survivors=st.survivors)
