@@ -112,12 +112,11 @@ class DataOwner:
 
     def _forward(self, msg: ForwardIns) -> Forward:
         x = self._rows(msg)
-        gen = step_generator(self.seed, msg.step, party_code(self.name), _MODE_ID[msg.mode])
         if msg.mode == "train":
             self.base.train()
             emb = self.base(x)
             if self.embedding_dp is not None:
-                emb = self.embedding_dp.apply(emb, generator=gen)
+                emb = self.embedding_dp.apply(emb, generator=self._noise(msg))
                 if self.ledger is not None:
                     self.ledger.step(self.name, noise_multiplier=self.embedding_dp.noise_multiplier,
                                      sample_rate=len(x) / len(self.data[msg.split]), steps=1)
@@ -127,8 +126,12 @@ class DataOwner:
         with torch.no_grad():
             emb = self.base(x)
             if self.embedding_dp is not None:
-                emb = self.embedding_dp.apply(emb, generator=gen)
+                emb = self.embedding_dp.apply(emb, generator=self._noise(msg))
         return Forward(step=msg.step, embedding=emb)
+
+    def _noise(self, msg: ForwardIns) -> torch.Generator:
+        # from (seed, step, party, mode): the same noise on resume and on any backend
+        return step_generator(self.seed, msg.step, party_code(self.name), _MODE_ID[msg.mode])
 
     def _backward(self, msg: Backward) -> BackwardRes:
         if self._pending is None or self._pending[0] != msg.step:
