@@ -25,7 +25,7 @@ from tessera.runtime.backend import ClientFailure, Reply, Traffic
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
 from tessera.runtime.grpc.config import FederationConfig
-from tessera.runtime.messages import ErrorRes, FitIns
+from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
 
@@ -121,6 +121,7 @@ class GrpcBackend:
         self._server: grpc.Server | None = None
         self.port: int | None = None
         self._stopping = False  # no more requests go out (abort/close)
+        self._rejoin_round = -1  # the last round whose first exchange waited for disconnected clients
         self._no_waiting = False  # shutdown requested: stop waiting for absent clients
 
     # ------------------------------------------------------------------------------------------ server side
@@ -264,8 +265,7 @@ class GrpcBackend:
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
         s = self.fed.settings
         budget = s.rpc_deadline_s if timeout is None else min(timeout, s.rpc_deadline_s)
-        if s.rejoin_wait_s > 0 and any(isinstance(m, FitIns) for m in requests.values()):
-            self.wait_for(list(requests), s.rejoin_wait_s)
+        self._maybe_wait_for_rejoin(requests)
         deadline = time.monotonic() + budget
         out: dict[str, Reply] = {}
         sent: dict[str, tuple[Session, Future[bytes]]] = {}
@@ -276,11 +276,25 @@ class GrpcBackend:
                 out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected")
                 continue
             blob = encode_message(msg)
+            if len(blob) > s.max_message_bytes:  # the peer would refuse it and close the stream: fail it here
+                out[cid] = ClientFailure(cid, f"{type(msg).__name__} of {len(blob)} bytes exceeds max_message_bytes="
+                                              f"{s.max_message_bytes}; raise it in federation.toml on every party")
+                continue
             self.traffic.add(cid, down=len(blob), up=0)
             sent[cid] = (session, session.send(blob))
         for cid, (session, fut) in sent.items():
             out[cid] = self._await_reply(cid, session, fut, deadline, budget)
         return {c: out[c] for c in requests}
+
+    def _maybe_wait_for_rejoin(self, requests: Mapping[str, Any]) -> None:
+        """At the first exchange of a new round (FitIns, or a secure-aggregation setup), give clients that dropped
+        out up to `rejoin_wait_s` to reconnect, so a client restarted after a crash or a network blip is in it."""
+        wait = self.fed.settings.rejoin_wait_s
+        rounds = [r for m in requests.values() if isinstance(r := getattr(m, "round", None), int)]
+        if wait <= 0 or not rounds or max(rounds) <= self._rejoin_round:
+            return
+        self._rejoin_round = max(rounds)
+        self.wait_for(list(requests), wait)
 
     def _await_reply(self, cid: str, session: Session, fut: Future[bytes], deadline: float, budget: float) -> Reply:
         try:

@@ -23,7 +23,7 @@ from tessera.core.serde import decode_message, encode_message
 from tessera.runtime.backend import Handler
 from tessera.runtime.federation import Role
 from tessera.runtime.grpc import transport as tp
-from tessera.runtime.grpc.config import FederationConfig, PartyConfig
+from tessera.runtime.grpc.config import FederationConfig, PartyConfig, RetrySection
 from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
@@ -51,6 +51,14 @@ def _drain(outbox: queue.Queue[bytes | None]) -> Iterator[bytes]:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text[:200]
+
+
+def backoff_delays(retry: RetrySection) -> Iterator[float]:
+    """Seconds to wait before each redial: initial, then times `multiplier`, capped at `max_backoff_s`."""
+    delay = retry.initial_backoff_s
+    while True:
+        yield min(delay, retry.max_backoff_s)
+        delay = min(delay * retry.multiplier, retry.max_backoff_s)
 
 
 def _test_hook(msg: Any) -> None:
@@ -88,7 +96,7 @@ class ClientParty:
 
     def run(self) -> ClientStats:
         retry = self.fed.settings.retry
-        failures, backoff = 0, retry.initial_backoff_s
+        failures, delays = 0, backoff_delays(retry)
         while not self._stop.is_set():
             try:
                 if self._stream():
@@ -103,14 +111,13 @@ class ClientParty:
                                          f"{exc.details()}") from None
                 log.info("connection to the coordinator failed (%s); retrying", code.name)
             if self._welcomed:  # we were in: a blip, not a misconfiguration; start the backoff over
-                failures, backoff = 0, retry.initial_backoff_s
+                failures, delays = 0, backoff_delays(retry)
             failures += 1
             if failures >= retry.max_attempts:
                 raise TransportError(f"party {self.me.name!r} could not reach the coordinator at "
                                      f"{self.fed.coordinator.address} after {failures} attempts; check the address, "
                                      "that it is running, and that both use the same federation CA")
-            self._stop.wait(backoff)
-            backoff = min(backoff * retry.multiplier, retry.max_backoff_s)
+            self._stop.wait(next(delays))
         return self.stats
 
     def _stream(self) -> bool:
