@@ -176,9 +176,10 @@ class BundleReceiver:
                 if not (d / f).is_file() or (d / f).stat().st_size != size or sha256_file(d / f) != digest:
                     raise ExportError(f"hash mismatch on {f} after transfer")
             manifest = read_manifest(d)
-            check_files(d, manifest)
-            if manifest["manifest_sha256"] != offer.transfer_id:
-                raise ExportError("the manifest is not the one offered")
+            offered = dict(zip(offer.files, offer.sha256, strict=True))
+            if manifest["manifest_sha256"] != offer.transfer_id or any(
+                    offered.get(e.get("file")) != e.get("sha256") for e in manifest["files"]):
+                raise ExportError("the manifest is not the one offered, or lists files that were not sent")
         except ExportError as exc:
             shutil.rmtree(d, ignore_errors=True)  # start afresh: a corrupt prefix would never verify
             d.with_suffix(".offer.json").unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,7 +92,9 @@ def verify_bundle(path: str | Path, *, model: nn.Module | None = None, allow: Se
             raise ExportError("reference outputs differ from the manifest's output list; the bundle is corrupt")
         tol = manifest["tolerance"]
         half = manifest["weights_dtype"] in ("float16", "bfloat16")
-        got = run_model(loaded.float() if half else loaded, args, kwargs, float_dtype=torch.float32 if half else None)
+        if half:  # compute in float32 on a copy: the caller's model keeps its dtype
+            loaded = (copy.deepcopy(loaded) if model is not None else loaded).float()
+        got = run_model(loaded, args, kwargs, float_dtype=torch.float32 if half else None)
         checks = [_check(k, got, want[k], rtol=tol["rtol"], atol=tol["atol"]) for k in sorted(want)]
         if manifest.get("onnx"):
             from tessera.export.onnx_export import run_onnx
