@@ -128,3 +128,7 @@ class SLModel:
         """The composed model's outputs on new aligned rows (one array per base owner)."""
         self._give("predict", x, None)
         return self.trainer.outputs("predict", batch_size=batch_size)
+
+    def close(self) -> None:
+        """Release the backend (nothing to release in-process)."""
+        self.trainer.close()

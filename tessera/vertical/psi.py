@@ -20,6 +20,7 @@ star topology. Security holds against honest-but-curious parties (a malicious pa
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -158,9 +159,13 @@ class PsiGroup:
         return self.parties[party].handle(party, msg)
 
 
-def lead(ids: Sequence[str], backend: Backend, parties: Sequence[str], *, workers: int = 1) -> list[int]:
+def lead(ids: Sequence[str], backend: Backend, parties: Sequence[str], *, workers: int = 1,
+         order_seed: int | None = None) -> list[int]:
     """The leader's side: run PSI with every party in `parties` through `backend`; return the leader's rows of
-    the intersection in the agreed order (each party learns its own rows of the same order)."""
+    the intersection in the agreed order (each party learns its own rows of the same order).
+
+    The agreed order is random; `order_seed` makes it a seeded permutation of the leader's row order instead
+    (reproducible experiments; whoever knows the seed learns the leader's row order of the intersection)."""
     _check_ids("leader", ids)
     session = secrets.token_hex(8)
     secret = secrets.token_bytes(32)
@@ -178,8 +183,9 @@ def lead(ids: Sequence[str], backend: Backend, parties: Sequence[str], *, worker
         where[p] = {pt: k for k, pt in enumerate(theirs)}
         found = {j for j, pt in enumerate(double) if pt in where[p]}
         common = found if common is None else common & found
-    final = sorted(common or ())
-    secrets.SystemRandom().shuffle(final)  # the agreed order reveals nothing about anyone's row order
+    final = sorted(common or (), key=lambda j: order[j])
+    rng = random.Random(order_seed) if order_seed is not None else secrets.SystemRandom()
+    rng.shuffle(final)  # the agreed order reveals nothing about anyone's row order
     doubles = {p: _split(replies[p].double, who=p) for p in parties}
     align = {p: PsiAlignIns(session=session, positions=[where[p][doubles[p][j]] for j in final]) for p in parties}
     _ok(backend.exchange(align), PsiAlignRes, session)
@@ -196,11 +202,12 @@ def _ok(replies: Mapping[str, Any], want: type, session: str) -> dict[str, Any]:
 
 
 def intersect(ids: Mapping[str, Sequence[str]], *, leader: str | None = None, backend: Backend | None = None,
-              workers: int = 1) -> dict[str, list[int]]:
+              workers: int = 1, order_seed: int | None = None) -> dict[str, list[int]]:
     """Align the ID columns of two or more parties privately (in-process simulation of the protocol above).
 
     Returns, for each party, the indices of its rows that are in the intersection, in one agreed order: row k of
-    every party refers to the same ID. The leader (default: the first party) drives the protocol.
+    every party refers to the same ID. The leader (default: the first party) drives the protocol; `workers`
+    spreads the curve operations over processes; `order_seed` fixes the agreed order (see `lead`).
 
     >>> rows = intersect({"alice": ["u1", "u2", "u3"], "bob": ["u3", "u9", "u1"]})
     >>> [["u1", "u2", "u3"][i] for i in rows["alice"]] == [["u3", "u9", "u1"][i] for i in rows["bob"]]
@@ -215,7 +222,7 @@ def intersect(ids: Mapping[str, Sequence[str]], *, leader: str | None = None, ba
     backend = backend if backend is not None else InProcessBackend(PsiGroup(others))
     backend.start([o.name for o in others])
     try:
-        leader_rows = lead(ids[leader], backend, [o.name for o in others], workers=workers)
+        leader_rows = lead(ids[leader], backend, [o.name for o in others], workers=workers, order_seed=order_seed)
     finally:
         backend.close()
     out = {leader: leader_rows}

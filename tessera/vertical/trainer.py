@@ -271,3 +271,9 @@ class SplitTrainer:
     def resume(self) -> bool:
         """Load the checkpoint in output_dir (and every owner's matching state); returns whether there was one."""
         return self.out is not None and ckpt.load(self, self.out)
+
+    def close(self) -> None:
+        """Release the backend (a gRPC backend's server and streams); the trainer can start it again."""
+        if self._started:
+            self.backend.close()
+            self._started = False

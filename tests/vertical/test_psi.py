@@ -29,6 +29,12 @@ def test_two_parties_get_exactly_the_intersection_in_one_order() -> None:
     assert set(a) == set(alice) & set(bob) and len(a) == len(set(alice) & set(bob))
 
 
+def test_order_seed_makes_the_agreed_order_reproducible() -> None:
+    ids = {"alice": [str(i) for i in range(50)], "bob": [str(i) for i in range(25, 75)]}
+    first, second = intersect(ids, order_seed=3), intersect(ids, order_seed=3)
+    assert first == second and sorted(first["alice"]) == list(range(25, 50))
+
+
 def test_three_parties_and_a_chosen_leader() -> None:
     ids = {"alice": [str(i) for i in range(0, 60)], "bob": [str(i) for i in range(30, 90)][::-1],
            "carol": [str(i) for i in range(0, 90, 3)]}
