@@ -52,7 +52,7 @@ def test_export_writes_the_checkpointed_model_with_its_provenance(exported: Path
 
 def test_verify_in_a_fresh_process_is_bit_exact_and_tampering_fails(exported: Path,
                                                                                  tmp_path: Path) -> None:
-    r = run(["verify", str(exported), "--json"], tmp_path)
+    r = run(["verify", str(exported), "--json"], tmp_path)  # the CLI's own process: a fresh one
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["ok"] and report["exact"] and report["files_checked"] == 2
