@@ -125,8 +125,8 @@ def demo_dp(out: Path, quick: bool = False) -> None:
                         output_dir=out / "non_private")
     servers: list[Server] = []
     dp = DPSGD(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-5, budget=budget)
-    private, _ = simulate(intrusion_parts(base_rows=base_rows, test_rows=test_rows), rounds=rounds, seed=0, output_dir=out / "dp_sgd",
-                          plugins=[dp], on_server=servers.append)
+    private, _ = simulate(intrusion_parts(base_rows=base_rows, test_rows=test_rows), rounds=rounds, seed=0,
+                          output_dir=out / "dp_sgd", plugins=[dp], on_server=servers.append)
     stopped = servers[0].stopped
 
     table = Table(title=f"accuracy and cumulative epsilon per round (delta=1e-5, budget {budget})")
