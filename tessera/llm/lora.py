@@ -20,11 +20,13 @@ from tessera.core.errors import ConfigError, ShapeMismatch
 from tessera.core.types import Params
 from tessera.llm.models import Arch, Head, ModelSpec, load_base
 
-# Default target modules per architecture: attention and MLP projections.
+# Default target modules: the query and value projections (the LoRA paper's choice). Decoders built from a config
+# have random weights, so their output layer gets an adapter too: without it no adapter can make the random,
+# near-uniform next-token distribution sharp. A pretrained checkpoint does not need that.
 DEFAULT_TARGETS: dict[Arch, tuple[str, ...]] = {
     Arch.MINILM: ("query", "value"),
-    Arch.LLAMA: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
-    Arch.QWEN2: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
+    Arch.LLAMA: ("q_proj", "v_proj", "lm_head"),
+    Arch.QWEN2: ("q_proj", "v_proj", "lm_head"),
     Arch.LOCAL: ("q_proj", "v_proj"),
 }
 
