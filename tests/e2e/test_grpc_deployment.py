@@ -29,9 +29,9 @@ from tests.e2e.grpc_helpers import CLIENTS, Party, attack, free_port, make_certs
 pytestmark = pytest.mark.slow
 
 
-def _setup(tmp_path: Path, *, extra: str = "", rounds: int = 3) -> tuple[Path, Path, Path]:
+def _setup(tmp_path: Path, *, extra: str = "", rounds: int = 3, rpc_deadline: float = 60) -> tuple[Path, Path, Path]:
     make_certs(tmp_path / "certs", ("server", *CLIENTS, "mallory"))
-    fed = write_federation(tmp_path / "federation.toml", port=free_port(), extra=extra)
+    fed = write_federation(tmp_path / "federation.toml", port=free_port(), extra=extra, rpc_deadline=rpc_deadline)
     out = tmp_path / "out"
     return fed, write_job(tmp_path / "job.toml", out=out, rounds=rounds), out
 
@@ -73,7 +73,7 @@ def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_p
         ps.append(coord)
         coord.expect("listening on port")
         for name in ("alice", "bob"):
-            ps.append(Party(fed, name, job, exec_cli=True))
+            ps.append(Party(fed, name, job))  # forked from a warm interpreter: the same CLI, started faster
         coord.expect("party (alice|bob) connected")
         coord.expect("party (alice|bob) connected")
         # While alice and bob hold their streams, every kind of impostor is stopped where it should be:
@@ -87,7 +87,7 @@ def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_p
         huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 2**40, bytes(32)) + b"x"
         assert attack(fed, claim="carol", cert=certs / "carol.crt", send=[huge]) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED
-        ps.append(Party(fed, "carol", job, exec_cli=True))
+        ps.append(Party(fed, "carol", job))
         assert coord.wait() == 0, coord.output()
         for p in ps[1:]:
             assert p.wait() == 0, p.output()
@@ -155,3 +155,49 @@ def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path)
     _, want = simulate(build_parts(cfg), rounds=3, seed=cfg.job.seed)
     _assert_equal_params(_checkpoint(out)["params"], want)
     assert [r["round"] for r in _records(out)] == [1, 2, 3]
+
+
+def test_a_silent_client_is_marked_failed_and_the_round_completes_with_the_others(tmp_path: Path) -> None:
+    fed, job, out = _setup(tmp_path, extra="rejoin_wait_s = 60", rpc_deadline=6)
+    with parties() as ps:
+        coord = Party(fed, "server", job)
+        ps.append(coord)
+        coord.expect("listening on port")
+        # carol freezes (SIGSTOP: her connection stays open, nothing is answered) on round 2's FitIns
+        ps += [Party(fed, "alice", job), Party(fed, "bob", job),
+               Party(fed, "carol", job, env={"TESSERA_TEST_FAULT": "stop:FitIns:2"})]
+        coord.expect("round 2 done")
+        ps[3].signal(signal.SIGCONT)  # she wakes up, her late replies are dropped, and she is in round 3
+        assert coord.wait() == 0, coord.output()
+        for p in ps[1:]:
+            assert p.wait() == 0, p.output()
+
+    records = _records(out)
+    assert [r["clients_succeeded"] for r in records] == [3, 2, 3]
+    assert [f["client"] for f in records[1]["failures"]] == ["client2"]
+    assert "sent no reply within 6" in records[1]["failures"][0]["reason"]
+    cfg = load_job(job)
+    parts = build_parts(cfg)
+    oracle = Server(strategy=parts.strategy, backend=InProcessBackend(_FailAt(parts.client_app(), "client2", 2)),
+                    clients=parts.clients, initial_params=initial_params(parts.task, cfg.job.seed),
+                    config=ServerConfig(rounds=3, seed=cfg.job.seed))
+    oracle.run()
+    _assert_equal_params(_checkpoint(out)["params"], oracle.params)
+
+
+def test_sigterm_to_a_client_and_to_a_waiting_coordinator_exits_0(tmp_path: Path) -> None:
+    fed, job, out = _setup(tmp_path)
+    with parties() as ps:
+        coord = Party(fed, "server", job)
+        ps.append(coord)
+        coord.expect("listening on port")
+        alice = Party(fed, "alice", job)
+        ps.append(alice)
+        coord.expect("party alice connected")
+        alice.signal(signal.SIGTERM)
+        assert alice.wait() == 0, alice.output()
+        assert "party alice done: 0 requests served over 1 connection" in " ".join(alice.output().split())
+        coord.expect("party alice disconnected")
+        coord.signal(signal.SIGINT)  # still waiting for its quorum: stops waiting, writes round 0, exits 0
+        assert coord.wait() == 0, coord.output()
+    assert _checkpoint(out)["round"] == 0
