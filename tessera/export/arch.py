@@ -146,7 +146,7 @@ def build(spec: Any, allow: Sequence[str] = ()) -> nn.Module:
         raise ExportError("architecture spec is malformed; the manifest is corrupt")
     try:
         return cls(**kwargs, **{str(k): build(v, allow) for k, v in modules.items()})
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ExportError(f"cannot build {spec.get('ref')} from the recorded kwargs: {exc}") from None
 
 

@@ -56,6 +56,9 @@ def _unwrap(model: Any, party: str | None, provenance: Provenance | None
             raise ExportError("exporting a split model needs party=<who asks>; only the label party "
                               f"{label_party!r} may export the fused inference model")
         model = fused_model(base_models=bases, fuse_model=fuse, label_party=label_party, party=party)
+        if provenance is None:
+            names = list(bases) + ([] if label_party in bases else [label_party])
+            provenance = Provenance(strategy="split learning", parties=tuple(names))
     elif not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         fl = model  # FLModel: the global model plus what the run knows about itself
         model = fl.model
@@ -255,7 +258,10 @@ def _check_against(model: nn.Module, expected: Mapping[str, tuple[list[int], tor
 def _rebuild(spec: Any, state: Mapping[str, torch.Tensor], allow: Sequence[str], *, meta: bool) -> nn.Module:
     # Build without allocating random weights, then take the loaded tensors; modules whose non-persistent
     # buffers (not in the bundle) would stay on meta are rebuilt normally.
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = archmod.build(spec, allow)
+    except (RuntimeError, NotImplementedError):  # a constructor that computes with tensor values
         model = archmod.build(spec, allow)
     _check_against(model, {k: (list(v.shape), v.dtype) for k, v in state.items()})
     model.load_state_dict(state, strict=True, assign=True)

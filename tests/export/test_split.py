@@ -110,3 +110,5 @@ def test_trained_slmodel_exports_and_predicts_the_same(tmp_path: Path) -> None:
     save_bundle(sl, tmp_path / "b", example_inputs={p: x[:4] for p, x in XS.items()}, party="alice")
     loaded = load_bundle(tmp_path / "b")
     assert torch.equal(loaded(XS), after)
+    prov = read_manifest(tmp_path / "b")["provenance"]
+    assert (prov["strategy"], prov["parties"]) == ("split learning", ["alice", "bob"])
