@@ -174,7 +174,7 @@ class CKKSAggregation:
 
 class _Parties:
     def __init__(self, updates: Sequence[Params], drop: Set[str]) -> None:
-        self.vectors = {f"client{i}": flatten(u) for i, u in enumerate(updates)}
+        self.updates = updates
         self.state: dict[str, bytes] = {}
         self.drop = drop
 
@@ -183,7 +183,8 @@ class _Parties:
             raise ConnectionError("client went offline")
         raw = self.state.get(client)
         state = serde.decode_message(raw, expected=(CKKSClientState,)) if raw is not None else None
-        new, reply = client_step(state, msg, client, lambda m: (self.vectors[client], 1, {}))
+        update = self.updates[int(client.removeprefix("client"))]
+        new, reply = client_step(state, msg, client, lambda m: (flatten(update), 1, {}))
         self.state[client] = serde.encode_message(new)
         return reply
 

@@ -27,7 +27,7 @@ class _Parties:
     """A Handler holding every client's SecAgg+ state; each client's 'training' returns its fixed update."""
 
     def __init__(self, updates: Sequence[Params], drop: Set[str], drop_stage: Stage) -> None:
-        self.vectors = {f"client{i}": flatten(u) for i, u in enumerate(updates)}
+        self.updates = updates  # flattened only when a client trains (benchmarks pass a lazy sequence)
         self.state: dict[str, bytes] = {}
         self.drop, self.first_dropped = drop, STAGES.index(drop_stage)
 
@@ -39,7 +39,7 @@ class _Parties:
         state = serde.decode_message(raw, expected=(ClientState,)) if raw is not None else None
 
         def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-            return self.vectors[client], 1, {}
+            return flatten(self.updates[int(client.removeprefix("client"))]), 1, {}
 
         new, reply = step(state, msg, client, train)
         self.state[client] = serde.encode_message(new)
