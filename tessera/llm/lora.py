@@ -43,6 +43,7 @@ class LoRAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))  # hashable even from JSON lists
         if self.r < 1:
             raise ConfigError(f"lora.r: must be >= 1, got {self.r}")
         if self.alpha <= 0:

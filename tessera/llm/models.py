@@ -126,7 +126,9 @@ def _build(spec: ModelSpec) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the load report of a new classifier head is expected, not a warning
+    # the load report of a new classifier head is expected, not a warning; no progress bars in library code
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     dtype = getattr(torch, spec.dtype)
     tok = _tokenizer(spec)
     # Weights a config-built model or a new head draw must be the same in every process: seed them.
