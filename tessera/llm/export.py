@@ -103,7 +103,8 @@ def export_merged(task: LoRATask, params: Params, path: str | Path, *, texts: Se
     from tessera.export import save_bundle
 
     merged = merged_model(lora_template(task.spec, task.lora), params)
-    hf_config = merged.config.to_dict()  # type: ignore[operator]
+    config: Any = merged.config
+    hf_config = config.to_dict()
     model_type = str(hf_config.pop("model_type"))
     for key in ("transformers_version", "architectures", "_name_or_path"):
         hf_config.pop(key, None)
