@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tessera.core.errors import ExportError, ProtocolError, TransportError
@@ -16,6 +18,7 @@ from tessera.runtime.backend import ClientFailure, InProcessBackend
 from tessera.runtime.messages import EvaluateIns, EvaluateRes
 
 X = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+SMALL: dict[str, Path] = {}  # one small bundle shared by the property test's examples
 
 
 class FlakyBackend:
@@ -161,3 +164,25 @@ def test_a_200_mb_bundle_survives_an_interrupted_connection(tmp_path: Path) -> N
     assert report.total_bytes > 200e6
     assert report.resumed_bytes == 5 * chunk and report.payload_bytes == report.total_bytes - 5 * chunk
     assert verify_bundle(tmp_path / "rx" / "big").exact  # every sha256 and the reference outputs
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk=st.integers(1000, 20000), drops=st.sets(st.integers(1, 40), max_size=4), lose_reply=st.booleans(),
+       zstd=st.booleans())
+def test_any_pattern_of_dropped_exchanges_converges_to_the_same_bytes(
+        tmp_path: Path, chunk: int, drops: set[int], lose_reply: bool, zstd: bool) -> None:
+    import tempfile
+
+    src = SMALL.get("src")
+    if src is None:
+        SMALL["src"] = src = bundle(Path(tempfile.mkdtemp()), hidden=64)
+    rx = Path(tempfile.mkdtemp(dir=tmp_path))
+    backend = FlakyBackend(BundleReceiver(rx), drop=drops, lose_reply=lose_reply)
+    for _ in range(len(drops) + 1):  # each drop costs at most one retry
+        try:
+            send_bundle(backend, src, to="s", chunk_bytes=chunk, compression="zstd" if zstd else None)
+            break
+        except TransportError:
+            continue
+    assert same_files(src, rx / "mlp")
+
