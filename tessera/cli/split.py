@@ -124,7 +124,7 @@ def demo_split(out: Path, quick: bool = False) -> None:
 def _demo_split(out: Path, quick: bool) -> None:
     from tessera.vertical import EmbeddingDP, GradientPerturbation, LabelDP, Protections
 
-    epochs, batch_size, lr = (3 if quick else 15), 32, 0.01
+    epochs, batch_size, lr = (2 if quick else 15), 32, 0.01
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = demo_data()

@@ -171,5 +171,11 @@ def split_sequential(model: nn.Module, *, at: str) -> tuple[nn.Sequential, Conca
     return base, ConcatFuse(head)
 
 
+def set_mode(module: nn.Module, training: bool) -> None:
+    """`module.train(training)` unless already in that mode (the recursive call costs more than a small step)."""
+    if module.training != training:
+        module.train(training)
+
+
 def order_parties(bases: Sequence[str], label_party: str) -> list[str]:
     return list(bases) if label_party in bases else [*bases, label_party]

@@ -34,6 +34,7 @@ from tessera.vertical.messages import (
     SaveIns,
     SaveRes,
 )
+from tessera.vertical.model import set_mode
 from tessera.vertical.protections import EmbeddingDP, step_generator
 
 log = get_logger(__name__)
@@ -113,7 +114,7 @@ class DataOwner:
     def _forward(self, msg: ForwardIns) -> Forward:
         x = self._rows(msg)
         if msg.mode == "train":
-            self.base.train()
+            set_mode(self.base, True)
             emb = self.base(x)
             if self.embedding_dp is not None:
                 emb = self.embedding_dp.apply(emb, generator=self._noise(msg))
@@ -122,7 +123,7 @@ class DataOwner:
                                      sample_rate=len(x) / len(self.data[msg.split]), steps=1)
             self._pending = (msg.step, emb)
             return Forward(step=msg.step, embedding=emb.detach())
-        self.base.eval()
+        set_mode(self.base, False)
         with torch.no_grad():
             emb = self.base(x)
             if self.embedding_dp is not None:

@@ -25,7 +25,7 @@ from tessera.runtime.backend import Backend, ClientFailure
 from tessera.vertical import checkpoint as ckpt
 from tessera.vertical.messages import Backward, BackwardRes, Forward, ForwardIns, InfoIns, InfoRes
 from tessera.vertical.metrics import classification_metrics
-from tessera.vertical.model import check_fuse_shapes, check_output_shape
+from tessera.vertical.model import check_fuse_shapes, check_output_shape, set_mode
 from tessera.vertical.owner import OptimizerFn, party_code
 from tessera.vertical.protections import Protections, randomized_response, step_generator
 
@@ -145,7 +145,7 @@ class SplitTrainer:
         for p in self.order:
             if p == self.label_party:
                 assert self.local_base is not None
-                self.local_base.train(grad)
+                set_mode(self.local_base, grad)
                 with torch.set_grad_enabled(grad):
                     embs[p] = self.local_base(self.local_x[split][rows])
                 continue
@@ -160,7 +160,7 @@ class SplitTrainer:
     def train_step(self, rows: torch.Tensor, y: torch.Tensor) -> float:
         step = self.step
         embs = self._embed("train", rows, mode="train", step=step, grad=True)
-        self.fuse.train()
+        set_mode(self.fuse, True)
         loss = self.loss_fn(self.fuse(list(embs.values())), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -249,7 +249,7 @@ class SplitTrainer:
     def outputs(self, split: str, *, batch_size: int = 256) -> torch.Tensor:
         """The fused model's outputs on every row of `split` (owners embed, the label party fuses)."""
         n = self.check(split, batch_size=batch_size)
-        self.fuse.eval()
+        set_mode(self.fuse, False)
         outs = []
         for b, i in enumerate(range(0, n, batch_size)):
             rows = torch.arange(i, min(i + batch_size, n))
