@@ -1,0 +1,220 @@
+"""RayBackend: virtual clients scheduled on a bounded pool of Ray actors; memory bounded by the pool, not the clients.
+
+- The pool has `num_actors` actors (default: cluster CPUs // actor_cpus). Each builds the ClientApp once from the
+  factory and then serves whichever client it is handed; a client is not tied to an actor.
+- Per-client state (`ClientContext.state`) lives in the driver's store (memory or disk), keyed by client id, as
+  serde blobs; it travels to the actor with the request and back with the reply.
+- Maps shared by every request of an exchange (the global params) are encoded once and `ray.put` once.
+- A client that raises, or whose actor dies or overruns the deadline, is a `ClientFailure`; a dead or stuck actor
+  is killed and replaced so the next exchange has a full pool.
+- The backend is also the checkpoint extension "clients" (the same name and format as the in-process ClientApp,
+  so a checkpoint resumes on either backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from tessera.core.config import validate
+from tessera.core.errors import ConfigError, ProtocolError, SerdeError
+from tessera.core.logging import get_logger
+from tessera.core.serde import decode_message
+from tessera.runtime.backend import ClientFailure, Handler, Reply, Traffic
+from tessera.runtime.messages import ErrorRes
+from tessera.runtime.ray.options import RayOptions
+from tessera.runtime.ray.shared import encode_shared
+from tessera.runtime.ray.store import decode_state, encode_state, make_store
+from tessera.runtime.ray.worker import FAILED, ClientWorker, peak_rss_kib
+
+log = get_logger(__name__)
+_RemoteWorker = ray.remote(ClientWorker)
+
+
+def connect(options: RayOptions) -> bool:
+    """Start or join Ray unless this process already has; returns whether it did (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.log_to_driver,
+                              "configure_logging": False}
+    try:
+        if options.ray_address:
+            ray.init(address=options.ray_address, **common)
+        else:
+            ray.init(address="local", num_cpus=options.local_cpus(),
+                     object_store_memory=options.object_store_memory, **common)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = options.ray_address or "a local Ray"
+        raise ConfigError(f"ray: could not start or reach {where} ({type(exc).__name__}: {exc}); check "
+                          "ray.ray_address, or unset it to start Ray locally") from None
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(**options: Any) -> Iterator[None]:
+    """Start Ray once for several runs (demos, benchmarks, tests); backends inside reuse it and leave it up."""
+    owned = connect(validate(RayOptions, options, source="ray"))
+    try:
+        yield
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+class RayBackend:
+    """Runs each client's request on a pooled Ray actor. See the module docstring; options: `RayOptions`."""
+
+    name = "clients"
+
+    def __init__(self, factory: Callable[[], Handler], **options: Any) -> None:
+        self.options = validate(RayOptions, options, source="ray")
+        self.factory = factory
+        self.traffic = Traffic()
+        self.store = make_store(self.options.state_dir)
+        self.restarts = 0
+        self._actors: list[Any] = []
+        self._peak_kib: list[int] = []
+        self._factory_ref: Any = None
+        self._owns_ray = False
+        self._exchanges = 0
+
+    # ------------------------------------------------------------------------------------------------- pool
+    def start(self, clients: list[str]) -> None:
+        self._owns_ray = connect(self.options) or self._owns_ray
+        try:
+            self._factory_ref = ray.put(self.factory)
+        except Exception as exc:  # Ray's pickler raises several types for objects it cannot capture
+            raise ConfigError(f"ray: the job's client factory cannot be sent to Ray actors ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); define the task, data_fn and mods at module level") from None
+        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        cpus = float(resources.get("CPU", 1.0))
+        size = self.options.num_actors or max(1, int(cpus // self.options.actor_cpus))
+        size = max(1, min(size, len(clients)))
+        self._actors = [self._spawn() for _ in range(size)]
+        self._peak_kib = [0] * size
+        try:
+            ray.get([a.ready.remote() for a in self._actors], timeout=self.options.start_timeout)
+        except RayError as exc:
+            self.close()
+            raise ConfigError(f"ray: client actors failed to start ({_cause(exc)}); check that model_fn and "
+                              "data_fn work, and lower num_actors or actor_cpus/actor_memory if they cannot be "
+                              "placed") from None
+        log.info("ray backend: %d actors for %d virtual clients", size, len(clients))
+
+    def _spawn(self) -> Any:
+        return _RemoteWorker.options(**self.options.actor_options()).remote(
+            self._factory_ref, torch_threads=self.options.torch_threads,
+            data_cache_clients=self.options.data_cache_clients, max_message_bytes=self.options.max_message_bytes)
+
+    def _replace(self, slot: int) -> None:
+        with contextlib.suppress(RayError, ValueError):
+            ray.kill(self._actors[slot], no_restart=True)
+        self._actors[slot] = self._spawn()
+        self.restarts += 1
+
+    def close(self) -> None:
+        for actor in self._actors:
+            with contextlib.suppress(RayError, ValueError):
+                ray.kill(actor, no_restart=True)
+        self._actors = []
+        self._factory_ref = None
+        self.store.close()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    # --------------------------------------------------------------------------------------------- exchange
+    def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        if not self._actors:
+            raise ProtocolError("RayBackend.exchange called before start(); the Server starts its backend")
+        self._exchanges += 1
+        shared, blobs = encode_shared(requests)
+        token, refs = (None, []) if shared is None else (f"{id(self)}:{self._exchanges}", [ray.put(shared)])
+        extra_down = len(shared) if shared is not None else 0
+        n = len(self._actors)
+        idle = deque((self._exchanges + i) % n for i in range(n))  # rotate so clients do not stick to actors
+        pending = deque(requests)
+        inflight: dict[Any, tuple[int, str]] = {}
+        out: dict[str, Reply] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending or inflight:
+            while pending and idle:
+                slot, client = idle.popleft(), pending.popleft()
+                ref = self._actors[slot].run.remote(client, blobs[client], self.store.get(client), token, refs)
+                inflight[ref] = (slot, client)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=left)
+            if not ready:
+                self._time_out(inflight, pending, out, timeout, {c: len(b) + extra_down for c, b in blobs.items()})
+                break
+            for ref in ready:
+                slot, client = inflight.pop(ref)
+                out[client] = self._collect(ref, slot, client, down=len(blobs[client]) + extra_down)
+                idle.append(slot)
+        return {c: out[c] for c in requests}
+
+    def _collect(self, ref: Any, slot: int, client: str, *, down: int) -> Reply:
+        try:
+            status, payload, state, peak = ray.get(ref)
+        except RayError as exc:
+            log.warning("a Ray actor died while serving a client (%s); replacing it", _cause(exc))
+            self._replace(slot)
+            self.traffic.add(client, down=down, up=0)
+            return ClientFailure(client, f"actor died: {_cause(exc)}")
+        self._peak_kib[slot] = max(self._peak_kib[slot], int(peak))
+        self.store.put(client, state)
+        if status == FAILED or not isinstance(payload, bytes):
+            self.traffic.add(client, down=down, up=0)
+            return ClientFailure(client, str(payload))
+        self.traffic.add(client, down=down, up=len(payload))
+        try:
+            reply = decode_message(payload, max_bytes=self.options.max_message_bytes)
+        except SerdeError as exc:
+            return ClientFailure(client, f"SerdeError: {str(exc)[:200]}")
+        if isinstance(reply, ErrorRes):
+            return ClientFailure(client, f"{reply.kind}: {reply.reason}")
+        return reply
+
+    def _time_out(self, inflight: dict[Any, tuple[int, str]], pending: deque[str], out: dict[str, Reply],
+                  timeout: float | None, down: dict[str, int]) -> None:
+        for slot, client in inflight.values():
+            self._replace(slot)  # the actor is still busy with the late client; a fresh one takes its place
+            self.traffic.add(client, down=down[client], up=0)
+            out[client] = ClientFailure(client, f"timed out after {timeout} s")
+        for client in pending:
+            out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free")
+        inflight.clear()
+        pending.clear()
+
+    # ---------------------------------------------------------------------------- checkpoint extension hooks
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's `ClientContext.state` (clients without state are left out), as the ClientApp does."""
+        return {c: decode_state(self.store.get(c)) for c in self.store.clients()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.store.clear()
+        for client, s in state.items():
+            self.store.put(client, encode_state(dict(s)))
+
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+        """Adds `ray`: pool size, actor restarts so far, and peak RSS of the driver and of the actors (MiB)."""
+        record["ray"] = {
+            "actors": len(self._actors),
+            "actor_restarts": self.restarts,
+            "driver_peak_rss_mb": round(peak_rss_kib() / 1024, 1),
+            "actor_peak_rss_mb": round(max(self._peak_kib, default=0) / 1024, 1),
+            "pool_peak_rss_mb": round(sum(self._peak_kib) / 1024, 1),
+        }
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}"

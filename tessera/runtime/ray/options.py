@@ -1,0 +1,91 @@
+"""The `[ray]` section of job.toml (and `RayBackend(**options)`): where Ray runs, how big the pool is, memory caps.
+
+Every key is optional; the defaults start a small local Ray (at most 2 CPUs, a 256 MiB object store) with one
+single-threaded actor per CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MIB = 1024**2
+_MIN_OBJECT_STORE = 75 * MIB  # Ray refuses smaller object stores
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
+          "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(value: Any, *, key: str) -> int:
+    """An int of bytes, or a string such as "256MiB", "1.5GiB", "300MB" -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a size such as 268435456 or '256MiB', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"{key} must be a size such as 268435456 or '256MiB', got {value!r}")
+
+
+class RayOptions(BaseModel):
+    """Validated options of the Ray backend (job.toml `[ray]`).
+
+    - `ray_address`: connect to an existing cluster ("auto", "ray://head:10001", "10.0.0.1:6379"); unset starts
+      a local Ray owned by this run, shut down at the end. If Ray is already initialised in this process the
+      backend reuses it and leaves it running.
+    - `num_cpus`, `object_store_memory`: the local Ray's CPU count and object-store cap (local start only).
+    - `num_actors`: pool size; default = cluster CPUs // `actor_cpus` (at most the number of clients).
+    - `actor_cpus`, `actor_gpus`, `actor_memory`, `actor_resources`: what each actor reserves from the scheduler.
+    - `state_dir`: keep per-client state on disk under this folder instead of in the driver's memory.
+    - `torch_threads`: torch intra-op threads per actor; `data_cache_clients`: per actor, how many clients'
+      DataLoaders stay cached (bounds actor memory independently of the number of clients).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ray_address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_memory: int = 256 * MIB
+    num_actors: int | None = Field(None, ge=1)
+    actor_cpus: float = Field(1.0, gt=0)
+    actor_gpus: float = Field(0.0, ge=0)
+    actor_memory: int | None = None
+    actor_resources: dict[str, float] = {}
+    state_dir: str | None = None
+    torch_threads: int = Field(1, ge=1)
+    data_cache_clients: int = Field(32, ge=1)
+    max_message_bytes: int = Field(2 * 1024**3, ge=1024)
+    log_to_driver: bool = False
+    start_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("object_store_memory", mode="before")
+    @classmethod
+    def _store_size(cls, v: Any) -> int:
+        size = parse_bytes(v, key="object_store_memory")
+        if size < _MIN_OBJECT_STORE:
+            raise ValueError(f"object_store_memory must be at least 75MiB (Ray's minimum), got {size} bytes")
+        return size
+
+    @field_validator("actor_memory", mode="before")
+    @classmethod
+    def _actor_memory(cls, v: Any) -> int | None:
+        return None if v is None else parse_bytes(v, key="actor_memory")
+
+    def local_cpus(self) -> int:
+        """CPUs a locally started Ray gets: `num_cpus`, else min(2, this machine's CPUs)."""
+        return self.num_cpus or max(1, min(2, os.cpu_count() or 1))
+
+    def actor_options(self) -> dict[str, Any]:
+        """Keyword arguments for `ActorClass.options(...)`."""
+        opts: dict[str, Any] = {"num_cpus": self.actor_cpus, "max_restarts": 0, "max_concurrency": 1}
+        if self.actor_gpus:
+            opts["num_gpus"] = self.actor_gpus
+        if self.actor_memory is not None:
+            opts["memory"] = self.actor_memory
+        if self.actor_resources:
+            opts["resources"] = dict(self.actor_resources)
+        return opts

@@ -1,0 +1,86 @@
+"""The Ray actor that runs virtual clients: it builds the ClientApp once and serves any client on demand.
+
+An actor holds no client state between calls. Each call brings the client's encoded request, the exchange's
+shared blob (fetched from the object store once per exchange per actor) and the client's stored state; it returns
+the encoded reply and the client's state afterwards. Everything crossing the actor boundary is serde bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+
+from tessera.core.errors import SerdeError
+from tessera.core.serde import encode_message
+from tessera.horizontal.client import ClientContext
+from tessera.runtime.backend import Handler, _reason
+from tessera.runtime.ray.shared import decode
+from tessera.runtime.ray.store import decode_state, encode_state
+
+OK, FAILED = "ok", "failed"
+# (status, encoded reply or failure reason, the client's state blob afterwards (None: no state), actor peak RSS KiB)
+Result = tuple[str, bytes | str, bytes | None, int]
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size so far (KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+class ClientWorker:
+    """One pooled actor. `factory()` builds the handler (a ClientApp) once, in the actor."""
+
+    def __init__(self, factory: Callable[[], Handler], *, torch_threads: int, data_cache_clients: int,
+                 max_message_bytes: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.app = factory()
+        task_client = getattr(self.app, "client", None)
+        if task_client is not None and hasattr(task_client, "max_cached_clients"):
+            task_client.max_cached_clients = data_cache_clients
+        self.max_message_bytes = max_message_bytes
+        self._shared_token: str | None = None
+        self._shared: bytes | None = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def _shared_blob(self, token: str | None, refs: list[Any]) -> bytes | None:
+        if token is None:
+            return None
+        if token != self._shared_token:
+            self._shared = ray.get(refs[0])
+            self._shared_token = token
+        return self._shared
+
+    def run(self, client: str, request: bytes, state: bytes | None, token: str | None, refs: list[Any]) -> Result:
+        """Serve one request for `client`; a client's exception becomes a FAILED result, never an actor crash."""
+        try:
+            msg = decode(request, self._shared_blob(token, refs), max_bytes=self.max_message_bytes)
+            start_state = decode_state(state)
+        except SerdeError as exc:
+            return FAILED, _reason(exc), state, peak_rss_kib()
+        contexts: dict[str, ClientContext] | None = getattr(self.app, "contexts", None)
+        if contexts is not None:
+            contexts.clear()
+            contexts[client] = ClientContext(client, start_state)
+        payload: bytes | str
+        try:
+            status, payload = OK, encode_message(self.app.handle(client, msg))
+        except Exception as exc:  # a client's failure must not take the actor down
+            status, payload = FAILED, _reason(exc)
+        new_state = state
+        if contexts is not None:
+            ctx = contexts.pop(client, None)
+            contexts.clear()
+            try:
+                new_state = encode_state(ctx.state) if ctx is not None else None
+            except SerdeError as exc:
+                status = FAILED
+                payload = f"ClientContext.state cannot be stored ({_reason(exc)}); keep only tensors and plain data"
+                new_state = state
+        return status, payload, new_state, peak_rss_kib()

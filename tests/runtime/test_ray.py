@@ -1,0 +1,149 @@
+"""Ray backend end to end on a real local Ray (started once for the module): same results as in-process,
+failed clients and dead actors counted while the round completes, client state that follows the client from
+actor to actor, checkpoint/resume, and the `tessera demo scale` path (job.toml -> run_job -> RayBackend)."""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tessera.core import serde
+from tessera.horizontal.client import CallNext, ClientContext
+from tessera.horizontal.simulation import JobParts, simulate
+from tessera.horizontal.strategies import FedAvg, Scaffold
+from tessera.runtime.messages import FitIns
+from tessera.runtime.ray import ray_session
+
+from ..horizontal.helpers import make_data, make_task, params_equal
+
+pytestmark = pytest.mark.slow
+ROUNDS = 3
+RAY = {"num_actors": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster() -> Iterator[None]:
+    # Actors unpickle this module's mods by reference: let worker processes import `tests`.
+    root = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    with ray_session(num_cpus=2, object_store_memory="100MiB"):
+        yield
+
+
+def counter_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """Counts a client's fits and notes which process ran each one, in the client's persistent state."""
+    if isinstance(msg, FitIns):
+        ctx.state["fits"] = int(ctx.state.get("fits", 0)) + 1
+        ctx.state["pids"] = [*ctx.state.get("pids", []), os.getpid()]
+    return call_next(msg, ctx)
+
+
+def raising_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """In round 1, c1 and c2 raise."""
+    if isinstance(msg, FitIns) and msg.round == 1 and ctx.client in ("c1", "c2"):
+        raise RuntimeError(f"{ctx.client} fails on purpose")
+    return call_next(msg, ctx)
+
+
+def exiting_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+    """In round 1, c1 raises and c2 kills the process it runs in (its Ray actor)."""
+    if isinstance(msg, FitIns) and msg.round == 1 and ctx.client == "c2":
+        os._exit(1)
+    return raising_mod(msg, ctx, call_next)
+
+
+def scaffold_parts() -> JobParts:
+    data = make_data(num_clients=4)
+    strategy = Scaffold(local_lr=0.1, fraction_evaluate=0.0)
+    return JobParts(task=make_task(data), strategy=strategy, clients=list(data), mods=[counter_mod])
+
+
+def client_states(out: Path) -> dict[str, Any]:
+    state: dict[str, Any] = serde.loads((out / "checkpoint.tsr").read_bytes())["extensions"]["clients"]
+    return state
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """SCAFFOLD + a counting mod, 3 rounds, in-process and on Ray (uninterrupted)."""
+    out: dict[str, Any] = {}
+    for backend in ("inprocess", "ray"):
+        d = tmp_path_factory.mktemp(backend)
+        history, params = simulate(scaffold_parts(), rounds=ROUNDS, seed=3, output_dir=d, backend=backend,
+                                   backend_options=RAY if backend == "ray" else None)
+        out[backend] = {"history": history, "params": params, "clients": client_states(d)}
+    return out
+
+
+def test_ray_equals_inprocess_after_three_rounds(runs: dict[str, Any]) -> None:
+    local, ray = runs["inprocess"], runs["ray"]
+    assert params_equal(local["params"], ray["params"])
+    for a, b in zip(local["history"].records, ray["history"].records, strict=True):
+        assert (a["clients_sampled"], a["clients_succeeded"]) == (b["clients_sampled"], b["clients_succeeded"])
+        assert a["train_loss"] == b["train_loss"]
+    assert set(local["clients"]) == set(ray["clients"]) == {"c0", "c1", "c2", "c3"}
+    for cid, state in local["clients"].items():  # SCAFFOLD's c_i: the per-client state both backends keep
+        assert params_equal(state["scaffold_ci"], ray["clients"][cid]["scaffold_ci"])
+
+
+def test_client_state_follows_the_client_across_actors(runs: dict[str, Any]) -> None:
+    states = runs["ray"]["clients"]
+    assert all(s["fits"] == ROUNDS and len(s["pids"]) == ROUNDS for s in states.values())
+    driver = os.getpid()
+    assert all(driver not in s["pids"] for s in states.values())  # clients ran in actors
+    hopped = [cid for cid, s in states.items() if len(set(s["pids"])) > 1]
+    assert hopped, "no client ran on two different actors; the test would not show state moving with it"
+    assert runs["ray"]["history"].last["ray"]["actors"] == 2
+
+
+def test_checkpoint_resume_on_ray_equals_uninterrupted(runs: dict[str, Any], tmp_path: Path) -> None:
+    simulate(scaffold_parts(), rounds=2, seed=3, output_dir=tmp_path, backend="ray", backend_options=RAY)
+    assert client_states(tmp_path)["c0"]["fits"] == 2
+    history, params = simulate(scaffold_parts(), rounds=ROUNDS, seed=3, output_dir=tmp_path, backend="ray",
+                               resume=True, backend_options={**RAY, "state_dir": str(tmp_path / "state")})
+    assert params_equal(params, runs["ray"]["params"])
+    assert [r["round"] for r in history.records] == [1, 2, 3]
+    resumed = client_states(tmp_path)
+    for cid, state in runs["ray"]["clients"].items():
+        assert resumed[cid]["fits"] == ROUNDS
+        assert params_equal(resumed[cid]["scaffold_ci"], state["scaffold_ci"])
+    assert list((tmp_path / "state").iterdir()) == []  # the disk store removes its files on close
+
+
+def test_raising_client_and_dead_actor_fail_the_client_not_the_round() -> None:
+    def parts(mod: Any) -> JobParts:
+        data = make_data(num_clients=4)
+        return JobParts(task=make_task(data), strategy=FedAvg(fraction_evaluate=0.0), clients=list(data),
+                        mods=[mod])
+
+    ray_history, ray_params = simulate(parts(exiting_mod), rounds=2, seed=5, backend="ray", backend_options=RAY)
+    local_history, local_params = simulate(parts(raising_mod), rounds=2, seed=5)
+    first, second = ray_history.records
+    assert (first["clients_succeeded"], first["clients_failed"]) == (2, 2)
+    reasons = {f["client"]: f["reason"] for f in first["failures"]}
+    assert reasons["c1"].startswith("RuntimeError: c1 fails on purpose")
+    assert reasons["c2"].startswith("actor died")
+    assert first["ray"]["actor_restarts"] == 1
+    assert (second["clients_succeeded"], second["clients_failed"], second["ray"]["actors"]) == (4, 0, 2)
+    # Oracle: the same two clients failing in-process gives the same params.
+    assert [r["clients_failed"] for r in local_history.records] == [2, 0]
+    assert params_equal(ray_params, local_params)
+
+
+def test_demo_scale_quick_runs_the_job_path(tmp_path: Path) -> None:
+    from tessera.cli.scale import demo_scale
+
+    demo_scale(tmp_path, quick=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for backend in ("inprocess", "ray"):
+        assert summary[backend]["clients"] == 1000
+        assert summary[backend]["sampled_per_round"] == [100, 100, 100]  # ceil(0.1 * 1000)
+        assert summary[backend]["failed"] == 0
+    assert summary["ray"]["final_central_accuracy"] == summary["inprocess"]["final_central_accuracy"]
+    assert summary["ray"]["ray"]["actors"] == 2  # job.toml [ray] num_actors reached the backend
+    assert summary["ray"]["ray"]["driver_peak_rss_mb"] > 0
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+    assert (tmp_path / "ray" / "metrics.jsonl").exists()
