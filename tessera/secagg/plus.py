@@ -104,8 +104,10 @@ class SecAggPlus:
 
     def configure(self, parts: JobParts) -> None:
         check_strategy(parts.strategy)
-        parts.aggregation = SecAggPlusAggregation(self)
+        agg = SecAggPlusAggregation(self)
+        parts.aggregation = agg
         parts.mods.insert(0, secagg_mod)  # outermost: it masks what every other mod produced
+        parts.extensions.append(RoundInfo(agg))
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -148,6 +150,24 @@ def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns]
         for client, reply in backend.exchange(requests, timeout=timeout).items():
             server.receive(client, reply)
         server.advance()
+
+
+class RoundInfo:
+    """Extension: adds what the protocol did this round to the round's record (no secrets, no values)."""
+
+    name = "secagg"
+
+    def __init__(self, aggregation: SecAggPlusAggregation) -> None:
+        self.aggregation = aggregation
+
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+        server = self.aggregation.last
+        if server is None or server.result is None:
+            return
+        s = server.state.setup
+        record["secagg"] = {"protocol": "secagg+", "clients": len(s.clients), "degree": s.degree,
+                            "threshold": s.threshold, "bits": s.bits, "survivors": len(server.result.survivors),
+                            "masks_rebuilt_for": len(server.revealed_sk)}
 
 
 class SecAggPlusAggregation:

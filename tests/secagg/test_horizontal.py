@@ -66,8 +66,9 @@ def test_fedavg_with_secagg_equals_the_clear_run(dropout: float) -> None:
     assert abs(acc0 - acc1) <= 0.01
     # Same survivors each round; with dropouts, the dropped clients' pairwise masks were rebuilt from shares.
     assert [r["clients_succeeded"] for r in h0.records] == [r["clients_succeeded"] for r in h1.records]
-    if dropout:
-        assert parts.aggregation.last is not None and parts.aggregation.last.revealed_sk
+    dropped = round(dropout * 5)
+    assert [r["secagg"]["masks_rebuilt_for"] for r in h1.records] == [dropped] * ROUNDS
+    assert [r["secagg"]["survivors"] for r in h1.records] == [5 - dropped] * ROUNDS
 
 
 @pytest.mark.slow
