@@ -54,8 +54,9 @@ def certs_issue(
     name: Annotated[str, typer.Option(help="party name exactly as in federation.toml")],
     out: Annotated[Path, typer.Option("--dir", help="folder to write NAME.crt and NAME.key")] = Path("certs"),
     ca_dir: Annotated[Path | None, typer.Option(help="folder holding ca.crt and ca.key (default: --dir)")] = None,
-    host: Annotated[list[str] | None, typer.Option(help="extra SAN host name or IP (repeatable); the "
-                                                        "coordinator's must include the host clients dial")] = None,
+    host: Annotated[list[str] | None, typer.Option(help="extra SAN host name or IP (repeatable); parties verify "
+                                                        "each other by party name, so this is only for other TLS "
+                                                        "tools")] = None,
     force: Annotated[bool, typer.Option(help="replace existing files")] = False,
 ) -> None:
     """Issue a party certificate signed by the federation CA (CN and SAN DNS = NAME, plus localhost/127.0.0.1)."""

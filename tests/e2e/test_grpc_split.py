@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.cli.grpc import run_split_inprocess
+from tessera.cli.grpc import load_split_app, run_split_inprocess
 from tessera.core import serde
+from tessera.core.errors import ConfigError
 from tessera.core.types import get_params
+from tessera.runtime.grpc import load_federation
 from tests.e2e.grpc_helpers import Party, SplitApp, free_port, make_certs, parties, write_federation
 
 pytestmark = pytest.mark.slow
@@ -103,3 +105,17 @@ def test_a_silent_owner_fails_the_step_cleanly_and_resume_finishes_like_in_proce
         for p in owners:
             assert p.wait() == 0, p.output()
     _assert_like_in_process(tmp_path)
+
+
+def test_split_apps_load_from_a_file_or_module_and_bad_ones_name_the_fix(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "deployment"
+    app = load_split_app(str(example / "split_app.py"))
+    fed = load_federation(example / "federation_split.toml")
+    assert list(app.COLUMNS) == fed.client_names and app.FIT["epochs"] >= 1
+    assert load_split_app(APP) is SplitApp
+    bad = tmp_path / "bad_app.py"
+    bad.write_text("def owner(name, out):\n    return None\n")
+    with pytest.raises(ConfigError, match=r"missing \['label_party', 'FIT'\]"):
+        load_split_app(str(bad))
+    with pytest.raises(ConfigError, match=r"cannot load 'no\.such\.module'"):
+        load_split_app("no.such.module")

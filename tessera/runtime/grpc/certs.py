@@ -84,8 +84,9 @@ def _load_ca(ca_cert: Path, ca_key: Path) -> tuple[x509.Certificate, ec.Elliptic
 
 def issue(out_dir: str | Path, name: str, *, ca_dir: str | Path | None = None, days: int = 825,
           hosts: Sequence[str] = DEFAULT_HOSTS, force: bool = False) -> tuple[Path, Path]:
-    """Sign `<name>.crt` and write `<name>.key` (0600). `hosts` are extra SAN entries (DNS names or IPs) for the
-    machine the party runs on; the coordinator's must include the host clients dial."""
+    """Sign `<name>.crt` and write `<name>.key` (0600). `hosts` are extra SAN entries (DNS names or IPs). Parties
+    verify each other by party name (clients check the coordinator's certificate against its name in
+    federation.toml, whatever address they dial), so extra hosts only matter to other TLS tools."""
     out = Path(out_dir)
     ca_cert, ca_key = _load_ca(Path(ca_dir or out) / "ca.crt", Path(ca_dir or out) / "ca.key")
     key = ec.generate_private_key(ec.SECP256R1())
