@@ -20,13 +20,14 @@ import grpc
 import pytest
 import torch
 
+from tessera.core.errors import TransportError
 from tessera.core.serde import encode_message
 from tessera.runtime.backend import ClientFailure
 from tessera.runtime.grpc import ClientParty, GrpcBackend
 from tessera.runtime.grpc import backend as backend_mod
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import init_ca, issue
-from tessera.runtime.grpc.config import FederationConfig, RetrySection
+from tessera.runtime.grpc.config import FederationConfig, RetrySection, build
 from tessera.runtime.grpc.party import backoff_delays
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 from tests.runtime.test_grpc_backend import ROUTES, Echo, _fed
@@ -212,3 +213,20 @@ def test_a_peer_that_never_says_hello_is_closed(start: Any, certs: Path, monkeyp
     finally:
         hold.set()
     assert "c2" not in r.backend.connected() and "no HELLO" in r.backend.refused[-1].reason
+
+
+def test_a_client_refuses_a_coordinator_whose_certificate_names_another_party(certs: Path) -> None:
+    def fed(port: int, cert: str) -> FederationConfig:
+        parties = [{"name": "server", "role": "coordinator", "address": f"127.0.0.1:{port}", "cert": f"{cert}.crt",
+                    "key": f"{cert}.key"}, *({"name": n} for n in ROUTES.values())]
+        settings = {"ca_cert": "ca.crt", "certs_dir": ".", "retry": {"initial_backoff_s": 0.01, "max_attempts": 2}}
+        return build({"federation": settings, "parties": parties}, source="test", base=certs)
+
+    impostor = GrpcBackend(fed(0, "alice"), dict(ROUTES))  # a genuine certificate, but alice's, not "server"'s
+    port = impostor.listen()
+    try:
+        with pytest.raises(TransportError, match="could not reach the coordinator"):
+            ClientParty(fed(port, "server"), "bob", Echo()).run()
+        assert impostor.connected() == [] and impostor.refused == []  # no stream was ever opened
+    finally:
+        impostor.close()
