@@ -109,7 +109,7 @@ def main() -> None:
              r["samples_per_s"], r["bytes_per_step"], r["split"] / r["central"]] for r in res],
            ratio=res[-1]["split"] / res[-1]["central"],
            ratio_means="split training time / centralised training time, medium model (lower is better)",
-           extra={"rows": rows, "epochs": epochs, "results": res})
+           extra={"num_rows": rows, "epochs": epochs, "results": res})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def _label_state(t: SplitTrainer) -> dict[str, Any]:
     return {"format": FORMAT, "seed": t.seed, "label_party": t.label_party, "order": t.order, "epoch": t.epoch,
             "step": t.step, "fuse": get_params(t.fuse),
             "local_base": get_params(t.local_base) if t.local_base is not None else None,
-            "optimizer": optimizer_state(t.optimizer), "history": t.history.records,
+            "optimizer": optimizer_state(t.optimizer) if t.optimizer is not None else None,
+            "history": t.history.records,
             "best": {"value": t.best[0], "since": t.best[1]}}
 
 
@@ -41,7 +42,8 @@ def _load_label_state(t: SplitTrainer, s: dict[str, Any]) -> None:
     set_params(t.fuse, s["fuse"], who="checkpoint fuse params")
     if t.local_base is not None:
         set_params(t.local_base, s["local_base"], who=f"checkpoint {t.label_party} base params")
-    load_optimizer_state(t.optimizer, s["optimizer"])
+    if t.optimizer is not None:
+        load_optimizer_state(t.optimizer, s["optimizer"])
     t.epoch, t.step = int(s["epoch"]), int(s["step"])
     t.history.records = list(s["history"])
     t.best = (s["best"]["value"], int(s["best"]["since"]))

@@ -75,7 +75,8 @@ class SplitTrainer:
         params: list[nn.Parameter] = list(fuse.parameters())
         if local_base is not None:
             params += list(local_base.parameters())
-        self.optimizer = optimizer_fn(params)
+        # a parameter-free fuse (SumFuse() with no head) at a label party without a base has nothing to train
+        self.optimizer = optimizer_fn(params) if params else None
         self.labels: dict[str, torch.Tensor] = {}
         self.local_x: dict[str, torch.Tensor] = {}
         self.history = History()
@@ -84,7 +85,6 @@ class SplitTrainer:
         self.best: tuple[float | None, int] = (None, 0)  # (best monitored value, epochs since it)
         self.out = Path(output_dir) if output_dir is not None else None
         self.writer = MetricsWriter(self.out / "metrics.jsonl") if self.out else None
-        self._checked: set[str] = set()
         self._snapshots: dict[str, bytes] = {}  # label-party side of early-stopping snapshots
         self._started = False
 
@@ -97,7 +97,6 @@ class SplitTrainer:
             if self.local_base is None:
                 raise ConfigError(f"{self.label_party} owns no base model; do not give it features")
             self.local_x[split] = x
-        self._checked.discard(split)
 
     def _exchange(self, requests: Mapping[str, Any], want: type) -> dict[str, Any]:
         if not self._started:
@@ -113,28 +112,29 @@ class SplitTrainer:
         return dict(replies)
 
     def check(self, split: str, *, batch_size: int) -> int:
-        """Before the first batch of `split`: every owner holds as many rows as there are labels, and one dry-run
-        batch fits the fuse model and the loss. Raises ConfigError / ShapeMismatch naming the party."""
-        n = len(self.labels[split]) if split in self.labels else len(self.local_x.get(split, ()))
-        if split in self._checked:
-            return n
+        """Before the first batch of `split`: every party holds the same number of rows (as many as there are
+        labels), and one dry-run batch fits the fuse model and the loss. Raises ConfigError / ShapeMismatch naming
+        the party. Returns the number of rows."""
         info = self._exchange({o: InfoIns(splits=[split]) for o in self.owners}, InfoRes)
-        sizes = {o: info[o].rows[split] for o in self.owners}
+        sizes = {o: info[o].rows.get(split, -1) for o in self.owners}
         if self.local_base is not None:
             sizes[self.label_party] = len(self.local_x[split]) if split in self.local_x else -1
+        n = len(self.labels[split]) if split in self.labels else next(iter(sizes.values()))
         for party, rows in sizes.items():
             if rows < 0:
                 raise ConfigError(f"party {party} holds no {split!r} rows; every base owner must provide them")
-            if split in self.labels and rows != n:
-                raise ConfigError(f"party {party} holds {rows} {split!r} rows but the label party {self.label_party} "
-                                  f"has {n} labels; align the rows first (tessera.vertical.psi.intersect)")
-        n = next(iter(sizes.values()), n)
+            if rows != n:
+                has = f"the label party {self.label_party} has {n} labels" if split in self.labels else \
+                    f"{next(iter(sizes))} holds {n}"
+                raise ConfigError(f"party {party} holds {rows} {split!r} rows but {has}; align the rows first "
+                                  "(tessera.vertical.psi.intersect)")
+        if n == 0:
+            raise ConfigError(f"split {split!r} has no rows")
         rows = torch.arange(min(batch_size, n, 4))
         embs = self._embed(split, rows, mode="dry", step=0, grad=False)
         out = check_fuse_shapes(embs, self.fuse, label_party=self.label_party)
         if split in self.labels:
             check_output_shape(out, self.labels[split][rows], self.loss_fn, label_party=self.label_party)
-        self._checked.add(split)
         return n
 
     def _embed(self, split: str, rows: torch.Tensor, *, mode: str, step: int, grad: bool) -> dict[str, torch.Tensor]:
@@ -162,9 +162,11 @@ class SplitTrainer:
         embs = self._embed("train", rows, mode="train", step=step, grad=True)
         set_mode(self.fuse, True)
         loss = self.loss_fn(self.fuse(list(embs.values())), y)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         grads = {}
         for o in self.owners:
             g = embs[o].grad

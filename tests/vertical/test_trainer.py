@@ -201,3 +201,18 @@ def test_inprocess_backend_is_the_seam() -> None:
     assert isinstance(sl.backend, InProcessBackend)
     sl.fit(x=x, y=y, epochs=1, batch_size=30)
     assert set(sl.backend.traffic.per_client) == {"bob"}
+
+
+def test_predict_twice_with_a_label_party_that_owns_no_base() -> None:
+    x, y = make_data(rows=40)
+    bases: dict[str, nn.Module] = {p: nn.Linear(c, 2) for p, c in COLUMNS.items()}
+    sl = tessera.SLModel(base_models=bases, fuse_model=SumFuse(), label_party="carol",
+                         loss_fn=nn.CrossEntropyLoss(), optimizer_fn=OPTIMIZERS["sgd"])
+    ylong = y[:, 0].long()
+    sl.fit(x=x, y=ylong, epochs=1, batch_size=8)
+    ref = sl.model.eval()(x)
+    torch.testing.assert_close(sl.predict(x=x), ref)
+    torch.testing.assert_close(sl.predict(x={p: v[:7] for p, v in x.items()}), ref[:7])
+    with pytest.raises(ConfigError, match=r"party bob holds 6 'predict' rows but alice holds 7"):
+        sl.predict(x={"alice": x["alice"][:7], "bob": x["bob"][:6]})
+    assert set(sl.evaluate(x=x, y=ylong)) == {"loss", "accuracy", "auc"}
