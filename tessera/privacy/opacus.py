@@ -20,6 +20,7 @@ What goes wrong when Opacus' `make_private` is called in every round, and what t
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -158,8 +159,8 @@ class DPTrainer:
     def _noise_for_target(self, q: float, steps: int) -> float:
         cfg = self.config
         assert cfg.target_epsilon is not None and cfg.planned_rounds is not None  # guaranteed by DPConfig
-        sigma = float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=q,
-                                           steps=steps * cfg.planned_rounds, accountant=cfg.accountant))
+        sigma = noise_for_target(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q,
+                                 steps=steps * cfg.planned_rounds, accountant=cfg.accountant)
         log.info("noise multiplier %.4f reaches epsilon <= %.3g after %d rounds of %d steps at q=%.4g", sigma,
                  cfg.target_epsilon, cfg.planned_rounds, steps, q)
         return sigma
@@ -202,6 +203,14 @@ class DPTrainer:
         eps = self.ledger.epsilon(self.party) if sigma > 0 else math.inf
         return {"loss": total / max(count, 1), "steps": float(steps), "dp_noise_multiplier": sigma,
                 "dp_sample_rate": q, "dp_steps": float(steps), "epsilon": eps}
+
+
+@functools.lru_cache(maxsize=256)
+def noise_for_target(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' `get_noise_multiplier` (a binary search of many accountant evaluations), memoised: clients with
+    the same sampling rate share one search."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
 
 
 def hook_count(module: nn.Module) -> int:
