@@ -89,7 +89,8 @@ def write_job(path: Path, *, out: Path, rounds: int = 3, clients: int = 3) -> Pa
     return path
 
 
-PRELOAD = ["torch", "torch._dynamo", "sklearn.datasets", "tessera.cli.main", "tessera.cli.jobs", "tessera.vertical"]
+PRELOAD = ["torch", "torch._dynamo", "sklearn.datasets", "tessera.cli.main", "tessera.cli.jobs", "tessera.vertical",
+           "tessera.privacy", "tessera.secagg"]
 
 
 def _forkserver() -> Any:
