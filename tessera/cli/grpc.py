@@ -143,7 +143,7 @@ def _rounds(server: Any, rounds: int, stopper: _Stopper) -> None:
         rnd = server.round + 1
         try:
             record = server.run_round(rnd)
-        except RoundFailed:
+        except (RoundFailed, ProtocolError):  # a second signal fails every request in flight
             if stopper.requested:
                 console.print(f"round {rnd} abandoned on shutdown; the checkpoint holds round {server.round}")
                 return
