@@ -4,6 +4,8 @@
 party's loop) and `psi.intersect` (private row alignment) are the parts it is built from.
 """
 
+from tessera.vertical import psi
+from tessera.vertical.api import SLModel
 from tessera.vertical.model import ConcatFuse, SplitModel, SumFuse, split_sequential
 from tessera.vertical.owner import DataOwner, OwnerGroup
 from tessera.vertical.protections import EmbeddingDP, GradientPerturbation, LabelDP, Protections
@@ -11,5 +13,5 @@ from tessera.vertical.trainer import EarlyStopping, SplitTrainer
 
 __all__ = [
     "ConcatFuse", "DataOwner", "EarlyStopping", "EmbeddingDP", "GradientPerturbation", "LabelDP", "OwnerGroup",
-    "Protections", "SplitModel", "SplitTrainer", "SumFuse", "split_sequential",
+    "Protections", "SLModel", "SplitModel", "SplitTrainer", "SumFuse", "psi", "split_sequential",
 ]

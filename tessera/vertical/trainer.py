@@ -153,6 +153,9 @@ class SplitTrainer:
             if replies[p].step != step or e.dim() < 1 or e.shape[0] != len(rows) or not e.is_floating_point():
                 raise ProtocolError(f"data owner {p} sent an embedding {e.dtype}{tuple(e.shape)} for step "
                                     f"{replies[p].step}; expected {len(rows)} float rows for step {step}")
+            if not bool(torch.isfinite(e).all()):
+                raise ProtocolError(f"data owner {p} sent an embedding with NaN or Inf at step {step}; check its "
+                                    "inputs and learning rate, then resume from the last checkpoint")
             embs[p] = e.requires_grad_(True) if grad else e
         return embs
 

@@ -216,3 +216,39 @@ def test_predict_twice_with_a_label_party_that_owns_no_base() -> None:
     with pytest.raises(ConfigError, match=r"party bob holds 6 'predict' rows but alice holds 7"):
         sl.predict(x={"alice": x["alice"][:7], "bob": x["bob"][:6]})
     assert set(sl.evaluate(x=x, y=ylong)) == {"loss", "accuracy", "auc"}
+
+
+def test_three_parties_on_a_threaded_backend_match_centralised() -> None:
+    # owners answer concurrently (as remote parties would); the result is still centralised training's
+    g = torch.Generator().manual_seed(3)
+    cols = {"alice": 3, "bob": 4, "carol": 5}
+    x = {p: torch.randn(48, c, generator=g) for p, c in cols.items()}
+    y = (x["bob"][:, :1] + x["carol"][:, :1] > 0).float()
+    torch.manual_seed(2)
+    bases: dict[str, nn.Module] = {p: nn.Linear(c, 2) for p, c in cols.items()}
+    fuse = ConcatFuse(nn.Linear(6, 1))
+    ref = composed(bases, fuse)
+    owners = [tessera.vertical.DataOwner(p, bases[p], OPTIMIZERS["adam"], data={"train": x[p]})
+              for p in ("bob", "carol")]
+    backend = InProcessBackend(tessera.vertical.OwnerGroup(owners), max_workers=2)
+    trainer = tessera.vertical.SplitTrainer(fuse=fuse, loss_fn=nn.BCEWithLogitsLoss(),
+                                            optimizer_fn=OPTIMIZERS["adam"], label_party="alice",
+                                            order=list(cols), backend=backend, local_base=bases["alice"])
+    trainer.add_split("train", y=y, x=x["alice"])
+    history = trainer.fit(epochs=2, batch_size=10)
+    trainer.close()
+    losses = train_central(ref, x, y, epochs=2, batch_size=10, optimizer_fn=OPTIMIZERS["adam"])
+    assert history["train_loss"] == pytest.approx(losses, abs=1e-6)
+    for p in cols:
+        assert_params_close(bases[p], ref.bases[p])
+    assert_params_close(fuse, ref.fuse)
+    assert set(backend.traffic.per_client) == {"bob", "carol"}
+
+
+def test_non_finite_embedding_is_refused() -> None:
+    x, y = make_data()
+    bases, fuse = make_split()
+    x = {**x, "bob": x["bob"].clone()}
+    x["bob"][5, 0] = float("nan")
+    with pytest.raises(ProtocolError, match="data owner bob sent an embedding with NaN or Inf"):
+        sl_model(bases, fuse, OPTIMIZERS["sgd"]).fit(x=x, y=y, epochs=1, batch_size=60)
