@@ -20,6 +20,7 @@ import torch
 from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.types import Params, check_compatible, is_finite
+from tessera.horizontal.server import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend, ClientFailure, InProcessBackend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.ckks_protocol import (
@@ -156,9 +157,7 @@ class CKKSAggregation:
         self.last: CKKSServer | None = None
 
     def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
-            current: Params, *, timeout: float | None) -> Any:
-        from tessera.horizontal.server import FitOutcome, require_quorum
-
+            current: Params, *, timeout: float | None) -> FitOutcome:
         clients = [c for c, _ in plan]
         server = CKKSServer(self.config.setup(rnd, clients, dim=sum(t.numel() for t in current.values()) + 1))
         self.last = server

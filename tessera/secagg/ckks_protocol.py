@@ -12,6 +12,7 @@ The key is fresh every round. The server only ever loads the public context, whi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,8 @@ def encrypt_vector(ctx: ts.Context, vector: np.ndarray, slots: int) -> list[byte
     return [ts.ckks_vector(ctx, vector[i : i + slots].tolist()).serialize() for i in range(0, len(vector), slots)]
 
 
-TrainFn = Any  # (CKKSFitIns) -> (float64 update vector of length dim - 1, num_examples, metrics)
+# train(request) -> (float64 update vector of length dim - 1, num_examples, metrics)
+TrainFn = Callable[[CKKSFitIns], tuple[torch.Tensor, int, dict[str, float]]]
 
 
 def client_step(state: CKKSClientState | None, msg: Any, me: str, train: TrainFn) -> tuple[CKKSClientState, Any]:

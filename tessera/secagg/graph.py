@@ -29,7 +29,7 @@ def default_degree(n: int, *, threshold: float, dropout: float, failure: float =
     client's neighbours still hold `threshold` of its shares with probability >= 1 - failure (else complete)."""
     if n <= 2:
         return n - 1
-    k = 2 * math.ceil(math.log2(n) / 1)
+    k = 2 * math.ceil(math.log2(n))
     while k < n - 1:
         if _tail(k, 1 - dropout, share_threshold(threshold, k)) <= failure:
             return k

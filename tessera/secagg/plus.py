@@ -21,6 +21,7 @@ from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, check_compatible, is_finite
+from tessera.horizontal.server import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend, ClientFailure
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
@@ -178,9 +179,7 @@ class SecAggPlusAggregation:
         self.last: SecAggServer | None = None  # the last round's server state machine (for inspection)
 
     def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
-            current: Params, *, timeout: float | None) -> Any:
-        from tessera.horizontal.server import FitOutcome, require_quorum
-
+            current: Params, *, timeout: float | None) -> FitOutcome:
         clients = [c for c, _ in plan]
         dim = sum(t.numel() for t in current.values()) + 1
         server = SecAggServer(self.config.setup(rnd, clients, dim=dim, graph_seed=graph_seed(rnd, clients)))

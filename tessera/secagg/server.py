@@ -147,8 +147,9 @@ class SecAggServer:
             inbox: dict[str, dict[str, bytes]] = {}
             for u in ok:
                 res: ShareKeysRes = st.pending[u]
-                if not set(res.shares) <= {v for v in self.graph[u] if v in st.keys}:
-                    raise ProtocolError(f"{u!r} addressed shares to clients outside its neighbourhood")
+                # Exactly its advertised neighbours: a missing share would leave a pairwise mask one-sided.
+                if set(res.shares) != {v for v in self.graph[u] if v in st.keys}:
+                    raise ProtocolError(f"{u!r} did not address shares to exactly its neighbours; round abandoned")
                 for v, blob in res.shares.items():
                     inbox.setdefault(v, {})[u] = blob
             self.state = dataclasses.replace(st, stage=Stage.COLLECT, shared=tuple(ok), inbox=inbox)

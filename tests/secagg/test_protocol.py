@@ -196,3 +196,20 @@ def test_server_refuses_duplicates_wrong_stage_wrong_round_and_strangers() -> No
 def test_messages_survive_the_wire_format() -> None:
     setup = _setup_msg()
     assert serde.decode_message(serde.encode_message(setup)) == setup
+
+
+def test_server_refuses_shares_not_addressed_to_exactly_the_neighbours() -> None:
+    setup = _setup_msg(3)
+    server = SecAggServer(setup)
+    states = {}
+    for c, msg in server.requests().items():
+        states[c], reply = step(None, msg, c, _no_train)
+        server.receive(c, reply)
+    server.advance()
+    for c, msg in server.requests().items():
+        _, reply = step(states[c], msg, c, _no_train)
+        if c == "c0":  # c0 withholds its share for c2: c2 would never mask with c0, c0 would with c2
+            reply = ShareKeysRes(round=1, shares={"c1": reply.shares["c1"]})
+        server.receive(c, reply)
+    with pytest.raises(ProtocolError, match="exactly its neighbours"):
+        server.advance()
