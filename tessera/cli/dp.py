@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -102,7 +102,11 @@ def intrusion_parts(*, seed: int = 0, base_rows: int = 320, batch_size: int = 32
 
 
 def _acc(record: dict[str, Any]) -> float:
-    return float(record.get("central_metrics", {}).get("accuracy", float("nan")))
+    """Central test accuracy if the run had one, else the clients' federated evaluation."""
+    for key in ("central_metrics", "eval_metrics"):
+        if "accuracy" in record.get(key, {}):
+            return float(record[key]["accuracy"])
+    return float("nan")
 
 
 def demo_dp(out: Path, quick: bool = False) -> None:
@@ -154,11 +158,13 @@ def demo_dp(out: Path, quick: bool = False) -> None:
                    "final_epsilon": private.last.get("epsilon", {})},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    png = plot_dp(plain, private, out / "dp.png", budget=budget, rounds=rounds)
+    png = plot_dp(plain, private, out / "dp.png", budget=budget, rounds=rounds,
+                  title="DP-SGD across rounds on SYNTHETIC IoT intrusion traffic (5 devices, changing data)")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; plot: {png}; summary: {out / 'summary.json'}")
 
 
-def plot_dp(plain: Any, private: Any, path: Path, *, budget: float, rounds: int) -> Path:
+def plot_dp(plain: Any, private: Any, path: Path, *, budget: float | None, rounds: int,
+            title: str = "differential privacy across rounds") -> Path:
     """Two panels: accuracy vs round (both runs) and each device's cumulative epsilon vs round with the budget."""
     import matplotlib
 
@@ -167,30 +173,34 @@ def plot_dp(plain: Any, private: Any, path: Path, *, budget: float, rounds: int)
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.plot(range(1, len(plain) + 1), [_acc(r) for r in plain], "--", marker="o", markersize=3, color="C7",
-             label="non-private FedAvg")
+    if len(plain):
+        ax1.plot(range(1, len(plain) + 1), [_acc(r) for r in plain], "--", marker="o", markersize=3, color="C7",
+                 label="non-private")
     ax1.plot(range(1, len(private) + 1), [_acc(r) for r in private], "-", marker="o", markersize=3, color="C0",
-             label="DP-SGD")
-    ax1.set_ylabel("accuracy (central test set)")
+             label="with DP")
+    ax1.set_ylabel("accuracy")
     ax1.set_title("accuracy per round")
     for name in private.last.get("epsilon", {}):
         ax2.plot(range(1, len(private) + 1), [r["epsilon"].get(name, 0.0) for r in private], marker="o",
                  markersize=3, label=name)
-    ax2.axhline(budget, color="red", linestyle=":", label=f"budget eps={budget:g}")
-    ax2.set_ylim(0, budget * 1.15)
+    top = max((max(r["epsilon"].values(), default=0.0) for r in private), default=1.0)
+    if budget is not None:
+        ax2.axhline(budget, color="red", linestyle=":", label=f"budget eps={budget:g}")
+        top = max(top, budget)
+    ax2.set_ylim(0, top * 1.15)
     ax2.set_ylabel("cumulative epsilon (delta=1e-5)")
     ax2.set_title("privacy spent per device")
     if len(private) < rounds:
         for ax in (ax1, ax2):
             ax.axvline(len(private) + 0.5, color="red", alpha=0.5, linestyle="--")
-        ax2.annotate("budget stop", (len(private) + 0.55, budget * 0.5), color="red", fontsize=9)
+        ax2.annotate("stopped", (len(private) + 0.55, top * 0.5), color="red", fontsize=9)
     for ax in (ax1, ax2):
         ax.set_xlabel("round")
         ax.set_xlim(0.5, rounds + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("DP-SGD across rounds on SYNTHETIC IoT intrusion traffic (5 devices, changing data)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,3 +209,22 @@ def plot_dp(plain: Any, private: Any, path: Path, *, budget: float, rounds: int)
 
 def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
     demos["dp"] = demo_dp
+
+    @app.command(name="dp-plot")
+    def dp_plot(
+        metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run with [dp]")],
+        baseline: Annotated[Path | None, typer.Option(help="metrics.jsonl of a non-private run to compare")] = None,
+        budget: Annotated[float | None, typer.Option(help="epsilon budget line to draw")] = None,
+        out: Annotated[Path | None, typer.Option(help="PNG path (default: dp.png next to metrics)")] = None,
+    ) -> None:
+        """Plot accuracy and each party's cumulative epsilon against round from a run's metrics.jsonl."""
+        from tessera.core.errors import ConfigError
+        from tessera.core.metrics import History
+
+        private = History.from_jsonl(metrics)
+        if not private["epsilon"]:
+            raise ConfigError(f"{metrics}: no round has an 'epsilon' record; was the run made with a [dp] section?")
+        plain = History.from_jsonl(baseline) if baseline is not None else History()
+        path = plot_dp(plain, private, out or metrics.parent / "dp.png", budget=budget,
+                       rounds=max(len(private), len(plain)))
+        typer.echo(str(path))

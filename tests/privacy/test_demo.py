@@ -1,12 +1,17 @@
 """`tessera demo dp --quick`: the budget visibly ends the DP-SGD run; table, summary.json and dp.png are written."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from tessera.cli.dp import DEVICES, intrusion_parts
-from tessera.cli.main import DEMOS
+from tessera.cli.dp import DEVICES, TrafficWindow, intrusion_parts
+from tessera.cli.main import DEMOS, app
+from tessera.core.errors import ConfigError
+from tessera.horizontal.simulation import simulate
+from tessera.privacy import DPSGD
 
 
 def test_traffic_windows_change_size_every_round() -> None:
@@ -32,3 +37,29 @@ def test_demo_dp_quick_shows_the_budget_stop(tmp_path: Path) -> None:
     records = [json.loads(x) for x in (tmp_path / "dp_sgd" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, summary["dp_sgd"]["rounds"] + 1))
     assert all(set(r["epsilon"]) <= set(DEVICES) for r in records)
+    # `tessera dp-plot` redraws it from the metrics files; a run without DP is refused
+    runner = CliRunner()
+    png = tmp_path / "again.png"
+    res = runner.invoke(app, ["dp-plot", str(tmp_path / "dp_sgd" / "metrics.jsonl"), "--baseline",
+                              str(tmp_path / "non_private" / "metrics.jsonl"), "--budget", "3", "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 10_000
+    res = runner.invoke(app, ["dp-plot", str(tmp_path / "non_private" / "metrics.jsonl")])
+    assert isinstance(res.exception, ConfigError) and "no round has an 'epsilon'" in str(res.exception)
+
+
+def test_changing_windows_are_accounted_at_each_rounds_sampling_rate() -> None:
+    # Oracle: Opacus' convention q = 1/len(loader) = 1/ceil(len(window)/32) for the window of that round
+    parts = intrusion_parts(base_rows=64, test_rows=50)
+    dp = DPSGD(noise_multiplier=2.0, reproducible=True)
+    simulate(parts, rounds=2, seed=0, plugins=[dp])
+    for name in DEVICES[:2]:
+        expected = []
+        for rnd in (1, 2):
+            window = TrafficWindow(DEVICES.index(name), seed=0, base_rows=64, centres=parts.windows[name].centres,
+                                   mix=parts.windows[name].mix)  # type: ignore[attr-defined]
+            window.advance(rnd)
+            batches = math.ceil(len(window) / 32)
+            expected.append((2.0, 1 / batches, batches))
+        merged = expected if expected[0][1] != expected[1][1] else [(2.0, expected[0][1], 2 * expected[0][2])]
+        assert dp.ledger.history[name] == merged
