@@ -105,7 +105,8 @@ def test_the_server_side_aggregation_only_receives_masked_vectors() -> None:
         assert float(same.double().mean()) < 0.01  # the masked vector shares nothing with the clear one
 
 
-def test_flmodel_secure_aggregation_option() -> None:
+@pytest.mark.parametrize("option", ["secagg+", "ckks"])
+def test_flmodel_secure_aggregation_option(option: str) -> None:
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(40, 6, generator=g) for _ in range(3)]
     ys = [torch.randint(0, 3, (40,), generator=g) for _ in range(3)]
@@ -118,7 +119,7 @@ def test_flmodel_secure_aggregation_option() -> None:
         fl.fit(x=xs, y=ys, rounds=2, batch_size=16)
         return {k: v.detach().clone() for k, v in fl.model.state_dict().items()}
 
-    plain, secure = fit(None), fit("secagg+")
+    plain, secure = fit(None), fit(option)
     assert 0 < max_diff(plain, secure) < 1e-5  # masked and quantised, yet the same model
 
 
