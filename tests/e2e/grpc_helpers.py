@@ -226,6 +226,15 @@ class Party:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def wait_stopped(self, timeout: float = 60.0) -> None:
+        """Until the process has frozen itself (state T), e.g. through a "stop:..." fault hook."""
+        deadline = time.monotonic() + timeout
+        stat = Path(f"/proc/{self.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+            if time.monotonic() > deadline or self.poll() is not None:
+                raise AssertionError(f"{self.name} did not stop:\n" + "".join(self.log[-30:]))
+            time.sleep(0.02)
+
     def output(self) -> str:
         return "".join(self.log)
 

@@ -135,15 +135,18 @@ def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path)
         coord = Party(fed, "server", job)
         ps.append(coord)
         coord.expect("listening on port")
-        ps += [Party(fed, n, job) for n in CLIENTS]
+        # alice freezes on round 2's FitIns, so the signal deterministically arrives with round 2 in flight
+        ps += [Party(fed, n, job, env={"TESSERA_TEST_FAULT": "stop:FitIns:2"} if n == "alice" else None)
+               for n in CLIENTS]
         coord.expect("round 1 done")
+        ps[1].wait_stopped()
         coord.signal(signal.SIGTERM)
+        ps[1].signal(signal.SIGCONT)
         assert coord.wait() == 0, coord.output()
-        assert "stopped on signal after round" in coord.output()
+        assert "stopped on signal after round 2" in coord.output()  # round 2 was finished, not abandoned
         for p in ps[1:]:
             assert p.wait() == 0, p.output()  # the coordinator said BYE
-    stopped_at = _checkpoint(out)["round"]
-    assert 1 <= stopped_at < 3 and len(_records(out)) == stopped_at
+    assert _checkpoint(out)["round"] == 2 and [r["clients_succeeded"] for r in _records(out)] == [3, 3]
 
     with parties() as ps:
         coord = Party(fed, "server", job, args=("--resume",))

@@ -119,3 +119,27 @@ def test_split_apps_load_from_a_file_or_module_and_bad_ones_name_the_fix(tmp_pat
         load_split_app(str(bad))
     with pytest.raises(ConfigError, match=r"cannot load 'no\.such\.module'"):
         load_split_app("no.such.module")
+
+
+def test_sigterm_at_the_label_party_finishes_the_epoch_and_resume_finishes_like_in_process(tmp_path: Path) -> None:
+    make_certs(tmp_path / "certs", ("server", *OWNERS))
+    fed = write_federation(tmp_path / "federation.toml", port=free_port(), clients=OWNERS)
+    with parties() as ps:
+        coord, owners = _run(fed, tmp_path, env={"bob": {"TESSERA_TEST_FAULT": "stop:ForwardIns:4"}})
+        ps += [coord, *owners]
+        coord.expect("epoch 1 done")
+        owners[1].wait_stopped()  # epoch 2 is in flight
+        coord.signal(signal.SIGTERM)
+        owners[1].signal(signal.SIGCONT)
+        assert coord.wait() == 0, coord.output()
+        assert "stopped on signal after epoch 2" in coord.output()
+        for p in owners:
+            assert p.wait() == 0, p.output()
+    state, _ = _deployed(tmp_path)
+    assert (state["label"]["epoch"], state["label"]["step"]) == (2, 6)
+
+    with parties() as ps:
+        coord, owners = _run(fed, tmp_path, resume=True)
+        ps += [coord, *owners]
+        assert coord.wait() == 0, coord.output()
+    _assert_like_in_process(tmp_path)
