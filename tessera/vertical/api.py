@@ -12,7 +12,7 @@ from torch import nn
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
-from tessera.runtime.backend import Backend, InProcessBackend
+from tessera.runtime.backend import Backend, Handler, InProcessBackend
 from tessera.vertical.metrics import plot_split
 from tessera.vertical.model import SplitModel
 from tessera.vertical.owner import DataOwner, OptimizerFn, OwnerGroup
@@ -42,6 +42,10 @@ class SLModel:
     whose forward receives the list of embeddings in the order of `base_models`. With no protections, training is
     numerically the same as training `SplitModel(base_models, fuse_model)` on the joined data.
 
+    All parties live in this process (simulation): the owners' handlers are reached through `backend(handler)`,
+    by default `InProcessBackend(handler)` (e.g. `backend=lambda h: InProcessBackend(h, max_workers=2)`). For
+    parties in separate processes use `DataOwner` at each owner and `SplitTrainer` at the label party.
+
     >>> sl = SLModel(base_models={"alice": nn.Linear(10, 4), "bob": nn.Linear(20, 4)},
     ...              fuse_model=ConcatFuse(nn.Linear(8, 1)), label_party="alice",
     ...              loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1))
@@ -50,7 +54,8 @@ class SLModel:
 
     def __init__(self, *, base_models: Mapping[str, nn.Module], fuse_model: nn.Module, label_party: str,
                  loss_fn: LossFn, optimizer_fn: OptimizerFn, seed: int = 0, protections: Protections | None = None,
-                 output_dir: str | Path | None = None, backend: Backend | None = None, ledger: Any = None) -> None:
+                 output_dir: str | Path | None = None, backend: Callable[[Handler], Backend] | None = None,
+                 ledger: Any = None) -> None:
         self.model = SplitModel(base_models, fuse_model, label_party=label_party)
         self.protections = protections or Protections()
         self.seed = seed
@@ -59,7 +64,8 @@ class SLModel:
         self.owners = {p: DataOwner(p, self.model.bases[p], optimizer_fn, embedding_dp=dp, seed=seed, ledger=ledger,
                                     state_dir=self.output_dir / "parties" / p if self.output_dir else None)
                        for p in self.model.owners}
-        self.backend = backend if backend is not None else InProcessBackend(OwnerGroup(self.owners.values()))
+        handler = OwnerGroup(self.owners.values())
+        self.backend = backend(handler) if backend is not None else InProcessBackend(handler)
         local = dict(self.model.bases.items()).get(label_party)
         self.trainer = SplitTrainer(fuse=self.model.fuse, loss_fn=loss_fn, optimizer_fn=optimizer_fn,
                                     label_party=label_party, order=list(self.model.bases), backend=self.backend,

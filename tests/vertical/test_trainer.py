@@ -197,9 +197,16 @@ def test_inprocess_backend_is_the_seam() -> None:
     # the owners' side is a plain handler; any Backend carrying @message dataclasses can drive it
     x, y = make_data()
     bases, fuse = make_split()
-    sl = sl_model(bases, fuse, OPTIMIZERS["sgd"])
-    assert isinstance(sl.backend, InProcessBackend)
+    made: list[InProcessBackend] = []
+
+    def factory(handler: Any) -> InProcessBackend:
+        made.append(InProcessBackend(handler, max_workers=2))
+        return made[-1]
+
+    sl = sl_model(bases, fuse, OPTIMIZERS["sgd"], backend=factory)
+    assert made and sl.backend is made[0] and isinstance(made[0].handler, tessera.vertical.OwnerGroup)
     sl.fit(x=x, y=y, epochs=1, batch_size=30)
+    sl.close()
     assert set(sl.backend.traffic.per_client) == {"bob"}
 
 
