@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -114,7 +114,7 @@ def scale_job(num_clients: int, *, rounds: int, out: Path, backend: str, fractio
 def _table(runs: dict[str, History]) -> Table:
     table = Table(title="round time and peak RSS (acc: central test set; MiB: peak RSS of the Ray driver, the "
                         "largest actor, all actors)")
-    for col in ("backend", "round", "sampled", "ok", "failed", "s", "acc", "driver MiB", "actor MiB", "pool MiB"):
+    for col in ("run", "round", "sampled", "ok", "failed", "s", "acc", "driver MiB", "actor MiB", "pool MiB"):
         table.add_column(col, justify="right")
     for name, hist in runs.items():
         for r in hist:
@@ -162,7 +162,7 @@ def demo_scale(out: Path, quick: bool = False) -> None:
     num_clients, rounds = 1000, (3 if quick else 5)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, History] = {}
-    for backend in ("inprocess", "ray"):
+    for backend in ("ray", "inprocess"):  # Ray first: the driver's peak RSS is then the Ray run's own
         console.print(f"[bold]{backend}[/bold]: {num_clients} clients, 10% sampled per round, {rounds} rounds")
         t0 = time.perf_counter()
         runs[backend] = run_job(scale_job(num_clients, rounds=rounds, out=out, backend=backend), progress=False)
@@ -181,3 +181,8 @@ def demo_scale(out: Path, quick: bool = False) -> None:
 
 def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
     demos["scale"] = demo_scale
+
+    @app.command(name="scale-report")
+    def scale_report(metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run")]) -> None:
+        """Per-round time, clients and peak memory (driver and Ray actors) of a run, from its metrics.jsonl."""
+        console.print(_table({metrics.parent.name or "run": History.from_jsonl(metrics)}))

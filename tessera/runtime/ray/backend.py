@@ -88,6 +88,9 @@ class RayBackend:
 
     # ------------------------------------------------------------------------------------------------- pool
     def start(self, clients: list[str]) -> None:
+        for actor in self._actors:  # started before (a second run on this backend): begin with a fresh pool
+            with contextlib.suppress(RayError, ValueError):
+                ray.kill(actor, no_restart=True)
         self._owns_ray = connect(self.options) or self._owns_ray
         try:
             self._factory_ref = ray.put(self.factory)

@@ -1,0 +1,116 @@
+"""Round time and peak memory vs the number of virtual clients (10 sampled per round), in-process vs Ray.
+
+Each (backend, clients) point runs in a fresh process so its peak RSS is its own. Clients are virtual: a client's
+data (32 digits rows drawn by a seeded generator) is built only when it is sampled, so what grows with the total
+number of clients is only the id list. Round 1 (imports, actor warm-up) is reported apart from the median of
+the later rounds. `ratio` = Ray's median round time at 10,000 clients / at 100 clients (near 1: cost follows
+the clients sampled, not the clients that exist).
+
+    .venv/bin/python benchmarks/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report
+
+os.environ.setdefault("COLUMNS", "160")  # a wide table even when stdout is not a terminal
+CLIENTS = (100, 1_000, 10_000)
+SAMPLED = 10
+RAY = {"num_cpus": 2, "num_actors": 2, "object_store_memory": "128MiB"}
+
+
+class TreeMemory:
+    """Extension measuring, after each round, the proportional set size (PSS) of this process and every process
+    it started (Ray's GCS, raylet, object store and actors): the whole footprint, shared pages counted once."""
+
+    name = "tree_memory"
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+
+    def on_round_end(self, rnd: int, record: dict[str, object]) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        self.peak_mb = max(self.peak_mb, total / 1024**2)
+
+
+def one(backend: str, clients: int, rounds: int) -> dict[str, object]:
+    """Run one configuration in this process and return its measurements."""
+    import torch
+
+    from tessera.cli.scale import virtual_digits_parts
+    from tessera.horizontal.simulation import simulate
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    parts = virtual_digits_parts(clients, sampled=SAMPLED, seed=0)
+    probe = TreeMemory()
+    history, _ = simulate(parts, rounds=rounds, seed=0, backend=backend,
+                          backend_options=RAY if backend == "ray" else None,
+                          on_server=lambda server: server.extensions.append(probe))
+    wall = time.perf_counter() - t0
+    seconds = [r["seconds"] for r in history.records]
+    ray = history.last.get("ray", {})
+    return {"backend": backend, "clients": clients, "sampled": history.last["clients_sampled"],
+            "failed": sum(r["clients_failed"] for r in history.records), "round_seconds": seconds,
+            "first_round_s": seconds[0], "median_round_s": statistics.median(seconds[1:]),
+            "setup_s": wall - sum(seconds),
+            "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "actor_peak_mb": ray.get("actor_peak_rss_mb"), "pool_peak_mb": ray.get("pool_peak_rss_mb"),
+            "all_processes_pss_mb": probe.peak_mb}
+
+
+def run_child(backend: str, clients: int, rounds: int) -> dict[str, object]:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients), "--rounds", str(rounds)],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    lines = [s for s in proc.stdout.splitlines() if s.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{backend} with {clients} clients failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="3 rounds per point instead of 10")
+    ap.add_argument("--one", nargs=2, metavar=("BACKEND", "CLIENTS"), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=10, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.rounds)))
+        return
+    rounds = 3 if args.quick else args.rounds
+    results = [run_child(b, n, rounds) for b in ("inprocess", "ray") for n in CLIENTS]
+    rows = [[r["backend"], r["clients"], r["sampled"], r["failed"], r["median_round_s"], r["first_round_s"],
+             r["setup_s"], r["driver_peak_mb"], "-" if r["actor_peak_mb"] is None else r["actor_peak_mb"],
+             "-" if r["pool_peak_mb"] is None else r["pool_peak_mb"], r["all_processes_pss_mb"]] for r in results]
+    ray_time = {r["clients"]: float(r["median_round_s"]) for r in results if r["backend"] == "ray"}  # type: ignore[arg-type]
+    ratio = ray_time[CLIENTS[-1]] / ray_time[CLIENTS[0]]
+    report("scale", ["backend", "clients", "sampled/round", "failed", "median round s", "round 1 s", "setup s",
+                     "driver peak MiB", "actor peak MiB", "all actors MiB", "all processes PSS MiB"], rows, ratio=ratio,
+           ratio_means=f"Ray median round time at {CLIENTS[-1]:,} clients / at {CLIENTS[0]:,} clients "
+                       f"({SAMPLED} sampled per round; near 1 = cost follows clients sampled, not total)",
+           extra={"rounds": rounds, "ray_options": RAY, "results": results})
+
+
+if __name__ == "__main__":
+    main()
