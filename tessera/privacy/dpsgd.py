@@ -86,6 +86,10 @@ class DPTask:
         client, state = config.get(CLIENT_KEY), config.get(STATE_KEY)
         if not isinstance(client, str) or not isinstance(state, dict):
             raise ProtocolError("DPTask runs only behind dpsgd_mod; add the DPSGD plugin instead of the task alone")
+        unsupported = [k for k in ("proximal_mu", "grad_correction") if config.get(k)]
+        if unsupported:
+            raise ConfigError(f"DPSGD trains with Opacus' DP optimizer, which does not apply {unsupported}; use "
+                              "FedAvg, FedAvgM or a server optimiser (FedAdam, ...) with DP-SGD")
         trainer = self.trainer(client)
         # The client's persistent state is the truth (it rides in checkpoints), not the cached trainer.
         trainer.ledger = self.config.new_ledger()
@@ -248,6 +252,10 @@ class DPSGD:
         if any(getattr(e, "name", None) == "client_dp" for e in parts.extensions):
             raise ConfigError("DPSGD cannot be combined with client-level DP in one job (each owns the round's "
                               "epsilon record); give one [dp] section")
+        if getattr(parts.strategy, "proximal_mu", 0) or getattr(parts.strategy, "client_mods", list)():
+            raise ConfigError(f"DPSGD cannot run {parts.strategy.name}: its client-side term (proximal term, "
+                              "control variates) is not applied by Opacus' DP optimizer; use FedAvg, FedAvgM or a "
+                              "server optimiser (FedAdam, FedYogi, FedAdagrad)")
         parts.task = DPTask(parts.task, self.config)
         parts.mods.append(self.mod)
         exhausted = self.recorder.exhausted if self.recorder is not None else set()

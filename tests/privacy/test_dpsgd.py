@@ -151,3 +151,12 @@ def test_flmodel_fit_twice_continues_epsilon() -> None:
     assert first.last["epsilon"]["alice"] == pytest.approx(rdp(1.2, 0.25, 8), abs=1e-9)
     assert second.last["epsilon"]["alice"] == pytest.approx(rdp(1.2, 0.25, 16), abs=1e-9)  # continues
     assert compute_epsilon(Accountant.RDP, [(1.2, 0.25, 16)], DELTA) == second.last["epsilon"]["bob"]
+
+
+def test_strategies_with_client_side_terms_are_refused() -> None:
+    from tessera.core.errors import ConfigError
+    from tessera.horizontal.strategies import FedProx, Scaffold
+
+    for strategy in (FedProx(proximal_mu=0.1), Scaffold(local_lr=0.1)):
+        with pytest.raises(ConfigError, match="DPSGD cannot run"):
+            DPSGD(noise_multiplier=1.0).configure(make_parts(strategy=strategy))
