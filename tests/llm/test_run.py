@@ -2,12 +2,13 @@
 simulated clients cost far less than ten base models of memory."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.llm import base_params, load_base
+from tessera.llm import Arch, LoRAConfig, ModelSpec, base_params, load_base
 from tessera.llm.lora import lora_template
 from tessera.llm.rss import measure
 from tessera.llm.run import full_model_round_bytes, run_lora
@@ -77,3 +78,20 @@ def test_peak_rss_of_ten_clients_is_below_twice_that_of_one() -> None:
     assert one["base_loads"] == ten["base_loads"] == 1
     assert ten["peak_rss_mb"] < 2 * one["peak_rss_mb"]
     assert ten["peak_rss_mb"] - one["peak_rss_mb"] < 9 * ten["full_model_tensor_bytes"] / 2**20 / 2
+
+
+def test_a_local_checkpoint_directory_trains_like_the_built_model(tmp_path: Path) -> None:
+    """arch='local' (how a user points at a DeepSeek/Qwen/Llama checkpoint): save a tiny decoder and its
+    tokenizer with transformers' own save_pretrained, then fine-tune from that directory."""
+    directory = tmp_path / "tiny-qwen2"
+    base, tok = load_base(QWEN)
+    base.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    spec = ModelSpec(arch=Arch.LOCAL, path=str(directory), max_length=40)
+    task = llama_task(2, spec=spec, lora=LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "lm_head")))
+    local, _ = load_base(spec)
+    for (k, a), (k2, b) in zip(base.state_dict().items(), local.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)  # the same weights, read back from disk
+    run = run_lora(task, clients(2), rounds=2)
+    for c in clients(2):
+        assert run.after[c]["perplexity"] < run.before[c]["perplexity"]
