@@ -3,6 +3,7 @@ output is read line by line (so tests await events instead of sleeping), and raw
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import queue
@@ -108,7 +109,8 @@ def _run_cli(argv: list[str], env: dict[str, str], out: Any) -> None:
     out.close()
     os.environ.update(env)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
     import torch
 
     torch.set_num_threads(1)
