@@ -53,7 +53,7 @@ class FederationSection(_Section):
     certs_dir: str = "certs"
     max_message_bytes: int = Field(512 * 1024**2, ge=1024)
     chunk_bytes: int = Field(1024**2, ge=1024, le=64 * 1024**2)
-    round_deadline_s: float = Field(600.0, gt=0)  # the whole fit phase of a round
+    round_deadline_s: float = Field(600.0, gt=0)  # the fit exchange of a round (each stage under SecAgg+)
     rpc_deadline_s: float = Field(600.0, gt=0)  # one request -> reply at one client (includes its training)
     quorum_deadline_s: float = Field(120.0, gt=0)  # how long the coordinator waits for clients before round 1
     rejoin_wait_s: float = Field(0.0, ge=0)  # before each fit phase, wait this long for disconnected clients
