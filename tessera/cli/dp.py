@@ -189,7 +189,7 @@ def plot_dp(plain: Any, private: Any, path: Path, *, budget: float | None, round
         top = max(top, budget)
     ax2.set_ylim(0, top * 1.15)
     ax2.set_ylabel("cumulative epsilon (delta=1e-5)")
-    ax2.set_title("privacy spent per device")
+    ax2.set_title("privacy spent per party")
     if len(private) < rounds:
         for ax in (ax1, ax2):
             ax.axvline(len(private) + 0.5, color="red", alpha=0.5, linestyle="--")
