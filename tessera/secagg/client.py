@@ -61,8 +61,10 @@ def on_setup(state: ClientState | None, msg: SetupIns, me: str) -> tuple[ClientS
                             "stale setup")
     if me not in msg.clients or len(set(msg.clients)) != len(msg.clients):
         raise ProtocolError("SetupIns does not list this client exactly once")
-    if not 1 < msg.threshold <= msg.degree + 1:
-        raise ProtocolError(f"SetupIns threshold {msg.threshold} is impossible with {msg.degree} neighbours")
+    if not (msg.degree + 1) / 2 < msg.threshold <= msg.degree + 1:
+        # A threshold of half the holders or less would let a server unmask b_u and s_u^SK from disjoint groups.
+        raise ProtocolError(f"SetupIns threshold {msg.threshold} must exceed half of the {msg.degree + 1} share "
+                            "holders and not exceed them; refusing to take part")
     c_sk, c_pk = crypto.keypair()
     s_sk, s_pk = crypto.keypair()
     new = ClientState(stage=Stage.SHARE_KEYS.value, setup_blob=serde.encode_message(msg), c_sk=c_sk, s_sk=s_sk)

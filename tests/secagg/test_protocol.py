@@ -1,5 +1,6 @@
 """The SecAgg+ protocol: exact sums under dropouts at every stage, refusals, and what the server gets to see."""
 
+import dataclasses
 import math
 
 import pytest
@@ -146,6 +147,9 @@ def test_client_refuses_out_of_stage_replayed_and_wrong_round_messages() -> None
         step(st, MaskedInputIns(round=1, params={}), "c0", _no_train)
     with pytest.raises(ProtocolError, match="round 2"):
         step(st, ShareKeysIns(round=2, c_pks={}, s_pks={}), "c0", _no_train)
+    weak = dataclasses.replace(setup, round=5, threshold=2)  # 2 of 4 holders: two halves could unmask both secrets
+    with pytest.raises(ProtocolError, match="must exceed half"):
+        step(st, weak, "c0", _no_train)
 
 
 def _three_clients(rnd: int):  # type: ignore[no-untyped-def]
