@@ -70,7 +70,7 @@ class SLModel:
         self.trainer = SplitTrainer(fuse=self.model.fuse, loss_fn=loss_fn, optimizer_fn=optimizer_fn,
                                     label_party=label_party, order=list(self.model.bases), backend=self.backend,
                                     local_base=local, protections=self.protections, seed=seed,
-                                    output_dir=self.output_dir)
+                                    output_dir=self.output_dir, ledger=ledger)
 
     @property
     def base_models(self) -> dict[str, nn.Module]:

@@ -64,7 +64,7 @@ class SplitTrainer:
     def __init__(self, *, fuse: nn.Module, loss_fn: LossFn, optimizer_fn: OptimizerFn, label_party: str,
                  order: Sequence[str], backend: Backend, local_base: nn.Module | None = None,
                  protections: Protections | None = None, seed: int = 0, output_dir: str | Path | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, ledger: Any = None) -> None:
         if (label_party in order) != (local_base is not None):
             raise ConfigError(f"label party {label_party!r} must be in `order` exactly when it has a local base")
         self.fuse, self.loss_fn, self.label_party = fuse, loss_fn, label_party
@@ -72,6 +72,7 @@ class SplitTrainer:
         self.owners = [p for p in self.order if p != label_party]
         self.backend, self.local_base, self.seed, self.timeout = backend, local_base, seed, timeout
         self.protections = protections or Protections()
+        self.ledger = ledger  # a PrivacyLedger the owners account embedding DP in: epsilons go into each record
         params: list[nn.Parameter] = list(fuse.parameters())
         if local_base is not None:
             params += list(local_base.parameters())
@@ -216,6 +217,8 @@ class SplitTrainer:
             if validation is not None:
                 ev = self.evaluate(validation, batch_size=max(batch_size, 256))
                 record.update(eval_loss=ev.pop("loss"), eval_metrics=ev)
+            if self.ledger is not None:
+                record["epsilon"] = self.ledger.epsilons()
             record.update(bytes_up=self.backend.traffic.up - t0[0], bytes_down=self.backend.traffic.down - t0[1],
                           seconds=round(time.perf_counter() - start, 4))
             stop = self._early_stop(early_stopping, record)

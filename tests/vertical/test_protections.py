@@ -64,10 +64,29 @@ def test_embedding_dp_is_accounted_in_a_ledger() -> None:
         def step(self, party: str, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
             self.calls.append((party, noise_multiplier, sample_rate, steps))
 
+        def epsilons(self) -> dict[str, float]:
+            return {}
+
     ledger = Ledger()
     fit(Protections(embedding_dp=EmbeddingDP(clip_norm=1.0, noise_multiplier=1.1)), ledger=ledger)
     # 60 rows, batch 16: 4 steps per epoch (16, 16, 16, 12 rows), 2 epochs, bob only (alice's base is local)
     assert ledger.calls == [("bob", 1.1, r / 60, 1) for r in (16, 16, 16, 12)] * 2
+
+
+def test_embedding_dp_epsilon_matches_opacus_accountant() -> None:
+    from opacus.accountants import RDPAccountant
+
+    from tessera.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger("rdp", delta=1e-5)
+    sl = fit(Protections(embedding_dp=EmbeddingDP(clip_norm=1.0, noise_multiplier=1.1)), ledger=ledger)
+    oracle = RDPAccountant()
+    for _ in range(2):
+        for rows in (16, 16, 16, 12):
+            oracle.step(noise_multiplier=1.1, sample_rate=rows / 60)
+    expected = oracle.get_epsilon(delta=1e-5)
+    assert ledger.epsilon("bob") == pytest.approx(expected, rel=1e-9)
+    assert sl.trainer.history.last["epsilon"] == {"bob": pytest.approx(expected, rel=1e-9)}
 
 
 def attack_run(protections: Protections | None) -> tuple[dict[str, float], float]:
