@@ -81,8 +81,8 @@ def _json_spec(obj: Any) -> dict[str, Any]:
 
 def example_inputs(task: LoRATask, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Tokenised reference inputs for a bundle (what `verify_bundle` reruns)."""
-    ids, mask, _ = task.tokenize(list(texts), [0] * len(texts)).tensors
-    return {"input_ids": ids, "attention_mask": mask}
+    ids, _ = task.tokenize(list(texts), [0] * len(texts)).tensors
+    return {"input_ids": ids, "attention_mask": task.attention_mask(ids)}
 
 
 def export_adapter(task: LoRATask, params: Params, path: str | Path, *, texts: Sequence[str],

@@ -4,12 +4,16 @@ Only adapter tensors travel (`get_params`/`set_params` are the Task hooks the cl
 frozen, built once per process and shared by every virtual client there. Each client tokenises its own text with
 the shared tokenizer. Causal LM: the loss is the mean next-token NLL, the metric `perplexity = exp(loss)`.
 Sequence classification: cross-entropy and `accuracy`.
+
+Batches are `(input_ids, target)` pairs (the attention mask is `input_ids != pad`), and the task has `loss_fn`
+and `optimizer_fn`, so tessera's DP-SGD plugin (Opacus, per-sample gradients of the adapters) can train it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,8 +60,12 @@ class LoRATask:
 
     # ------------------------------------------------------------------------------------------ Task protocol
     def model_fn(self) -> nn.Module:
-        """A LoRA model sharing the process-wide frozen base; its adapter tensors are its own."""
-        return shared_copy(lora_template(self.spec, self.lora))
+        """A LoRA model sharing the process-wide frozen base; its adapter tensors are its own. Called as
+        `model(input_ids)` (as DP-SGD does) it derives the attention mask from the pad token."""
+        model = shared_copy(lora_template(self.spec, self.lora))
+        model.register_forward_pre_hook(functools.partial(_fill_mask, self.tokenizer.pad_token_id),
+                                        with_kwargs=True)
+        return model
 
     def get_params(self, model: nn.Module) -> Params:
         return adapter_params(model)
@@ -70,16 +78,23 @@ class LoRATask:
         return load_base(self.spec)[1]
 
     def tokenize(self, texts: Sequence[str], labels: Sequence[int]) -> TensorDataset:
-        """Token ids, attention mask and targets (next-token labels with padding ignored, or the class)."""
+        """Token ids and targets (next-token labels with padding ignored, or the class), right-padded."""
         tok = self.tokenizer
         enc = tok(list(texts), padding="max_length", truncation=True, max_length=self.spec.max_length,
                   return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
+        if not torch.equal(mask, self.attention_mask(ids)):
+            raise ConfigError("the text contains the tokenizer's pad token (often the EOS token reused as pad); "
+                              "give the tokenizer a pad token of its own (tokenizer.add_special_tokens)")
         if self.spec.head is Head.CAUSAL_LM:
             target = ids.masked_fill(mask == 0, -100)
         else:
             target = torch.tensor(list(labels), dtype=torch.long)
-        return TensorDataset(ids, mask, target)
+        return TensorDataset(ids, target)
+
+    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = int(self.tokenizer.pad_token_id)
+        return (ids != pad).long()
 
     def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
         text = self.text_fn(client_id)
@@ -88,8 +103,9 @@ class LoRATask:
         return (DataLoader(train, batch_size=self.batch_size, shuffle=self.shuffle),
                 DataLoader(test, batch_size=64) if test is not None else None)
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def optimizer_fn(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh optimizer over the adapter tensors (AdamW or SGD at `lr`)."""
+        params = list(params)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr)
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
@@ -97,13 +113,13 @@ class LoRATask:
     def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics:
         epochs = int(config.get("local_epochs", 1))
         max_steps = int(config.get("max_steps", 0)) or None
-        opt = self._optimizer(model)
+        opt = self.optimizer_fn(p for p in model.parameters() if p.requires_grad)
         model.train()
         steps, total, count = 0, 0.0, 0
         for _ in range(epochs):
-            for ids, mask, target in loader:
+            for ids, target in loader:
                 opt.zero_grad(set_to_none=True)
-                loss, n, _ = self.batch_loss(model, ids, mask, target)
+                loss, n, _ = self.batch_loss(model, ids, target)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 total += float(loss.detach()) * n
@@ -113,21 +129,27 @@ class LoRATask:
                     return {"loss": total / max(count, 1), "steps": float(steps)}
         return {"loss": total / max(count, 1), "steps": float(steps)}
 
-    def batch_loss(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                   target: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Mean loss of a batch, how many items it averages over (target tokens, or rows), and the logits."""
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    def loss_fn(self, out: Any, target: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL over non-padding targets (causal LM) or cross-entropy (classification)."""
+        logits = (out.logits if hasattr(out, "logits") else out).float()
         if self.spec.head is Head.CAUSAL_LM:
             shift, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1)
-            return F.cross_entropy(shift, labels, ignore_index=-100), int((labels != -100).sum()), logits
-        return F.cross_entropy(logits, target), len(target), logits
+            return F.cross_entropy(shift, labels, ignore_index=-100)
+        return F.cross_entropy(logits, target)
+
+    def batch_loss(self, model: nn.Module, ids: torch.Tensor,
+                   target: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Mean loss of a batch, how many items it averages over (target tokens, or rows), and the logits."""
+        logits = model(input_ids=ids, attention_mask=self.attention_mask(ids)).logits
+        n = int((target[:, 1:] != -100).sum()) if self.spec.head is Head.CAUSAL_LM else len(target)
+        return self.loss_fn(logits, target), n, logits
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
         model.eval()
         total, count, correct, rows = 0.0, 0, 0, 0
-        for ids, mask, target in loader:
-            loss, n, logits = self.batch_loss(model, ids, mask, target)
+        for ids, target in loader:
+            loss, n, logits = self.batch_loss(model, ids, target)
             total += float(loss) * n
             count += n
             if self.spec.head is Head.SEQ_CLS:
@@ -139,6 +161,18 @@ class LoRATask:
         if self.spec.head is Head.CAUSAL_LM:
             return mean, {"perplexity": math.exp(min(mean, 700.0))}
         return mean, {"accuracy": correct / rows}
+
+
+def _fill_mask(pad_id: int, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook: `model(ids)` (positional, no mask) becomes `model(input_ids=ids, attention_mask=...)`."""
+    if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
+        kwargs = {"input_ids": args[0], **kwargs}
+        args = args[1:]
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and kwargs.get("attention_mask") is None:
+        kwargs["attention_mask"] = (ids != pad_id).long()
+    return args, kwargs
 
 
 def evaluate_clients(task: LoRATask, params: Params, clients: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -57,3 +57,31 @@ def test_distributed_client_dp_composes_with_secagg_on_adapters(kind: str) -> No
     history, final = simulate(parts, rounds=1, plugins=[dp, tessera.secagg.plugin("secagg+")])
     assert history.records[0]["clients_succeeded"] == 4
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_lora_with_dp_sgd_trains_only_adapters_with_per_sample_clipping_and_spends_epsilon() -> None:
+    """Sample-level DP-SGD (Opacus) on the adapters: the client's ledger and the server's record agree on
+    epsilon, only adapters travel, and the shared base is untouched by Opacus' wrapping."""
+    from tessera.llm import base_params
+    from tessera.llm.lora import lora_template
+    from tests.llm.helpers import LLAMA, LORA, snapshot
+
+    base_before = snapshot(base_params(lora_template(LLAMA, LORA)))
+    task = llama_task(2, train_size=16, test_size=4)
+    rec = Recorder()
+    dp = tessera.privacy.plugin({"mode": "dpsgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5})
+    parts = JobParts(task=task, strategy=FedAvg(fraction_evaluate=0.0), clients=clients(2), mods=[rec])
+    history, final = simulate(parts, rounds=2, plugins=[dp])
+    assert set(final) == set(task.get_params(task.model_fn()))
+    assert all("lora_" in k for _, r in rec.sent for k in r.params)
+    eps = history.records[-1]["epsilon"]
+    assert set(eps) == set(clients(2))
+    # oracle: the accountant for 2 rounds of 2 Poisson steps each at q = 1/2, sigma = 1 (batch 8 of 16 rows)
+    from tessera.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5)
+    ledger.step("x", noise_multiplier=1.0, sample_rate=0.5, steps=4)
+    for c in clients(2):
+        assert eps[c] == pytest.approx(ledger.epsilon("x"), rel=1e-9)
+    for k, t in base_params(lora_template(LLAMA, LORA)).items():
+        assert torch.equal(t, base_before[k]), k

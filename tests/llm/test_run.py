@@ -23,8 +23,8 @@ def _base_perplexity(task: LoRATask, client: str) -> float:
     assert test is not None
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, mask, target in test:
-            logits = base(input_ids=ids, attention_mask=mask).logits
+        for ids, target in test:
+            logits = base(input_ids=ids, attention_mask=(ids != task.tokenizer.pad_token_id).long()).logits
             labels = target[:, 1:].reshape(-1)
             total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, ignore_index=-100,
                                            reduction="sum"))
