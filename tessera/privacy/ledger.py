@@ -110,11 +110,7 @@ class PrivacyLedger:
         _check_entry(noise_multiplier, sample_rate, steps)
         if steps == 0:
             return
-        hist = self.history.setdefault(party, [])
-        if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
-            hist[-1] = (hist[-1][0], hist[-1][1], hist[-1][2] + int(steps))
-        else:
-            hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        self.history[party] = _appended(self.history.get(party, []), (noise_multiplier, sample_rate, steps))
 
     def epsilon(self, party: str) -> float:
         """Epsilon spent so far by `party` at this ledger's delta (0.0 for a party with no steps)."""
@@ -126,9 +122,9 @@ class PrivacyLedger:
     def epsilon_after(self, party: str, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon `party` would have spent after `steps` more steps (nothing is recorded)."""
         _check_entry(noise_multiplier, sample_rate, steps)
-        hist = list(self.history.get(party, []))
-        if steps:
-            hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        hist = self.history.get(party, [])
+        if steps:  # merged exactly as `step` will merge it, so the promised epsilon is the recorded one
+            hist = _appended(hist, (noise_multiplier, sample_rate, steps))
         return compute_epsilon(self.accountant, hist, self.delta)
 
     def check(self, party: str, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -167,6 +163,14 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return f"PrivacyLedger({self.accountant.value}, delta={self.delta:g}, budget={self.budget}, " \
                f"parties={len(self.history)})"
+
+
+def _appended(history: list[Entry], entry: tuple[float, float, int]) -> list[Entry]:
+    """A new history with `entry` added; merged into the last entry when (sigma, q) are equal, as Opacus does."""
+    s, q, n = float(entry[0]), float(entry[1]), int(entry[2])
+    if history and history[-1][0] == s and history[-1][1] == q:
+        return [*history[:-1], (s, q, history[-1][2] + n)]
+    return [*history, (s, q, n)]
 
 
 def _check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> None:

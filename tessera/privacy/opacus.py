@@ -171,8 +171,9 @@ class DPTrainer:
         would exceed it, raises PrivacyBudgetExceeded and trains nothing."""
         q, planned = self.prepare(loader, epochs=epochs, max_steps=max_steps)
         sigma = float(self.optimizer.noise_multiplier)
+        planned_eps = math.inf
         if sigma > 0:
-            self.ledger.check(self.party, noise_multiplier=sigma, sample_rate=q, steps=planned)
+            planned_eps = self.ledger.check(self.party, noise_multiplier=sigma, sample_rate=q, steps=planned)
         sample_gen, noise_gen = round_generators(None if not self.config.reproducible else seed)
         self.optimizer.generator = noise_gen
         self.optimizer.original_optimizer.state.clear()  # a fresh optimizer per round, without re-wrapping
@@ -200,7 +201,7 @@ class DPTrainer:
                 self.ledger.step(self.party, noise_multiplier=sigma, sample_rate=q, steps=steps)
             self.optimizer.zero_grad(set_to_none=True)
         self.rounds += 1
-        eps = self.ledger.epsilon(self.party) if sigma > 0 else math.inf
+        eps = planned_eps if sigma == 0 or steps == planned else self.ledger.epsilon(self.party)
         return {"loss": total / max(count, 1), "steps": float(steps), "dp_noise_multiplier": sigma,
                 "dp_sample_rate": q, "dp_steps": float(steps), "epsilon": eps}
 
