@@ -1,5 +1,6 @@
 """`tessera demo split` (PSI + split learning on breast cancer, vs centralised training, and the label-inference
-attack with and without protections) and `tessera psi` (align ID files privately)."""
+attack with and without protections), `tessera psi` (align ID files privately) and `tessera split-simulate`
+(run a split app, the file `tessera party --split` deploys over gRPC, with all parties in one process)."""
 
 from __future__ import annotations
 
@@ -192,8 +193,47 @@ def _plot(out: Path, split_auc: list[float], central_auc: list[float], attacks: 
     return path
 
 
+def simulate_split_app(ref: str, *, label: str, owners: list[str], out: Path, resume: bool = False) -> Any:
+    """Run a split app (the file `tessera party --split` deploys) with every party in this process, each in its
+    own folder `out/<party>`; returns the label party's SplitTrainer after training and plotting."""
+    from tessera.cli.grpc import load_split_app
+    from tessera.runtime.backend import InProcessBackend
+    from tessera.vertical.metrics import plot_split
+    from tessera.vertical.owner import OwnerGroup
+
+    split_app = load_split_app(ref)
+    backend = InProcessBackend(OwnerGroup([split_app.owner(o, out / o) for o in owners]))
+    trainer = split_app.label_party(label, backend, out / label)
+    if resume and not trainer.resume():
+        console.print("no checkpoint to resume from; starting fresh")
+    trainer.fit(**split_app.FIT)
+    trainer.close()
+    plot_split(trainer.history, out / label)
+    return trainer
+
+
 def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
     demos["split"] = demo_split
+
+    @app.command("split-simulate")
+    def split_simulate(
+        split_app: Annotated[str, typer.Argument(help="module or .py file defining owner, label_party and FIT")],
+        label: Annotated[str, typer.Option(help="the label party (the coordinator in federation.toml)")],
+        owners: Annotated[list[str], typer.Option("--owner", help="a data owner; repeat for each")],
+        out: Annotated[Path, typer.Option(help="folder with one subfolder per party")] = Path("runs/split"),
+        resume: Annotated[bool, typer.Option(help="continue from the label party's checkpoint")] = False,
+    ) -> None:
+        """Run a split learning app in one process: the same file `tessera party --split` deploys over gRPC."""
+        trainer = simulate_split_app(split_app, label=label, owners=owners, out=out, resume=resume)
+        table = Table(title=f"split learning: {label} (labels) + {', '.join(owners)}")
+        for c in ("epoch", "train loss", "validation loss", "validation AUC", "bytes up+down"):
+            table.add_column(c, justify="right")
+        for r in trainer.history.records:
+            auc = r.get("eval_metrics", {}).get("auc")
+            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r.get('eval_loss', float('nan')):.4f}",
+                          "-" if auc is None else f"{auc:.4f}", str(r["bytes_up"] + r["bytes_down"]))
+        console.print(table)
+        console.print(f"metrics: {out / label / 'metrics.jsonl'}")
 
     @app.command()
     def psi(

@@ -34,3 +34,23 @@ def test_psi_command_writes_aligned_rows(tmp_path: Path) -> None:
     a = [["u1", "u2", "u3", "u4"][int(i)] for i in (tmp_path / "out" / "alice.rows").read_text().split()]
     b = [["u4", "u9", "u2"][int(i)] for i in (tmp_path / "out" / "bob.rows").read_text().split()]
     assert a == b and sorted(a) == ["u2", "u4"]
+
+
+def test_split_simulate_runs_the_docs_split_app_and_resumes(tmp_path: Path) -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "vertical.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def label_party" in b)
+    (tmp_path / "credit_app.py").write_text(source)
+    args = ["split-simulate", str(tmp_path / "credit_app.py"), "--label", "alice", "--owner", "bob",
+            "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    records = [json.loads(line) for line in (tmp_path / "run" / "alice" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and "auc" in records[-1]["eval_metrics"]
+    assert (tmp_path / "run" / "bob" / "ckpt-1.tsr").exists() and (tmp_path / "run" / "alice" / "score.png").exists()
+    # resuming a finished 3-epoch run trains nothing more and keeps the same records
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert [json.loads(line) for line in (tmp_path / "run" / "alice" / "metrics.jsonl").read_text().splitlines()
+            ] == records
