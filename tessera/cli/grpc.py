@@ -66,7 +66,7 @@ def certs_issue(
     console.print(f"certificate: {crt}\nkey (0600): {key}")
 
 
-def _parts(cfg: JobConfig) -> JobParts:
+def job_parts(cfg: JobConfig) -> JobParts:
     from tessera.cli.jobs import build_parts, build_plugins
 
     parts = build_parts(cfg)
@@ -107,7 +107,7 @@ def run_coordinator(fed: FederationConfig, cfg: JobConfig, *, resume: bool = Fal
     from tessera.horizontal.simulation import initial_params
     from tessera.runtime.grpc.backend import GrpcBackend
 
-    parts = _parts(cfg)
+    parts = job_parts(cfg)
     backend = GrpcBackend(fed, client_routes(fed, parts.clients), min_clients=parts.strategy.min_available)
     server = Server(strategy=parts.strategy, backend=backend, clients=parts.clients,
                     initial_params=initial_params(parts.task, cfg.job.seed),
@@ -171,7 +171,7 @@ def _write_transport(out: Path, backend: GrpcBackend) -> None:
 def run_client(fed: FederationConfig, name: str, cfg: JobConfig) -> int:
     from tessera.runtime.grpc.party import ClientParty
 
-    parts = _parts(cfg)
+    parts = job_parts(cfg)
     routes = client_routes(fed, parts.clients)
     client_id = next(c for c, p in routes.items() if p == name)
     party = ClientParty(fed, name, parts.client_app(), expected_client_id=client_id)
@@ -288,6 +288,9 @@ def run_split_inprocess(app: Any, *, label: str, owners: list[str], out: Path) -
 
 
 def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
+    from tessera.cli.grpc_demo import demo_grpc
+
+    demos["grpc"] = demo_grpc
     app.add_typer(certs_app, name="certs")
 
     @app.command()
