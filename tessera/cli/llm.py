@@ -22,7 +22,8 @@ def _tables(summary: dict[str, Any], metric: str, topics: list[str]) -> tuple[Ta
         clients.add_column(col, justify="right")
     for i, (c, v) in enumerate(summary["clients"].items()):
         b, a = v["before"][metric], v["after"][metric]
-        clients.add_row(c, topics[i % len(topics)], f"{b:.2f}", f"{a:.2f}", f"{(a - b) / b:+.0%}")
+        change = f"{(a - b) / b:+.0%}" if metric == "perplexity" else f"{a - b:+.2f}"
+        clients.add_row(c, topics[i % len(topics)], f"{b:.2f}", f"{a:.2f}", change)
     traffic = Table(title="bytes per round (up + down, measured; full model: same messages with every weight)")
     for col in ("round", "adapters", "full model", "ratio", "seconds"):
         traffic.add_column(col, justify="right")
