@@ -241,9 +241,9 @@ class SplitTrainer:
         value: Any = record
         for part in es.monitor.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, (int, float)) or not np.isfinite(value):
+        if not isinstance(value, (int, float)):
             raise ConfigError(f"early stopping monitors {es.monitor!r}, which epoch records do not hold")
-        if es.improved(float(value), self.best[0]):
+        if np.isfinite(value) and es.improved(float(value), self.best[0]):  # NaN never counts as improvement
             self.best = (float(value), 0)
             if es.restore_best:
                 ckpt.snapshot(self, "best")
