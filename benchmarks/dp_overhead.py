@@ -44,7 +44,7 @@ from tessera.horizontal.simulation import JobParts, initial_params, simulate
 from tessera.horizontal.strategies import FedAvg
 from tessera.horizontal.task import SupervisedTask
 from tessera.privacy import DPSGD
-from tessera.privacy.ledger import _rdp_per_step
+from tessera.privacy.ledger import _epsilon, _rdp_per_step
 from tessera.privacy.opacus import round_generators
 
 CLIENTS, BATCH, LR, SIGMA, CLIP, SEED, DELTA = 5, 32, 0.1, 1.0, 1.0, 0, 1e-5
@@ -97,6 +97,7 @@ def opacus_alone(data: dict[str, TensorDataset], start: dict[str, torch.Tensor],
 
 
 def tessera_run(task: SupervisedTask, rounds: int, *, cold: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+    _epsilon.cache_clear()  # epsilon per history: a fresh run has fresh histories, so never carry it over
     if cold:
         _rdp_per_step.cache_clear()
     parts = JobParts(task=task, strategy=FedAvg(fraction_evaluate=0.0), clients=list(f"c{i}" for i in range(CLIENTS)))

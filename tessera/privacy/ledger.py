@@ -77,6 +77,12 @@ def compute_epsilon(kind: Accountant, history: Sequence[Entry], delta: float) ->
     epsilon, but a ledger queried every round for every client costs microseconds instead of seconds."""
     if not history:
         return 0.0
+    return _epsilon(kind, tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=65536)
+def _epsilon(kind: Accountant, history: tuple[Entry, ...], delta: float) -> float:
+    """Memoised: a client's budget check and the server's record of the same history cost one computation."""
     if kind is Accountant.RDP:
         rdp = sum([_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history])
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
