@@ -125,3 +125,16 @@ def test_bad_combinations_are_refused() -> None:
         ClientLevelDP(clip=1.0, noise_multiplier=0.0, budget=3.0)
     with pytest.raises(ConfigError, match="mean-based"):
         ClientDPStrategy(FedMedian(), clip=1.0, noise_multiplier=1.0, mode="central", ledger=PrivacyLedger())
+
+
+def test_client_level_epsilon_continues_across_resume(tmp_path: Path) -> None:
+    def plugin() -> ClientLevelDP:
+        return ClientLevelDP(clip=0.5, noise_multiplier=1.5, seed=4)
+
+    full, full_params = simulate(make_parts(), rounds=4, seed=1, output_dir=tmp_path / "a", plugins=[plugin()])
+    simulate(make_parts(), rounds=2, seed=1, output_dir=tmp_path / "b", plugins=[plugin()])
+    resumed, resumed_params = simulate(make_parts(), rounds=4, seed=1, output_dir=tmp_path / "b", resume=True,
+                                       plugins=[plugin()])
+    assert [r["epsilon"] for r in resumed] == [r["epsilon"] for r in full]
+    assert resumed.last["epsilon"][CLIENT_PARTY] == pytest.approx(rdp(1.5, 1.0, 4), abs=1e-9)
+    assert all(torch.equal(resumed_params[k], v) for k, v in full_params.items())  # seeded noise: bit-identical
