@@ -19,11 +19,13 @@ import torch
 from tessera.cli.jobs import build_parts
 from tessera.core import serde
 from tessera.core.config import load_job
+from tessera.core.serde import encode_message
 from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.simulation import initial_params, simulate
 from tessera.runtime.backend import InProcessBackend
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import init_ca, issue
+from tessera.runtime.messages import FitRes
 from tests.e2e.grpc_helpers import CLIENTS, Party, attack, free_port, make_certs, parties, write_federation, write_job
 
 pytestmark = pytest.mark.slow
@@ -78,10 +80,14 @@ def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_p
         coord.expect("party (alice|bob) connected")
         # While alice and bob hold their streams, every kind of impostor is stopped where it should be:
         # by TLS (no cert, another CA), by the identity check (wrong name, unknown party), or by the framing.
-        assert attack(fed, claim="alice", cert=None) == grpc.StatusCode.UNAVAILABLE
-        assert attack(fed, claim="alice", cert=evil / "alice.crt") == grpc.StatusCode.UNAVAILABLE
-        assert attack(fed, claim="alice", cert=certs / "bob.crt") == grpc.StatusCode.PERMISSION_DENIED
-        assert attack(fed, claim="mallory", cert=certs / "mallory.crt") == grpc.StatusCode.PERMISSION_DENIED
+        # Each sends a HELLO and well-formed poisoned replies for the first request ids.
+        poison = encode_message(FitRes(params={"w": torch.full((3,), 1e6)}, num_examples=10**6))
+        forged = [tp.control(tp.Kind.HELLO, b"alice"), *(f for i in (1, 2, 3) for f in tp.split(i, poison, 16384))]
+        assert attack(fed, claim="alice", cert=None, send=forged) == grpc.StatusCode.UNAVAILABLE
+        assert attack(fed, claim="alice", cert=evil / "alice.crt", send=forged) == grpc.StatusCode.UNAVAILABLE
+        assert attack(fed, claim="alice", cert=certs / "bob.crt", send=forged) == grpc.StatusCode.PERMISSION_DENIED
+        assert attack(fed, claim="mallory", cert=certs / "mallory.crt", send=forged) == \
+            grpc.StatusCode.PERMISSION_DENIED
         assert attack(fed, claim="carol", cert=certs / "carol.crt",
                       send=[b"\x80\x04garbage" * 10]) == grpc.StatusCode.INVALID_ARGUMENT
         huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 2**40, bytes(32)) + b"x"
