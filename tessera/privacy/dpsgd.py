@@ -61,6 +61,16 @@ class DPTask:
             if hasattr(inner, name):
                 setattr(self, name, getattr(inner, name))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to Ray actors with the client app: without the lock, and without trainers (each actor wraps its own)
+        state = dict(self.__dict__)
+        state["trainers"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def model_fn(self) -> nn.Module:
         return self.inner.model_fn()
 
