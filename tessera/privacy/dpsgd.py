@@ -95,7 +95,7 @@ class DPTask:
     def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics:
         client, state = config.get(CLIENT_KEY), config.get(STATE_KEY)
         if not isinstance(client, str) or not isinstance(state, dict):
-            raise ProtocolError("DPTask runs only behind dpsgd_mod; add the DPSGD plugin instead of the task alone")
+            raise ProtocolError("DPTask runs only behind DPSGDMod; add the DPSGD plugin instead of the task alone")
         unsupported = [k for k in ("proximal_mu", "grad_correction") if config.get(k)]
         if unsupported:
             raise ConfigError(f"DPSGD trains with Opacus' DP optimizer, which does not apply {unsupported}; use "
