@@ -95,7 +95,7 @@ def demo_secagg(out: Path, quick: bool = False) -> None:
 
     from tessera.secagg import CKKS, SecAggPlus
 
-    console = Console()
+    console = Console(width=110)
     rounds = 3 if quick else 12
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, tuple[list[Plugin], float]] = {
@@ -109,7 +109,10 @@ def demo_secagg(out: Path, quick: bool = False) -> None:
     logging.getLogger("tessera.runtime.backend").setLevel(logging.ERROR)
     run_job([], rounds=1, dropout=0.0)  # warm-up (data set, allocator) so the first timed run is not penalised
     for name, (plugins, dropout) in runs.items():
+        # Best of two timings (quick: one): the machine may be shared; the runs are seeded, so both are identical.
         history, seconds = run_job(plugins, rounds=rounds, dropout=dropout)
+        if not quick:
+            seconds = min(seconds, run_job(plugins, rounds=rounds, dropout=dropout)[1])
         acc = [float(a) for a in history["central_metrics.accuracy"]]
         summary[name] = {"accuracy_per_round": acc, "final_accuracy": acc[-1], "seconds": seconds,
                          "bytes_up": sum(r["bytes_up"] for r in history.records),
@@ -143,7 +146,7 @@ def plot(summary: dict[str, Any], path: Path, *, rounds: int) -> Path:
     for (name, s), style in zip(summary.items(), styles, strict=False):
         ax.plot(range(1, rounds + 1), s["accuracy_per_round"], style, marker="o", markersize=3, label=name)
     ax.set(xlabel="round", ylabel="accuracy (held-out digits)", ylim=(0, 1),
-           title="accuracy: 3 of 10 clients drop mid-round")
+           title="accuracy: 3 of 10 clients drop mid-round\n(the three 30% runs coincide)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     names = list(summary)
