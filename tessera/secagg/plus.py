@@ -182,7 +182,8 @@ class SecAggPlusAggregation:
             current: Params, *, timeout: float | None) -> FitOutcome:
         clients = [c for c, _ in plan]
         dim = sum(t.numel() for t in current.values()) + 1
-        server = SecAggServer(self.config.setup(rnd, clients, dim=dim, graph_seed=graph_seed(rnd, clients)))
+        server = SecAggServer(self.config.setup(rnd, clients, dim=dim, graph_seed=graph_seed(rnd, clients)),
+                              min_survivors=strategy.min_available)
         self.last = server
         run_stages(server, backend, dict(plan), timeout=timeout)
         res = server.result

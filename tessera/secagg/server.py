@@ -63,8 +63,9 @@ class SumResult:
 
 
 class SecAggServer:
-    def __init__(self, setup: SetupIns) -> None:
+    def __init__(self, setup: SetupIns, *, min_survivors: int = 1) -> None:
         self.state = ServerState(stage=Stage.SETUP, setup=setup)
+        self.min_survivors = min_survivors  # e.g. the strategy's min_available, checked before unmasking
         self.graph = neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)
         self.index = {c: i for i, c in enumerate(setup.clients)}
         self.revealed_b: set[str] = set()  # clients whose self-mask seed the server reconstructed
@@ -155,6 +156,9 @@ class SecAggServer:
             self.state = dataclasses.replace(st, stage=Stage.COLLECT, shared=tuple(ok), inbox=inbox)
         elif st.stage == Stage.COLLECT:
             self._quorum(ok, "sent a masked input")
+            if len(ok) < self.min_survivors:
+                raise RoundFailed(f"round {st.setup.round}: only {len(ok)} masked input(s), fewer than "
+                                  f"strategy.min_available={self.min_survivors}; abandoned before unmasking")
             self.state = dataclasses.replace(st, stage=Stage.UNMASK, survivors=tuple(ok))
             self.meta = {c: st.pending[c] for c in ok}
         elif st.stage == Stage.UNMASK:

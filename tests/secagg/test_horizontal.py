@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.cli.secagg import digits_job
-from tessera.core.errors import ConfigError
+from tessera.core.errors import ConfigError, RoundFailed
 from tessera.horizontal.api import FLModel
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
@@ -164,3 +164,13 @@ def test_distributed_client_dp_composes_with_secagg() -> None:
                        rounds=1)
     assert parts.mods[0].__name__ == "secagg_mod"  # outermost: it masks the clipped (and noised) update
     assert 0 < max_diff(p0, p1) < tolerance(parts.aggregation)
+
+
+def test_min_available_is_enforced_before_unmasking() -> None:
+    strategy = FedAvg(fraction_evaluate=0.0, min_available=4)
+    parts = digits_job(strategy, num_clients=5, dropout=0.4)  # 3 survivors: above t, below min_available
+    with pytest.raises(RoundFailed, match="abandoned before unmasking"):
+        simulate(parts, rounds=1, plugins=[SecAggPlus()])
+    agg = parts.aggregation
+    assert isinstance(agg, SecAggPlusAggregation) and agg.last is not None
+    assert agg.last.result is None and not agg.last.revealed_b
