@@ -174,3 +174,30 @@ def test_min_available_is_enforced_before_unmasking() -> None:
     agg = parts.aggregation
     assert isinstance(agg, SecAggPlusAggregation) and agg.last is not None
     assert agg.last.result is None and not agg.last.revealed_b
+
+
+def test_only_the_params_a_task_sends_are_masked() -> None:
+    """Adapter-style rounds (LoRA): a Task that sends only its head; SecAgg+ masks and sums just those tensors."""
+
+    def head_only(parts: Any) -> Any:
+        task = parts.task
+        build = task.model_fn
+
+        def frozen_base() -> Any:  # the non-travelling layers must be identical everywhere, as a LoRA base is
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(7)
+                return build()
+
+        task.model_fn = frozen_base
+        task.get_params = lambda model: {k: v.detach().clone() for k, v in model.state_dict().items()
+                                         if k.startswith("fc1.")}
+        task.set_params = lambda model, params: model.load_state_dict(params, strict=False)
+        parts.central_eval = None  # it scores whole models
+        return parts
+
+    p0 = simulate(head_only(digits_job(fedavg(), num_clients=4)), rounds=1, seed=0)[1]
+    parts = head_only(digits_job(fedavg(), num_clients=4))
+    p1 = simulate(parts, rounds=1, seed=0, plugins=[SecAggPlus()])[1]
+    assert set(p1) == {"fc1.weight", "fc1.bias"}
+    assert parts.aggregation.last.state.setup.dim == 32 * 10 + 10 + 1  # head only, plus the weight
+    assert 0 < max_diff(p0, p1) < tolerance(parts.aggregation)
