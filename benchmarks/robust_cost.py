@@ -47,11 +47,10 @@ def main() -> None:
         results = [(f"c{i}", FitRes(params={k: v + 0.01 * torch.randn(v.shape, generator=gen)
                                             for k, v in current.items()}, num_examples=100)) for i in range(n)]
         for name, strategy in strategies(n).items():
-            t, _ = best_of(lambda s=strategy: s.aggregate_fit(1, results, current), repeats if n < 100 else 1)
+            t, _ = best_of(lambda s=strategy, r=results: s.aggregate_fit(1, r, current), repeats if n < 100 else 1)
             times[(name, n)] = t
         for name in strategies(n):
             rows.append([n, name, times[(name, n)], times[(name, n)] / times[("fedavg", n)]])
-        del results
     top = sizes[-1]
     ratio = times[("krum", top)] / times[("fedavg", top)]
     report("robust_cost", ["clients", "strategy", "seconds per aggregation", "x fedavg"], rows, ratio=ratio,

@@ -210,7 +210,7 @@ def _is_tuple(tp: Any) -> bool:
     return typing.get_origin(tp) is tuple
 
 
-def _conforms(v: Any, tp: Any) -> bool:  # noqa: PLR0911 - one branch per typing construct
+def _conforms(v: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True

@@ -49,7 +49,8 @@ def check_compatible(
     if list(reference) != list(other):
         missing = [k for k in reference if k not in other]
         extra = [k for k in other if k not in reference]
-        raise ShapeMismatch(f"{who}: keys differ from the global params (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ShapeMismatch(
+            f"{who}: keys differ from the global params (missing {missing[:5]}, unexpected {extra[:5]})")
     for k, ref in reference.items():
         t = other[k]
         if t.shape != ref.shape or t.dtype != ref.dtype:

@@ -58,7 +58,9 @@ def shards(
     return [np.sort(np.concatenate([pieces[j] for j in deal[i::num_clients]])) for i in range(num_clients)]
 
 
-def quantity(n: int, num_clients: int, alpha: float, rng: np.random.Generator, *, min_size: int = 2) -> list[np.ndarray]:
+def quantity(
+    n: int, num_clients: int, alpha: float, rng: np.random.Generator, *, min_size: int = 2
+) -> list[np.ndarray]:
     """Quantity skew: client sizes ~ Dir(alpha) * n (at least `min_size` each), rows otherwise IID."""
     _check(n, num_clients * min_size)
     props = rng.dirichlet([alpha] * num_clients)
