@@ -77,6 +77,7 @@ class FLModel:
         self.output_dir = output_dir
         self.backend = backend
         self.rounds_done = 0
+        self.stopped: str | None = None  # why the last fit ended before its rounds (a spent privacy budget)
 
     def _split(self, x: Sequence[Any], y: Sequence[Any] | None, what: str) -> list[tuple[torch.Tensor, ...]]:
         if len(x) != len(self.parties) or (y is not None and len(y) != len(self.parties)):
@@ -122,15 +123,19 @@ class FLModel:
         parts = JobParts(task=self._task(train, test, batch_size, shuffle), strategy=self.strategy,
                          clients=list(self.parties))
         start = self.rounds_done
+        servers: list[Server] = []
 
         def continue_from(server: Server) -> None:
             server.round = start
+            servers.append(server)
 
         history, params = simulate(parts, rounds=start + rounds, seed=self.seed, output_dir=self.output_dir,
                                    backend=self.backend, params=get_params(self.model), plugins=self.plugins,
                                    progress=progress, on_server=continue_from)
         set_params(self.model, params)
-        self.rounds_done = start + rounds
+        # A spent privacy budget ends a run early: count the rounds that ran, and say why it stopped.
+        self.rounds_done = servers[0].round
+        self.stopped = servers[0].stopped
         return history
 
     @torch.no_grad()

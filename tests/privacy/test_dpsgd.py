@@ -160,3 +160,24 @@ def test_strategies_with_client_side_terms_are_refused() -> None:
     for strategy in (FedProx(proximal_mu=0.1), Scaffold(local_lr=0.1)):
         with pytest.raises(ConfigError, match="DPSGD cannot run"):
             DPSGD(noise_multiplier=1.0).configure(make_parts(strategy=strategy))
+
+
+def test_flmodel_fit_stopped_by_budget_counts_only_the_rounds_that_ran() -> None:
+    from torch import nn
+
+    from tessera import FLModel
+    from tessera.core.models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 5, generator=g) for _ in range(2)]
+    ys = [torch.randint(0, 3, (32,), generator=g) for _ in range(2)]
+    # Oracle: the first round count whose epsilon exceeds the budget, from the accountant itself (4 steps/round).
+    budget = compute_epsilon(Accountant.RDP, [(1.2, 0.25, 12)], DELTA) + 1e-6
+    fl = FLModel(parties=["alice", "bob"], model=MLP(5, 3, [8]), loss_fn=nn.CrossEntropyLoss(),
+                 optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), strategy=FedAvg(),
+                 dp=DPSGD(noise_multiplier=1.2, reproducible=True, budget=budget))
+    history = fl.fit(x=xs, y=ys, rounds=6, batch_size=8)
+    assert fl.rounds_done == 3 and len(history.records) == 3
+    assert fl.stopped is not None and "budget" in fl.stopped
+    assert history.last["epsilon"]["alice"] == pytest.approx(rdp(1.2, 0.25, 12), abs=1e-9)
+    assert history.last["epsilon"]["alice"] <= budget
