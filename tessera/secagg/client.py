@@ -56,9 +56,14 @@ def aad(rnd: int, sender: str, receiver: str) -> bytes:
 
 
 def on_setup(state: ClientState | None, msg: SetupIns, me: str) -> tuple[ClientState, KeysRes]:
-    if state is not None and state.setup.round >= msg.round:
-        raise ProtocolError(f"SetupIns for round {msg.round} after round {state.setup.round} began: replayed or "
-                            "stale setup")
+    if state is not None:
+        last = state.setup
+        # A new attempt at an unfinished round is allowed (the coordinator restarted it; fresh keys, so nothing
+        # of the abandoned attempt is reusable); a finished round, an older one, or the same attempt is not.
+        if last.round > msg.round or (last.round == msg.round and (state.stage == Stage.DONE.value
+                                                                    or last.session == msg.session)):
+            raise ProtocolError(f"SetupIns for round {msg.round} (this client is at round {last.round}, stage "
+                                f"{state.stage}): replayed or stale setup")
     if me not in msg.clients or len(set(msg.clients)) != len(msg.clients):
         raise ProtocolError("SetupIns does not list this client exactly once")
     if not (msg.degree + 1) / 2 < msg.threshold <= msg.degree + 1:

@@ -45,6 +45,7 @@ class SetupIns:
     levels: int
     max_weight: float
     dim: int  # masked vector length (update coordinates + 1 weight coordinate)
+    session: int = 0  # fresh per attempt: a coordinator may restart an abandoned round, never replay one
 
 
 @message

@@ -9,6 +9,7 @@ FedYogi, FedAdagrad and client-level DP (distributed) all aggregate this way.
 from __future__ import annotations
 
 import math
+import secrets
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class SecAggPlus:
         if self.degree is not None and self.degree < 1:
             raise ConfigError(f"secagg.degree: must be at least 1, got {self.degree}")
 
-    def setup(self, rnd: int, clients: list[str], *, dim: int, graph_seed: int) -> SetupIns:
+    def setup(self, rnd: int, clients: list[str], *, dim: int, graph_seed: int,
+              session: int | None = None) -> SetupIns:
         """The public config of a round: checks overflow headroom before any client trains."""
         n = len(clients)
         if n < 2:
@@ -101,7 +103,8 @@ class SecAggPlus:
             degree += 1
         return SetupIns(round=rnd, clients=tuple(clients), threshold=share_threshold(self.threshold, degree),
                         degree=min(degree, n - 1), graph_seed=graph_seed, bits=self.bits, clip=self.clip,
-                        levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim)
+                        levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim,
+                        session=secrets.randbits(62) if session is None else session)
 
     def configure(self, parts: JobParts) -> None:
         check_strategy(parts.strategy)

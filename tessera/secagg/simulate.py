@@ -69,7 +69,7 @@ def run_round(updates: Sequence[Params], *, threshold: float | int, dropouts: Se
     cfg = SecAggPlus(threshold=frac, clip=clip, bits=bits, max_weight=1.0, degree=degree, dropout=dropout)
     clients = [f"client{i}" for i in range(n)]
     setup = cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1,
-                      graph_seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+                      graph_seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]), session=seed)
     parties = _Parties(updates, {clients[i] for i in dropouts}, drop_stage)
     backend = InProcessBackend(parties)
     seeds = np.random.SeedSequence([seed, 2]).generate_state(n).tolist()

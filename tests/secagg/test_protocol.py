@@ -147,6 +147,9 @@ def test_client_refuses_out_of_stage_replayed_and_wrong_round_messages() -> None
         step(st, MaskedInputIns(round=1, params={}), "c0", _no_train)
     with pytest.raises(ProtocolError, match="round 2"):
         step(st, ShareKeysIns(round=2, c_pks={}, s_pks={}), "c0", _no_train)
+    # A coordinator that restarts the unfinished round (new session) is served with fresh keys.
+    restarted, keys2 = step(st, dataclasses.replace(setup, session=setup.session + 1), "c0", _no_train)
+    assert keys2.c_pk != _keys.c_pk and restarted.stage == Stage.SHARE_KEYS.value
     weak = dataclasses.replace(setup, round=5, threshold=2)  # 2 of 4 holders: two halves could unmask both secrets
     with pytest.raises(ProtocolError, match="must exceed half"):
         step(st, weak, "c0", _no_train)
@@ -217,3 +220,13 @@ def test_server_refuses_shares_not_addressed_to_exactly_the_neighbours() -> None
         server.receive(c, reply)
     with pytest.raises(ProtocolError, match="exactly its neighbours"):
         server.advance()
+
+
+def test_a_finished_round_cannot_be_run_again() -> None:
+    """Re-running a round whose sum was revealed, with other survivors, would let the server difference sums."""
+    _, rec, setup, _ = spied_round(make_updates(4))
+    parties = rec.inner.handler
+    with pytest.raises(ProtocolError, match="replayed or stale"):
+        parties.handle("client0", dataclasses.replace(setup, session=setup.session + 1))
+    nxt = parties.handle("client0", dataclasses.replace(setup, round=2))  # the next round is fine
+    assert isinstance(nxt, KeysRes)
