@@ -9,6 +9,7 @@ instead tolerates up to t - 1 colluding clients together with the server.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,8 @@ class CKKS:
         if len(clients) < 2:
             raise ConfigError("secure aggregation needs at least 2 clients per round; raise strategy.min_fit_clients")
         return CKKSSetupIns(round=rnd, clients=tuple(clients), poly_modulus_degree=self.poly_modulus_degree,
-                            scale_bits=self.scale_bits, clip=self.clip, max_weight=float(self.max_weight), dim=dim)
+                            scale_bits=self.scale_bits, clip=self.clip, max_weight=float(self.max_weight), dim=dim,
+                            session=secrets.randbits(62))
 
     def configure(self, parts: JobParts) -> None:
         check_strategy(parts.strategy)

@@ -39,6 +39,7 @@ class CKKSSetupIns:
     clip: float
     max_weight: float
     dim: int
+    session: int = 0  # fresh per attempt: an unfinished round may be restarted, never replayed
 
 
 @message
@@ -152,7 +153,8 @@ TrainFn = Callable[[CKKSFitIns], tuple[torch.Tensor, int, dict[str, float]]]
 
 def client_step(state: CKKSClientState | None, msg: Any, me: str, train: TrainFn) -> tuple[CKKSClientState, Any]:
     if isinstance(msg, CKKSSetupIns):
-        if state is not None and state.round >= msg.round:
+        if state is not None and (state.round > msg.round or (state.round == msg.round and (
+                state.stage == "done" or _setup(state).session == msg.session))):
             raise ProtocolError(f"CKKSSetupIns for round {msg.round} is stale or replayed")
         if me not in msg.clients:
             raise ProtocolError("CKKSSetupIns does not list this client")
