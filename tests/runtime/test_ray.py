@@ -4,6 +4,7 @@ actor to actor, checkpoint/resume, and the `tessera demo scale` path (job.toml -
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,10 @@ def raising_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
 
 
 def exiting_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
-    """In round 1, c1 raises and c2 kills the process it runs in (its Ray actor)."""
+    """In round 1, c1 raises and c2 kills the process it runs in (its Ray actor), after a pause in which the
+    backend queues the next client behind it."""
     if isinstance(msg, FitIns) and msg.round == 1 and ctx.client == "c2":
+        time.sleep(1.0)
         os._exit(1)
     return raising_mod(msg, ctx, call_next)
 
@@ -115,19 +118,23 @@ def test_checkpoint_resume_on_ray_equals_uninterrupted(runs: dict[str, Any], tmp
 
 def test_raising_client_and_dead_actor_fail_the_client_not_the_round() -> None:
     def parts(mod: Any) -> JobParts:
-        data = make_data(num_clients=4)
+        data = make_data(num_clients=6)
         return JobParts(task=make_task(data), strategy=FedAvg(fraction_evaluate=0.0), clients=list(data),
                         mods=[mod])
 
-    ray_history, ray_params = simulate(parts(exiting_mod), rounds=2, seed=5, backend="ray", backend_options=RAY)
+    # One actor, two requests queued on it: c3 waits behind c2 when c2 kills the actor, and must be moved to the
+    # replacement actor rather than fail with it.
+    ray_history, ray_params = simulate(parts(exiting_mod), rounds=2, seed=5, backend="ray",
+                                       backend_options={"num_actors": 1, "max_inflight": 2})
     local_history, local_params = simulate(parts(raising_mod), rounds=2, seed=5)
     first, second = ray_history.records
-    assert (first["clients_succeeded"], first["clients_failed"]) == (2, 2)
+    assert (first["clients_succeeded"], first["clients_failed"]) == (4, 2)
     reasons = {f["client"]: f["reason"] for f in first["failures"]}
     assert reasons["c1"].startswith("RuntimeError: c1 fails on purpose")
     assert reasons["c2"].startswith("actor died")
     assert first["ray"]["actor_restarts"] == 1
-    assert (second["clients_succeeded"], second["clients_failed"], second["ray"]["actors"]) == (4, 0, 2)
+    assert first["ray"]["requeued"] == 1
+    assert (second["clients_succeeded"], second["clients_failed"], second["ray"]["actors"]) == (6, 0, 1)
     # Oracle: the same two clients failing in-process gives the same params.
     assert [r["clients_failed"] for r in local_history.records] == [2, 0]
     assert params_equal(ray_params, local_params)

@@ -18,6 +18,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -45,6 +46,8 @@ def connect(options: RayOptions) -> bool:
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.log_to_driver,
                               "configure_logging": False}
+    if options.runtime_env is not None:
+        common["runtime_env"] = dict(options.runtime_env)
     try:
         if options.ray_address:
             ray.init(address=options.ray_address, **common)
@@ -69,6 +72,17 @@ def ray_session(**options: Any) -> Iterator[None]:
             ray.shutdown()
 
 
+@dataclass
+class _Exchange:
+    """The bookkeeping of one exchange: who waits, what each actor has queued, what came back."""
+
+    pending: deque[str]
+    queues: dict[int, deque[tuple[Any, str]]]
+    down: dict[str, int]
+    owner: dict[Any, int] = field(default_factory=dict)
+    out: dict[str, Reply] = field(default_factory=dict)
+
+
 class RayBackend:
     """Runs each client's request on a pooled Ray actor. See the module docstring; options: `RayOptions`."""
 
@@ -80,6 +94,7 @@ class RayBackend:
         self.traffic = Traffic()
         self.store = make_store(self.options.state_dir)
         self.restarts = 0
+        self.requeued = 0  # requests moved off a dead actor before they ran
         self._actors: list[Any] = []
         self._peak_kib: list[int] = []
         self._factory_ref: Any = None
@@ -136,66 +151,93 @@ class RayBackend:
 
     # --------------------------------------------------------------------------------------------- exchange
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        """Run every request on the pool; each actor has up to `max_inflight` requests queued (hides Ray's
+        round-trip latency) and runs them one at a time, in order."""
         if not self._actors:
             raise ProtocolError("RayBackend.exchange called before start(); the Server starts its backend")
         self._exchanges += 1
         shared, blobs = encode_shared(requests)
         token, refs = (None, []) if shared is None else (f"{id(self)}:{self._exchanges}", [ray.put(shared)])
-        extra_down = len(shared) if shared is not None else 0
+        down = {c: len(b) + (len(shared) if shared is not None else 0) for c, b in blobs.items()}
         n = len(self._actors)
-        idle = deque((self._exchanges + i) % n for i in range(n))  # rotate so clients do not stick to actors
-        pending = deque(requests)
-        inflight: dict[Any, tuple[int, str]] = {}
-        out: dict[str, Reply] = {}
+        order = [(self._exchanges + i) % n for i in range(n)]  # rotate so clients do not stick to actors
+        ex = _Exchange(pending=deque(requests), queues={slot: deque() for slot in order}, down=down)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while pending or inflight:
-            while pending and idle:
-                slot, client = idle.popleft(), pending.popleft()
-                ref = self._actors[slot].run.remote(client, blobs[client], self.store.get(client), token, refs)
-                inflight[ref] = (slot, client)
+        while ex.pending or ex.owner:
+            for depth in range(self.options.max_inflight):  # breadth first: spread the work over the pool
+                for slot in order:
+                    if ex.pending and len(ex.queues[slot]) <= depth:
+                        client = ex.pending.popleft()
+                        ref = self._actors[slot].run.remote(client, blobs[client], self.store.get(client), token,
+                                                            refs)
+                        ex.queues[slot].append((ref, client))
+                        ex.owner[ref] = slot
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=left)
+            ready, _ = ray.wait(list(ex.owner), num_returns=1, timeout=left)
             if not ready:
-                self._time_out(inflight, pending, out, timeout, {c: len(b) + extra_down for c, b in blobs.items()})
+                self._time_out(ex, timeout)
                 break
-            for ref in ready:
-                slot, client = inflight.pop(ref)
-                out[client] = self._collect(ref, slot, client, down=len(blobs[client]) + extra_down)
-                idle.append(slot)
-        return {c: out[c] for c in requests}
+            self._drain(ready[0], ex)
+        return {c: ex.out[c] for c in requests}
 
-    def _collect(self, ref: Any, slot: int, client: str, *, down: int) -> Reply:
+    def _drain(self, ready: Any, ex: _Exchange) -> None:
+        """Collect finished requests at the head of `ready`'s actor queue, in the order the actor ran them."""
+        slot = ex.owner[ready]
+        queue = ex.queues[slot]
+        while queue and (queue[0][0] is ready or ray.wait([queue[0][0]], timeout=0)[0]):
+            ref, client = queue.popleft()
+            del ex.owner[ref]
+            reply, died = self._collect(ref, slot, client, down=ex.down[client])
+            ex.out[client] = reply
+            if died:  # the requests queued behind it never ran: give them to other actors
+                for r, c in reversed(queue):
+                    del ex.owner[r]
+                    ex.pending.appendleft(c)
+                    self.requeued += 1
+                queue.clear()
+        if ready in ex.owner:  # cannot happen (an actor runs its calls in order); collect it rather than spin
+            item = next(it for it in queue if it[0] is ready)
+            queue.remove(item)
+            del ex.owner[ready]
+            ex.out[item[1]] = self._collect(ready, slot, item[1], down=ex.down[item[1]])[0]
+
+    def _collect(self, ref: Any, slot: int, client: str, *, down: int) -> tuple[Reply, bool]:
+        """The client's reply or failure, and whether its actor died (and was replaced)."""
         try:
             status, payload, state, peak = ray.get(ref)
         except RayError as exc:
             log.warning("a Ray actor died while serving a client (%s); replacing it", _cause(exc))
             self._replace(slot)
             self.traffic.add(client, down=down, up=0)
-            return ClientFailure(client, f"actor died: {_cause(exc)}")
+            return ClientFailure(client, f"actor died: {_cause(exc)}"), True
         self._peak_kib[slot] = max(self._peak_kib[slot], int(peak))
         self.store.put(client, state)
         if status == FAILED or not isinstance(payload, bytes):
             self.traffic.add(client, down=down, up=0)
-            return ClientFailure(client, str(payload))
+            return ClientFailure(client, str(payload)), False
         self.traffic.add(client, down=down, up=len(payload))
         try:
             reply = decode_message(payload, max_bytes=self.options.max_message_bytes)
         except SerdeError as exc:
-            return ClientFailure(client, f"SerdeError: {str(exc)[:200]}")
+            return ClientFailure(client, f"SerdeError: {str(exc)[:200]}"), False
         if isinstance(reply, ErrorRes):
-            return ClientFailure(client, f"{reply.kind}: {reply.reason}")
-        return reply
+            return ClientFailure(client, f"{reply.kind}: {reply.reason}"), False
+        return reply, False
 
-    def _time_out(self, inflight: dict[Any, tuple[int, str]], pending: deque[str], out: dict[str, Reply],
-                  timeout: float | None, down: dict[str, int]) -> None:
-        for slot, client in inflight.values():
-            self._replace(slot)  # the actor is still busy with the late client; a fresh one takes its place
-            self.traffic.add(client, down=down[client], up=0)
-            out[client] = ClientFailure(client, f"timed out after {timeout} s")
-        for client in pending:
-            out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free")
-        inflight.clear()
-        pending.clear()
+    def _time_out(self, ex: _Exchange, timeout: float | None) -> None:
+        for slot, queue in ex.queues.items():
+            if not queue:
+                continue
+            self._replace(slot)  # the actor is still busy with a late client; a fresh one takes its place
+            (_, running), *queued = queue
+            self.traffic.add(running, down=ex.down[running], up=0)
+            ex.out[running] = ClientFailure(running, f"timed out after {timeout} s")
+            ex.pending.extend(c for _, c in queued)
+            queue.clear()
+        for client in ex.pending:
+            ex.out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free")
+        ex.pending.clear()
+        ex.owner.clear()
 
     # ---------------------------------------------------------------------------- checkpoint extension hooks
     def state_dict(self) -> dict[str, Any]:
@@ -208,10 +250,12 @@ class RayBackend:
             self.store.put(client, encode_state(dict(s)))
 
     def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
-        """Adds `ray`: pool size, actor restarts so far, and peak RSS of the driver and of the actors (MiB)."""
+        """Adds `ray`: pool size; actor restarts and requests moved off dead actors, so far; peak RSS of the
+        driver and of the actors (MiB)."""
         record["ray"] = {
             "actors": len(self._actors),
             "actor_restarts": self.restarts,
+            "requeued": self.requeued,
             "driver_peak_rss_mb": round(peak_rss_kib() / 1024, 1),
             "actor_peak_rss_mb": round(max(self._peak_kib, default=0) / 1024, 1),
             "pool_peak_rss_mb": round(sum(self._peak_kib) / 1024, 1),

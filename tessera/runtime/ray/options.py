@@ -37,10 +37,14 @@ class RayOptions(BaseModel):
     - `ray_address`: connect to an existing cluster ("auto", "ray://head:10001", "10.0.0.1:6379"); unset starts
       a local Ray owned by this run, shut down at the end. If Ray is already initialised in this process the
       backend reuses it and leaves it running.
+    - `runtime_env`: Ray's runtime environment for the actors (e.g. `{"py_modules": [...]}` or `{"working_dir":
+      "."}` so cluster nodes can import your task's module); passed to `ray.init`.
     - `num_cpus`, `object_store_memory`: the local Ray's CPU count and object-store cap (local start only).
     - `num_actors`: pool size; default = cluster CPUs // `actor_cpus` (at most the number of clients).
     - `actor_cpus`, `actor_gpus`, `actor_memory`, `actor_resources`: what each actor reserves from the scheduler.
     - `state_dir`: keep per-client state on disk under this folder instead of in the driver's memory.
+    - `max_inflight`: requests queued per actor at once (2 hides Ray's round trip; a dead actor's queued
+      requests, which never ran, go to other actors).
     - `torch_threads`: torch intra-op threads per actor; `data_cache_clients`: per actor, how many clients'
       DataLoaders stay cached (bounds actor memory independently of the number of clients).
     """
@@ -48,6 +52,7 @@ class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ray_address: str | None = None
+    runtime_env: dict[str, Any] | None = None
     num_cpus: int | None = Field(None, ge=1)
     object_store_memory: int = 256 * MIB
     num_actors: int | None = Field(None, ge=1)
@@ -57,6 +62,7 @@ class RayOptions(BaseModel):
     actor_resources: dict[str, float] = {}
     state_dir: str | None = None
     torch_threads: int = Field(1, ge=1)
+    max_inflight: int = Field(2, ge=1)
     data_cache_clients: int = Field(32, ge=1)
     max_message_bytes: int = Field(2 * 1024**3, ge=1024)
     log_to_driver: bool = False
