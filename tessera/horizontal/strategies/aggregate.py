@@ -30,8 +30,9 @@ def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.to(like.dtype) if like.is_floating_point() else x.round().to(like.dtype)
 
 
-def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params:
-    """sum_i w_i u_i / sum_i w_i, per tensor."""
+def weighted_mean(updates: Sequence[Params], weights: Sequence[float], *, dtype: torch.dtype | None = None) -> Params:
+    """sum_i w_i u_i / sum_i w_i, per tensor, accumulated in float64 and returned in each tensor's own dtype
+    (or in `dtype` when given)."""
     _check(updates)
     if len(weights) != len(updates):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
@@ -42,8 +43,8 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params
     for k, ref in updates[0].items():
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for u, w in zip(updates, weights, strict=True):
-            acc += u[k].double() * (float(w) / total)
-        out[k] = _cast(acc, ref)
+            acc.add_(u[k], alpha=float(w) / total)  # promotes to float64 inside the kernel, no temporaries
+        out[k] = acc if dtype == torch.float64 else _cast(acc, ref) if dtype is None else acc.to(dtype)
     return out
 
 

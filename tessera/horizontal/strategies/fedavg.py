@@ -27,8 +27,9 @@ from tessera.horizontal.strategies.base import FitResults, Strategy
 
 def mean_delta(results: FitResults, current: Params) -> Params:
     """Example-weighted mean of (client params - current params), in float64 accuracy."""
-    deltas = [{k: r.params[k].double() - current[k].double() for k in current} for _, r in results]
-    return weighted_mean(deltas, [r.num_examples for _, r in results])
+    # Streamed: sum_i w_i y_i / W - x equals the mean of the deltas, without materialising n float64 deltas.
+    mean = weighted_mean([r.params for _, r in results], [r.num_examples for _, r in results], dtype=torch.float64)
+    return {k: mean[k].sub_(c.double()) for k, c in current.items()}
 
 
 class FedAvg(Strategy):
