@@ -17,6 +17,7 @@ import torch
 
 from tessera.core import serde
 from tessera.core.errors import ProtocolError
+from tessera.core.logging import get_logger
 from tessera.core.types import Scalar
 from tessera.secagg import crypto, shamir
 from tessera.secagg.graph import neighbours
@@ -34,6 +35,8 @@ from tessera.secagg.messages import (
 )
 from tessera.secagg.prg import SEED_BYTES, add_mask, reduce, to_wire, to_words
 from tessera.secagg.quantize import quantize, quantize_unit
+
+log = get_logger(__name__)
 
 # train(params, config) -> (update vector float64 of length dim - 1, num_examples, metrics)
 TrainFn = Callable[[MaskedInputIns], tuple[torch.Tensor, int, dict[str, float]]]
@@ -140,13 +143,18 @@ def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[st
 
 
 def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> torch.Tensor:
-    """Fold the FedAvg weight w = min(n, max_weight) / max_weight into the update and quantise (w last)."""
+    """Clip the update (L2 to `l2_clip` if set, then each coordinate to [-clip, clip]), fold the FedAvg weight
+    w = min(n, max_weight) / max_weight into it and quantise; w travels as the last coordinate."""
     if vector.numel() != setup.dim - 1:
         raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
+    v = vector.double()
+    if setup.l2_clip > 0:
+        v = v * min(1.0, setup.l2_clip / max(float(v.norm()), 1e-300))
+    if num_examples > setup.max_weight:
+        log.warning("num_examples exceeds secagg.max_weight: this client's FedAvg weight is capped")
     w = min(float(num_examples), setup.max_weight) / setup.max_weight
     gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) else secrets.randbits(63))
-    body = quantize(w * vector.double().clamp(-setup.clip, setup.clip), clip=setup.clip, levels=setup.levels,
-                    gen=gen)
+    body = quantize(w * v.clamp(-setup.clip, setup.clip), clip=setup.clip, levels=setup.levels, gen=gen)
     return torch.cat([body, quantize_unit(w, levels=setup.levels, gen=gen)])
 
 

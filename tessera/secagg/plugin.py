@@ -37,6 +37,7 @@ class _PlusSpec(BaseModel):
     max_weight: float = Field(10_000.0, gt=0)
     dropout: float = Field(0.3, ge=0, lt=1)
     degree: int | None = Field(None, ge=1)
+    l2_clip: float | None = Field(None, gt=0)
 
 
 class _CKKSSpec(BaseModel):

@@ -64,7 +64,8 @@ class SecAggPlus:
     threshold: fraction of a client's share holders (itself + neighbours) needed to unmask it, in (0.5, 1];
     clip: per-coordinate range [-clip, clip] of an update delta before quantisation; bits: ring Z_{2^bits};
     max_weight: num_examples at which the FedAvg weight saturates (w = min(n, max_weight) / max_weight);
-    dropout: fraction of clients the round is sized to survive (picks the neighbour degree); degree: override.
+    dropout: fraction of clients the round is sized to survive (picks the neighbour degree); degree: override;
+    l2_clip: if set, clients scale their update delta to at most this L2 norm before quantising.
 
     >>> simulate(parts, rounds=10, plugins=[SecAggPlus(threshold=0.6, clip=8.0, bits=32)])
     """
@@ -75,6 +76,7 @@ class SecAggPlus:
     max_weight: float = 10_000.0
     dropout: float = 0.3
     degree: int | None = None
+    l2_clip: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
@@ -87,6 +89,8 @@ class SecAggPlus:
             raise ConfigError(f"secagg.max_weight: must be positive, got {self.max_weight}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"secagg.dropout: must be in [0, 1), got {self.dropout}")
+        if self.l2_clip is not None and not self.l2_clip > 0:
+            raise ConfigError(f"secagg.l2_clip: must be positive, got {self.l2_clip}")
         if self.degree is not None and self.degree < 1:
             raise ConfigError(f"secagg.degree: must be at least 1, got {self.degree}")
 
@@ -104,7 +108,8 @@ class SecAggPlus:
         return SetupIns(round=rnd, clients=tuple(clients), threshold=share_threshold(self.threshold, degree),
                         degree=min(degree, n - 1), graph_seed=graph_seed, bits=self.bits, clip=self.clip,
                         levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim,
-                        session=secrets.randbits(62) if session is None else session)
+                        session=secrets.randbits(62) if session is None else session,
+                        l2_clip=float(self.l2_clip or 0.0))
 
     def configure(self, parts: JobParts) -> None:
         check_strategy(parts.strategy)

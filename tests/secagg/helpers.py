@@ -43,11 +43,12 @@ class Recorder:
 
 def spied_round(updates: Sequence[Params], *, dropouts: Set[int] = frozenset(), stage: Stage = Stage.COLLECT,
                 threshold: float = 0.6, bits: int = 32, seed: int = 0,
-                degree: int | None = None) -> tuple[SecAggServer, Recorder, SetupIns, dict[str, FitIns]]:
+                degree: int | None = None,
+                l2_clip: float | None = None) -> tuple[SecAggServer, Recorder, SetupIns, dict[str, FitIns]]:
     """A SecAgg+ round like simulate_round's, with the backend's traffic recorded (may raise RoundFailed)."""
     n = len(updates)
     clients = [f"client{i}" for i in range(n)]
-    cfg = SecAggPlus(threshold=threshold, clip=8.0, bits=bits, max_weight=1.0, degree=degree)
+    cfg = SecAggPlus(threshold=threshold, clip=8.0, bits=bits, max_weight=1.0, degree=degree, l2_clip=l2_clip)
     setup = cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1, graph_seed=seed)
     rec = Recorder(InProcessBackend(_Parties(updates, {clients[i] for i in dropouts}, stage)))
     seeds = np.random.SeedSequence([seed, 2]).generate_state(n).tolist()

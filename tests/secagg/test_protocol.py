@@ -230,3 +230,13 @@ def test_a_finished_round_cannot_be_run_again() -> None:
         parties.handle("client0", dataclasses.replace(setup, session=setup.session + 1))
     nxt = parties.handle("client0", dataclasses.replace(setup, round=2))  # the next round is fine
     assert isinstance(nxt, KeysRes)
+
+
+def test_l2_clip_bounds_each_clients_contribution() -> None:
+    updates = make_updates(6, seed=8)  # norms around 11
+    server, _, setup, _ = spied_round(updates, dropouts={2}, l2_clip=1.0)
+    clipped = [flatten(u) / max(1.0, float(flatten(u).norm())) for u in updates]
+    exact = sum(clipped[i] for i in range(6) if i != 2)
+    assert server.result is not None
+    assert float((server.result.values - exact).abs().max()) < sum_error_bound(clients=5, clip=8.0,
+                                                                               levels=setup.levels)
