@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,26 +83,31 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# (file name, [(record key, label), ...], y label): the panels `plot_history` draws for a federated run
+Panel = tuple[str, list[tuple[str, str]], str]
+ROUND_PANELS: list[Panel] = [
+    ("loss", [("train_loss", "train"), ("eval_loss", "federated eval"), ("central_loss", "central eval")], "loss"),
+    ("accuracy", [("eval_metrics.accuracy", "federated eval"), ("central_metrics.accuracy", "central eval")],
+     "accuracy"),
+    ("bytes", [("bytes_up", "up (clients→server)"), ("bytes_down", "down (server→clients)")], "bytes per round"),
+]
+
+
 def plot_history(
-    histories: dict[str, History] | History, out_dir: str | Path, *, prefix: str = ""
+    histories: Mapping[str, History] | History, out_dir: str | Path, *, prefix: str = "",
+    panels: Sequence[Panel] = ROUND_PANELS, x: str = "round", title: str = "",
 ) -> list[Path]:
-    """Write loss.png, accuracy.png and bytes.png (one line per named run) and return their paths."""
+    """Write one PNG per panel (loss.png, accuracy.png, bytes.png by default), one line per named run and series,
+    against the record key `x`; returns their paths. Panels with no data are skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = histories if isinstance(histories, dict) else {"run": histories}
+    runs = histories if isinstance(histories, Mapping) else {"run": histories}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    panels = [
-        ("loss", [("train_loss", "train"), ("eval_loss", "federated eval"), ("central_loss", "central eval")],
-         "loss"),
-        ("accuracy", [("eval_metrics.accuracy", "federated eval"), ("central_metrics.accuracy", "central eval")],
-         "accuracy"),
-        ("bytes", [("bytes_up", "up (clients→server)"), ("bytes_down", "down (server→clients)")], "bytes per round"),
-    ]
     paths = []
     for name, series, ylabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -110,7 +115,7 @@ def plot_history(
         styles = ["-", "--", ":"]
         for ci, (run, hist) in enumerate(runs.items()):
             for si, (key, label) in enumerate(series):
-                ys = [(r["round"], _get(r, key)) for r in hist.records if _get(r, key) is not None]
+                ys = [(r[x], _get(r, key)) for r in hist.records if _get(r, key) is not None]
                 if ys:
                     xs, vs = zip(*ys, strict=True)
                     # colour = run, line style = series, so overlapping runs stay distinguishable
@@ -121,9 +126,9 @@ def plot_history(
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_xlabel("round")
+        ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{name} per round" + (f" — {', '.join(runs)}" if len(runs) > 1 else ""))
+        ax.set_title(f"{title}{name} per {x}" + (f" — {', '.join(runs)}" if len(runs) > 1 else ""))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from torch import nn
 
-from tessera.core.errors import ShapeMismatch
+from tessera.core.errors import ConfigError, ShapeMismatch
 
 Params: TypeAlias = dict[str, torch.Tensor]
 Scalar: TypeAlias = bool | int | float | str
@@ -91,3 +92,16 @@ def num_bytes(a: Iterable[torch.Tensor]) -> int:
 
 def clone(a: Mapping[str, torch.Tensor]) -> Params:
     return {k: v.detach().clone() for k, v in a.items()}
+
+
+def as_tensor(a: Any, *, what: str) -> torch.Tensor:
+    """numpy arrays, torch tensors, pandas frames/series -> a tensor (float64 -> float32)."""
+    if hasattr(a, "to_numpy"):
+        a = a.to_numpy()
+    if isinstance(a, np.ndarray):
+        if a.dtype == object:
+            raise ConfigError(f"{what}: object arrays cannot be trained on; convert columns to numbers first")
+        a = torch.from_numpy(np.array(a, copy=True))  # own the memory: the caller may change its array
+    if not isinstance(a, torch.Tensor):
+        raise ConfigError(f"{what}: expected a numpy array, torch tensor or pandas frame, got {type(a).__name__}")
+    return a.float() if a.dtype == torch.float64 else a

@@ -7,31 +7,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
-from tessera.core.types import get_params, set_params
+from tessera.core.types import as_tensor, get_params, set_params
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import JobParts, Plugin, simulate
 from tessera.horizontal.strategies import FedAvg, Strategy
 from tessera.horizontal.task import LossFn, MetricFn, OptimizerFn, SupervisedTask
-
-
-def as_tensor(a: Any, *, what: str) -> torch.Tensor:
-    """numpy arrays, torch tensors, pandas frames/series -> a tensor (float64 -> float32)."""
-    if hasattr(a, "to_numpy"):
-        a = a.to_numpy()
-    if isinstance(a, np.ndarray):
-        if a.dtype == object:
-            raise ConfigError(f"{what}: object arrays cannot be trained on; convert columns to numbers first")
-        a = torch.from_numpy(np.array(a, copy=True))  # own the memory: the caller may change its array
-    if not isinstance(a, torch.Tensor):
-        raise ConfigError(f"{what}: expected a numpy array, torch tensor or pandas frame, got {type(a).__name__}")
-    return a.float() if a.dtype == torch.float64 else a
 
 
 class FLModel:

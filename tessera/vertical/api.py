@@ -6,12 +6,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
+from tessera.core.types import as_tensor
 from tessera.runtime.backend import Backend, Handler, InProcessBackend
 from tessera.vertical.metrics import plot_split
 from tessera.vertical.model import SplitModel
@@ -20,19 +20,6 @@ from tessera.vertical.protections import Protections
 from tessera.vertical.trainer import EarlyStopping, LossFn, SplitTrainer
 
 Arrays = Mapping[str, Any]
-
-
-def as_tensor(a: Any, *, what: str) -> torch.Tensor:
-    """numpy arrays, torch tensors, pandas frames/series -> a tensor (float64 -> float32)."""
-    if hasattr(a, "to_numpy"):
-        a = a.to_numpy()
-    if isinstance(a, np.ndarray):
-        if a.dtype == object:
-            raise ConfigError(f"{what}: object arrays cannot be trained on; convert columns to numbers first")
-        a = torch.from_numpy(np.array(a, copy=True))
-    if not isinstance(a, torch.Tensor):
-        raise ConfigError(f"{what}: expected a numpy array, torch tensor or pandas frame, got {type(a).__name__}")
-    return a.float() if a.dtype == torch.float64 else a
 
 
 class SLModel:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.core.metrics import History
+from tessera.core.metrics import History, Panel, plot_history
 
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -46,49 +46,9 @@ def classification_metrics(outputs: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def plot_split(histories: Mapping[str, History] | History, out_dir: str | Path, *, prefix: str = "") -> list[Path]:
     """loss.png (train and validation loss per epoch) and score.png (validation AUC and accuracy per epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     runs = histories if isinstance(histories, Mapping) else {"split": histories}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    panels = [("loss", [("train_loss", "train"), ("eval_loss", "validation")], "loss"),
-              ("score", [("eval_metrics.auc", "validation AUC"), ("eval_metrics.accuracy", "validation accuracy")],
-               "AUC / accuracy")]
-    paths = []
-    for name, series, ylabel in panels:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        drawn = 0
-        for ci, (run, hist) in enumerate(runs.items()):
-            for si, (key, label) in enumerate(series):
-                pts = [(r["epoch"], v) for r in hist.records if (v := _get(r, key)) is not None]
-                if pts:
-                    xs, vs = zip(*pts, strict=True)
-                    ax.plot(xs, vs, linestyle=["-", "--"][si % 2], marker="o", markersize=3, color=f"C{ci}",
-                            label=f"{run}: {label}" if len(runs) > 1 else label)
-                    drawn += 1
-        if drawn:
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"split learning {name} per epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"{prefix}{name}.png"
-            fig.savefig(path, dpi=110)
-            paths.append(path)
-        plt.close(fig)
-    return paths
-
-
-def _get(record: Mapping[str, object], key: str) -> object:
-    cur: object = record
-    for part in key.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
+    panels: list[Panel] = [
+        ("loss", [("train_loss", "train"), ("eval_loss", "validation")], "loss"),
+        ("score", [("eval_metrics.auc", "validation AUC"), ("eval_metrics.accuracy", "validation accuracy")],
+         "AUC / accuracy")]
+    return plot_history(runs, out_dir, prefix=prefix, panels=panels, x="epoch", title="split learning ")
