@@ -3,8 +3,9 @@
 Each (backend, clients) point runs in a fresh process so its peak RSS is its own. Clients are virtual: a client's
 data (32 digits rows drawn by a seeded generator) is built only when it is sampled, so what grows with the total
 number of clients is only the id list. Round 1 (imports, actor warm-up) is reported apart from the median of
-the later rounds. `ratio` = Ray's median round time at 10,000 clients / at 100 clients (near 1: cost follows
-the clients sampled, not the clients that exist).
+the later rounds. A last point per backend samples 100 of 10,000 clients: that is what round time follows.
+`ratio` = Ray's median round time at 10,000 clients / at 100 clients (near 1: cost follows the clients sampled,
+not the clients that exist).
 
     .venv/bin/python benchmarks/scale.py [--quick]
 """
@@ -27,12 +28,14 @@ from common import report
 os.environ.setdefault("COLUMNS", "160")  # a wide table even when stdout is not a terminal
 CLIENTS = (100, 1_000, 10_000)
 SAMPLED = 10
+MORE_SAMPLED = 100  # one more point per backend: 10,000 clients with 100 sampled, to show what cost does follow
 RAY = {"num_cpus": 2, "num_actors": 2, "object_store_memory": "128MiB"}
 
 
 class TreeMemory:
-    """Extension measuring, after each round, the proportional set size (PSS) of this process and every process
-    it started (Ray's GCS, raylet, object store and actors): the whole footprint, shared pages counted once."""
+    """Extension measuring, after each round, the summed RSS of this process and every process it started (Ray's
+    GCS, raylet, agents and actors). RSS, unlike PSS/USS, does not depend on what else runs on the machine;
+    library pages shared by these processes count once per process."""
 
     name = "tree_memory"
 
@@ -46,13 +49,13 @@ class TreeMemory:
         total = 0
         for proc in [me, *me.children(recursive=True)]:
             try:
-                total += proc.memory_full_info().pss
+                total += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         self.peak_mb = max(self.peak_mb, total / 1024**2)
 
 
-def one(backend: str, clients: int, rounds: int) -> dict[str, object]:
+def one(backend: str, clients: int, sampled: int, rounds: int) -> dict[str, object]:
     """Run one configuration in this process and return its measurements."""
     import torch
 
@@ -61,7 +64,7 @@ def one(backend: str, clients: int, rounds: int) -> dict[str, object]:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    parts = virtual_digits_parts(clients, sampled=SAMPLED, seed=0)
+    parts = virtual_digits_parts(clients, sampled=sampled, seed=0)
     probe = TreeMemory()
     history, _ = simulate(parts, rounds=rounds, seed=0, backend=backend,
                           backend_options=RAY if backend == "ray" else None,
@@ -75,12 +78,13 @@ def one(backend: str, clients: int, rounds: int) -> dict[str, object]:
             "setup_s": wall - sum(seconds),
             "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "actor_peak_mb": ray.get("actor_peak_rss_mb"), "pool_peak_mb": ray.get("pool_peak_rss_mb"),
-            "all_processes_pss_mb": probe.peak_mb}
+            "all_processes_rss_mb": probe.peak_mb}
 
 
-def run_child(backend: str, clients: int, rounds: int) -> dict[str, object]:
+def run_child(backend: str, clients: int, sampled: int, rounds: int) -> dict[str, object]:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients), "--rounds", str(rounds)],
+    args = ["--one", backend, str(clients), str(sampled), "--rounds", str(rounds)]
+    proc = subprocess.run([sys.executable, __file__, *args],
                           capture_output=True, text=True, env=env, timeout=900, check=False)
     lines = [s for s in proc.stdout.splitlines() if s.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -91,22 +95,24 @@ def run_child(backend: str, clients: int, rounds: int) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="3 rounds per point instead of 10")
-    ap.add_argument("--one", nargs=2, metavar=("BACKEND", "CLIENTS"), help=argparse.SUPPRESS)
-    ap.add_argument("--rounds", type=int, default=10, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="4 rounds per point instead of 20")
+    ap.add_argument("--one", nargs=3, metavar=("BACKEND", "CLIENTS", "SAMPLED"), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.rounds)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]), args.rounds)))
         return
-    rounds = 3 if args.quick else args.rounds
-    results = [run_child(b, n, rounds) for b in ("inprocess", "ray") for n in CLIENTS]
+    rounds = 4 if args.quick else args.rounds
+    points = [(n, SAMPLED) for n in CLIENTS] + [(CLIENTS[-1], MORE_SAMPLED)]
+    results = [run_child(b, n, k, rounds) for b in ("inprocess", "ray") for n, k in points]
     rows = [[r["backend"], r["clients"], r["sampled"], r["failed"], r["median_round_s"], r["first_round_s"],
              r["setup_s"], r["driver_peak_mb"], "-" if r["actor_peak_mb"] is None else r["actor_peak_mb"],
-             "-" if r["pool_peak_mb"] is None else r["pool_peak_mb"], r["all_processes_pss_mb"]] for r in results]
-    ray_time = {r["clients"]: float(r["median_round_s"]) for r in results if r["backend"] == "ray"}  # type: ignore[arg-type]
+             "-" if r["pool_peak_mb"] is None else r["pool_peak_mb"], r["all_processes_rss_mb"]] for r in results]
+    ray_time = {r["clients"]: float(r["median_round_s"])  # type: ignore[arg-type]
+                for r in results if r["backend"] == "ray" and r["sampled"] == SAMPLED}
     ratio = ray_time[CLIENTS[-1]] / ray_time[CLIENTS[0]]
     report("scale", ["backend", "clients", "sampled/round", "failed", "median round s", "round 1 s", "setup s",
-                     "driver peak MiB", "actor peak MiB", "all actors MiB", "all processes PSS MiB"], rows, ratio=ratio,
+                     "driver peak MiB", "actor peak MiB", "all actors MiB", "all processes RSS MiB"], rows, ratio=ratio,
            ratio_means=f"Ray median round time at {CLIENTS[-1]:,} clients / at {CLIENTS[0]:,} clients "
                        f"({SAMPLED} sampled per round; near 1 = cost follows clients sampled, not total)",
            extra={"rounds": rounds, "ray_options": RAY, "results": results})
