@@ -4,6 +4,7 @@ actor to actor, checkpoint/resume, and the `tessera demo scale` path (job.toml -
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         d = tmp_path_factory.mktemp(backend)
         history, params = simulate(scaffold_parts(), rounds=ROUNDS, seed=3, output_dir=d, backend=backend,
                                    backend_options=RAY if backend == "ray" else None)
-        out[backend] = {"history": history, "params": params, "clients": client_states(d)}
+        out[backend] = {"history": history, "params": params, "clients": client_states(d), "dir": d}
     return out
 
 
@@ -114,6 +115,15 @@ def test_checkpoint_resume_on_ray_equals_uninterrupted(runs: dict[str, Any], tmp
         assert resumed[cid]["fits"] == ROUNDS
         assert params_equal(resumed[cid]["scaffold_ci"], state["scaffold_ci"])
     assert list((tmp_path / "state").iterdir()) == []  # the disk store removes its files on close
+
+
+def test_a_ray_checkpoint_resumes_in_process(runs: dict[str, Any], tmp_path: Path) -> None:
+    # Both backends write client state under the same extension name and format.
+    shutil.copytree(runs["ray"]["dir"], tmp_path / "from_ray")
+    _, resumed = simulate(scaffold_parts(), rounds=ROUNDS + 1, seed=3, output_dir=tmp_path / "from_ray", resume=True)
+    _, straight = simulate(scaffold_parts(), rounds=ROUNDS + 1, seed=3, output_dir=tmp_path / "straight")
+    assert params_equal(resumed, straight)
+    assert client_states(tmp_path / "from_ray")["c0"]["fits"] == ROUNDS + 1
 
 
 def test_raising_client_and_dead_actor_fail_the_client_not_the_round() -> None:
