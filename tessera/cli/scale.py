@@ -138,6 +138,7 @@ def _plot(runs: dict[str, History], path: Path) -> None:
     for i, (name, hist) in enumerate(runs.items()):
         left.plot([r["round"] for r in hist], [r["seconds"] for r in hist], marker="o", color=f"C{i}", label=name)
     left.set(title="round time (100 of 1,000 clients sampled)", xlabel="round", ylabel="seconds")
+    left.set_ylim(bottom=0)
     ray = runs.get("ray")
     if ray is not None:
         for key, label, style in (("driver_peak_rss_mb", "driver peak", "-"), ("actor_peak_rss_mb",
