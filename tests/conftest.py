@@ -1,6 +1,7 @@
 """Test-wide settings: offline, headless, single-threaded torch (2-core CI), deterministic."""
 
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,3 +17,17 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for every test that needs it (each start costs seconds); backends inside reuse it."""
+    from pathlib import Path
+
+    from tessera.runtime.ray import ray_session
+
+    # Actors unpickle test modules' mods and helpers by reference: let worker processes import `tests`.
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    with ray_session(num_cpus=2, object_store_memory="100MiB"):
+        yield

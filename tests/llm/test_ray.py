@@ -2,8 +2,6 @@
 with it, and the run equals the in-process run bit for bit."""
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,14 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    from tessera.runtime.ray import ray_session
-
-    # actors unpickle this module's mod by reference: let worker processes import `tests`
-    root = str(Path(__file__).resolve().parents[2])
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    with ray_session(num_cpus=2, object_store_memory="100MiB"):
-        yield
+def _ray(ray_cluster: None) -> None:
+    """Every test here runs on the session's Ray (tests/conftest.py)."""
 
 
 def base_loads_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:

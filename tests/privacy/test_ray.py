@@ -1,8 +1,6 @@
 """DP-SGD on the Ray backend: client ledgers follow clients from actor to actor (driver-side client state), so
 epsilon and params equal the in-process run's."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +13,8 @@ from .helpers import make_parts
 pytestmark = pytest.mark.slow
 
 
-def test_dpsgd_on_ray_equals_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dpsgd_on_ray_equals_in_process(ray_cluster: None) -> None:
     ray_runtime = pytest.importorskip("tessera.runtime.ray")
-    root = str(Path(__file__).resolve().parents[2])  # actors import this test package's helpers
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     local, local_params = simulate(make_parts(), rounds=3, seed=0,
                                    plugins=[DPSGD(noise_multiplier=1.3, reproducible=True)])
     with ray_runtime.ray_session(num_cpus=2, object_store_memory="100MiB"):

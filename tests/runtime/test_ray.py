@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import FedAvg, Scaffold
 from tessera.runtime.messages import FitIns
-from tessera.runtime.ray import ray_session
 
 from ..horizontal.helpers import make_data, make_task, params_equal
 
@@ -27,12 +25,8 @@ RAY = {"num_actors": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    # Actors unpickle this module's mods by reference: let worker processes import `tests`.
-    root = str(Path(__file__).resolve().parents[2])
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    with ray_session(num_cpus=2, object_store_memory="100MiB"):
-        yield
+def _ray(ray_cluster: None) -> None:
+    """Every test here runs on the session's Ray (tests/conftest.py)."""
 
 
 def counter_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:

@@ -10,7 +10,7 @@ from tessera.secagg import SecAggPlus
 
 
 @pytest.mark.slow
-def test_secagg_over_ray_equals_inprocess() -> None:
+def test_secagg_over_ray_equals_inprocess(ray_cluster: None) -> None:
     pytest.importorskip("ray")
 
     def run(backend: str) -> tuple:  # type: ignore[type-arg]

@@ -52,13 +52,27 @@ def connect(options: RayOptions) -> bool:
         if options.ray_address:
             ray.init(address=options.ray_address, **common)
         else:
-            ray.init(address="local", num_cpus=options.local_cpus(),
-                     object_store_memory=options.object_store_memory, **common)
+            _init_local(options, common)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = options.ray_address or "a local Ray"
         raise ConfigError(f"ray: could not start or reach {where} ({type(exc).__name__}: {exc}); check "
                           "ray.ray_address, or unset it to start Ray locally") from None
     return True
+
+
+def _init_local(options: RayOptions, common: dict[str, Any]) -> None:
+    # Ray gives a starting raylet a fixed 30 s to register; on a loaded machine it can miss that once. A second
+    # attempt almost always succeeds, so retry once instead of failing the run.
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=options.local_cpus(),
+                     object_store_memory=options.object_store_memory, **common)
+            return
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise RuntimeError(str(exc)) from exc
+            log.warning("local Ray did not start in time; retrying once")
+            ray.shutdown()
 
 
 @contextlib.contextmanager
