@@ -20,7 +20,7 @@ import torch
 
 from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
-from tessera.core.types import Params, check_compatible, is_finite
+from tessera.core.types import Params
 from tessera.horizontal.server import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend, ClientFailure, InProcessBackend
 from tessera.runtime.messages import FitIns, FitRes
@@ -37,7 +37,7 @@ from tessera.secagg.ckks_protocol import (
     client_step,
     public_context,
 )
-from tessera.secagg.plus import check_strategy, flatten, unflatten
+from tessera.secagg.plus import check_strategy, flatten, local_update, unflatten
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
@@ -140,13 +140,7 @@ def ckks_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
     state = serde.decode_message(raw, expected=(CKKSClientState,)) if isinstance(raw, bytes) else None
 
     def train(m: CKKSFitIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-        res = call_next(FitIns(round=m.round, params=m.params, config=dict(m.config)), ctx)
-        if not isinstance(res, FitRes):
-            raise ProtocolError(f"training returned {type(res).__name__}, not FitRes")
-        check_compatible(m.params, res.params, who=f"update of {ctx.client}")
-        if not is_finite(res.params):
-            raise ProtocolError("the local update has NaN or Inf; not encrypting it")
-        return flatten(res.params) - flatten(m.params), res.num_examples, dict(res.metrics)
+        return local_update(m.round, m.params, m.config, ctx, call_next, protect="encrypting")
 
     new, reply = client_step(state, msg, ctx.client, train)
     ctx.state[STATE_KEY] = serde.encode_message(new)

@@ -130,6 +130,19 @@ def graph_seed(rnd: int, clients: list[str]) -> int:
     return int(np.random.SeedSequence([rnd, zlib.crc32("|".join(clients).encode())]).generate_state(1)[0])
 
 
+def local_update(rnd: int, params: Params, config: Mapping[str, Any], ctx: ClientContext, call_next: CallNext,
+                 *, protect: str) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Train through the inner mods; the flat update delta, the example count and the metrics. An update of the
+    wrong shape or with NaN/Inf is refused before it is masked or encrypted (`protect` names which)."""
+    res = call_next(FitIns(round=rnd, params=params, config=dict(config)), ctx)
+    if not isinstance(res, FitRes):
+        raise ProtocolError(f"training returned {type(res).__name__}, not FitRes")
+    check_compatible(params, res.params, who=f"update of {ctx.client}")
+    if not is_finite(res.params):
+        raise ProtocolError(f"the local update has NaN or Inf; not {protect} it")
+    return flatten(res.params) - flatten(params), res.num_examples, dict(res.metrics)
+
+
 def secagg_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
     """Client mod: runs the SecAgg+ stages; in the collect stage trains through the inner mods and masks."""
     if type(msg).__module__ != "tessera.secagg.messages":
@@ -138,13 +151,7 @@ def secagg_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
     state = serde.decode_message(raw, expected=(ClientState,)) if isinstance(raw, bytes) else None
 
     def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-        res = call_next(FitIns(round=m.round, params=m.params, config=dict(m.config)), ctx)
-        if not isinstance(res, FitRes):
-            raise ProtocolError(f"training returned {type(res).__name__}, not FitRes")
-        check_compatible(m.params, res.params, who=f"update of {ctx.client}")
-        if not is_finite(res.params):
-            raise ProtocolError("the local update has NaN or Inf; not masking it")
-        return flatten(res.params) - flatten(m.params), res.num_examples, dict(res.metrics)
+        return local_update(m.round, m.params, m.config, ctx, call_next, protect="masking")
 
     new, reply = step(state, msg, ctx.client, train)
     ctx.state[STATE_KEY] = serde.encode_message(new)
