@@ -1,8 +1,9 @@
 """Horizontal federated learning: same columns, different rows."""
 
+from tessera.horizontal.aggregation import Aggregation, FitOutcome, PlainAggregation, validate_fit
 from tessera.horizontal.api import FLModel
 from tessera.horizontal.client import ClientApp, ClientContext, Mod, TaskClient, client_seed
-from tessera.horizontal.server import Aggregation, FitOutcome, PlainAggregation, Server, ServerConfig, validate_fit
+from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.simulation import JobParts, Plugin, initial_params, simulate
 from tessera.horizontal.task import SupervisedTask, Task, accuracy
 

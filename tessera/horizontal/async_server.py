@@ -26,8 +26,8 @@ from tessera.core.errors import ConfigError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
 from tessera.core.types import Params, clone
+from tessera.horizontal.aggregation import validate_fit
 from tessera.horizontal.client import client_seed
-from tessera.horizontal.server import validate_fit
 from tessera.horizontal.simulation import JobParts, initial_params, make_backend
 from tessera.horizontal.strategies.base import FitResults
 from tessera.runtime.backend import Backend, ClientFailure

@@ -1,8 +1,8 @@
 """The coordinator's round loop: sample, fit, validate, aggregate, evaluate, record, checkpoint.
 
 Two extension points keep cross-cutting features out of this loop:
-- `Aggregation` runs the fit phase of a round (send FitIns, gather replies, produce new params). `PlainAggregation`
-  is the default; secure aggregation supplies one that never sees single updates.
+- `Aggregation` (aggregation.py) runs the fit phase of a round (send FitIns, gather replies, produce new params).
+  `PlainAggregation` is the default; secure aggregation supplies one that never sees single updates.
 - `Extension`s carry state into checkpoints and add keys to each round's record (a privacy ledger, client state).
 """
 
@@ -10,85 +10,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from tessera.core import serde
-from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, RoundFailed, SerdeError, ShapeMismatch
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError
 from tessera.core.io import atomic_write_bytes
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
-from tessera.core.types import Metrics, Params, check_compatible, clone, is_finite
+from tessera.core.types import Params, check_compatible, clone
+from tessera.horizontal.aggregation import Aggregation, CentralEval, PlainAggregation
 from tessera.horizontal.client import client_seed
 from tessera.horizontal.strategies.base import FitResults, Strategy
-from tessera.runtime.backend import Backend, ClientFailure
-from tessera.runtime.messages import EvaluateRes, FitIns, FitRes
+from tessera.runtime.backend import Backend
+from tessera.runtime.messages import EvaluateRes, FitIns
 
 log = get_logger(__name__)
 CHECKPOINT = "checkpoint.tsr"
-CentralEval = Callable[[Params], tuple[float, Metrics]]
-
-
-@dataclass
-class FitOutcome:
-    params: Params
-    results: FitResults
-    failures: list[ClientFailure] = field(default_factory=list)
-
-
-class Aggregation(Protocol):
-    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
-            current: Params, *, timeout: float | None) -> FitOutcome: ...
-
-
-def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, list[ClientFailure]]:
-    """Split replies into usable results and failures; wrong-shape or non-finite updates never pass."""
-    ok: FitResults = []
-    failed: list[ClientFailure] = []
-    for cid, rep in replies.items():
-        if isinstance(rep, ClientFailure):
-            failed.append(rep)
-        elif not isinstance(rep, FitRes):
-            failed.append(ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}"))
-        elif rep.num_examples < 0:
-            failed.append(ClientFailure(cid, "rejected: negative num_examples"))
-        else:
-            try:
-                check_compatible(current, rep.params, who=f"update from {cid}")
-            except ShapeMismatch as exc:
-                failed.append(ClientFailure(cid, f"rejected: {exc}"))
-                continue
-            if not is_finite(rep.params):
-                failed.append(ClientFailure(cid, "rejected: update contains NaN or Inf"))
-                continue
-            ok.append((cid, rep))
-    for f in failed:
-        if f.reason.startswith("rejected"):
-            log.warning("client %s: update rejected before aggregation", f.client)
-    return ok, failed
-
-
-def require_quorum(rnd: int, ok: int, failed: list[ClientFailure], strategy: Strategy) -> None:
-    if ok < strategy.min_available:
-        raise RoundFailed(
-            f"round {rnd}: only {ok} client(s) succeeded, fewer than strategy.min_available="
-            f"{strategy.min_available} ({len(failed)} failed); the last checkpoint is kept — lower min_available "
-            "or fix the failing clients, then resume"
-        )
-
-
-class PlainAggregation:
-    """Clients send their params in the clear; the strategy aggregates them."""
-
-    def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
-            current: Params, *, timeout: float | None) -> FitOutcome:
-        replies = backend.exchange(dict(plan), timeout=timeout)
-        ok, failed = validate_fit(replies, current)
-        require_quorum(rnd, len(ok), failed, strategy)
-        return FitOutcome(strategy.aggregate_fit(rnd, ok, current), ok, failed)
 
 
 class Extension(Protocol):

@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
 from tessera.core.types import Params
-from tessera.horizontal.client import ClientApp, Mod, TaskClient
-from tessera.horizontal.server import Aggregation, CentralEval, PlainAggregation, Server, ServerConfig
-from tessera.horizontal.strategies.base import Strategy
+from tessera.horizontal.job import JobParts, Plugin
+from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.task import Task, task_get_params
 from tessera.runtime.backend import Backend, InProcessBackend
 
-
-@dataclass
-class JobParts:
-    """Everything a horizontal run is made of. Plugins (secure aggregation, DP) edit these before the run."""
-
-    task: Task
-    strategy: Strategy
-    clients: list[str]
-    aggregation: Aggregation = field(default_factory=PlainAggregation)
-    mods: list[Mod] = field(default_factory=list)
-    extensions: list[Any] = field(default_factory=list)
-    central_eval: CentralEval | None = None
-
-    def client_app(self) -> ClientApp:
-        # A strategy that needs client-side work (SCAFFOLD's control variates) brings its own mods; they run
-        # innermost, next to training, so other mods (DP, masking, attacks) see its final reply.
-        strategy_mods: list[Mod] = list(getattr(self.strategy, "client_mods", list)())
-        return ClientApp(TaskClient(self.task), [*self.mods, *strategy_mods])
-
-
-class Plugin(Protocol):
-    """A feature that changes how a job runs (e.g. secure aggregation): it edits the parts in place."""
-
-    def configure(self, parts: JobParts) -> None: ...
+__all__ = ["JobParts", "Plugin", "initial_params", "make_backend", "simulate"]  # JobParts, Plugin: from job.py
 
 
 def initial_params(task: Task, seed: int) -> Params:

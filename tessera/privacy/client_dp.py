@@ -24,9 +24,9 @@ import torch
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, Scalar
+from tessera.horizontal.aggregation import PlainAggregation
 from tessera.horizontal.client import CallNext, ClientContext
-from tessera.horizontal.server import PlainAggregation
-from tessera.horizontal.simulation import JobParts
+from tessera.horizontal.job import JobParts
 from tessera.horizontal.strategies.aggregate import weighted_mean
 from tessera.horizontal.strategies.base import FitResults, Strategy
 from tessera.horizontal.strategies.clipping import clip_update

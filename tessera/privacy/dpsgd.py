@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader
 from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params
+from tessera.horizontal.aggregation import Aggregation, FitOutcome
 from tessera.horizontal.client import CallNext, ClientContext
-from tessera.horizontal.server import Aggregation, FitOutcome
-from tessera.horizontal.simulation import JobParts
+from tessera.horizontal.job import JobParts
 from tessera.horizontal.strategies.base import Strategy
 from tessera.horizontal.task import Task
 from tessera.privacy.ledger import BUDGET_EXHAUSTED, PrivacyLedger

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tessera.core.config import validate
 from tessera.core.errors import ConfigError
-from tessera.horizontal.simulation import Plugin
+from tessera.horizontal.job import Plugin
 from tessera.privacy.client_dp import ClientLevelDP
 from tessera.privacy.dpsgd import DPSGD
 

@@ -21,7 +21,7 @@ import torch
 from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.types import Params
-from tessera.horizontal.server import FitOutcome, require_quorum
+from tessera.horizontal.aggregation import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend, ClientFailure, InProcessBackend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.ckks_protocol import (
@@ -41,7 +41,7 @@ from tessera.secagg.plus import check_strategy, flatten, local_update, unflatten
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
-    from tessera.horizontal.simulation import JobParts
+    from tessera.horizontal.job import JobParts
     from tessera.horizontal.strategies.base import Strategy
 
 STATE_KEY = "secagg_ckks"

@@ -23,7 +23,7 @@ from tessera.core.errors import ConfigError
 from tessera.secagg.plus import SecAggPlus
 
 if TYPE_CHECKING:
-    from tessera.horizontal.simulation import Plugin
+    from tessera.horizontal.job import Plugin
 
 _PLUS_NAMES = ("secagg+", "secagg", "secaggplus", "secagg_plus")
 

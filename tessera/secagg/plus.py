@@ -22,7 +22,7 @@ from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, check_compatible, is_finite
-from tessera.horizontal.server import FitOutcome, require_quorum
+from tessera.horizontal.aggregation import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend, ClientFailure
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
@@ -33,7 +33,7 @@ from tessera.secagg.server import SecAggServer
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
-    from tessera.horizontal.simulation import JobParts
+    from tessera.horizontal.job import JobParts
     from tessera.horizontal.strategies.base import Strategy
 
 log = get_logger(__name__)

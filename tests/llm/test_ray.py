@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tessera.core.types import Params
+from tessera.horizontal.aggregation import FitOutcome, PlainAggregation
 from tessera.horizontal.client import CallNext, ClientContext
-from tessera.horizontal.server import FitOutcome, PlainAggregation
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import FedAvg, Strategy
 from tessera.llm import LOADS
