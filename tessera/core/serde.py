@@ -109,7 +109,7 @@ class _Decoder:
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if numel * itemsize != nbytes:
             raise SerdeError(f"tensor header says {dtype_name}{shape} ({numel * itemsize} bytes) but carries {nbytes}")
         if off + nbytes > len(self.body):
@@ -211,31 +211,41 @@ def _is_tuple(tp: Any) -> bool:
 
 
 def _conforms(v: Any, tp: Any) -> bool:
+    return _checker(tp)(v)
+
+
+@functools.cache
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    """A predicate for "v is a decoded value of type tp", built once per type (decoding is on every message's
+    path, so the typing introspection must not be)."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return True
+        return lambda v: True
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(v, a) for a in typing.get_args(tp))
+        alts = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(c(v) for c in alts)
     if tp is type(None):
-        return v is None
+        return lambda v: v is None
     if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     if tp is int:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
     if isinstance(tp, type) and origin is None:
-        return isinstance(v, tp)
+        return lambda v: isinstance(v, tp)
     args = typing.get_args(tp)
     if origin is dict:
-        return isinstance(v, dict) and all(_conforms(k, args[0]) and _conforms(x, args[1]) for k, x in v.items())
+        key, val = _checker(args[0]), _checker(args[1])
+        return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
     if origin in (list, tuple):
-        if not isinstance(v, list):
-            return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(v) == len(args) and all(_conforms(x, a) for x, a in zip(v, args, strict=True))
-        return all(_conforms(x, args[0]) for x in v) if args else True
+            items = [_checker(a) for a in args]
+            return lambda v: (isinstance(v, list) and len(v) == len(items)
+                              and all(c(x) for x, c in zip(v, items, strict=True)))
+        each = _checker(args[0]) if args else (lambda v: True)
+        return lambda v: isinstance(v, list) and all(each(x) for x in v)
     if isinstance(tp, typing.TypeAliasType if hasattr(typing, "TypeAliasType") else ()):  # pragma: no cover
-        return _conforms(v, tp.__value__)
-    return True
+        return _checker(tp.__value__)
+    return lambda v: True
 
 
 def registered_messages() -> dict[str, type]:
