@@ -37,7 +37,7 @@ from tessera.secagg.ckks_protocol import (
     client_step,
     public_context,
 )
-from tessera.secagg.plus import check_strategy, flatten, local_update, unflatten
+from tessera.secagg.plus import check_strategy, flatten, run_stage, unflatten
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
@@ -134,17 +134,8 @@ class CKKSServer:
 
 def ckks_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
     """Client mod: key ceremony, encrypt the (weighted, clipped) update, decrypt the sum when asked."""
-    if type(msg).__module__ != "tessera.secagg.ckks_protocol":
-        return call_next(msg, ctx)
-    raw = ctx.state.get(STATE_KEY)
-    state = serde.decode_message(raw, expected=(CKKSClientState,)) if isinstance(raw, bytes) else None
-
-    def train(m: CKKSFitIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-        return local_update(m.round, m.params, m.config, ctx, call_next, protect="encrypting")
-
-    new, reply = client_step(state, msg, ctx.client, train)
-    ctx.state[STATE_KEY] = serde.encode_message(new)
-    return reply
+    return run_stage(msg, ctx, call_next, protocol="tessera.secagg.ckks_protocol", state_key=STATE_KEY,
+                     state_type=CKKSClientState, transition=client_step, protect="encrypting")
 
 
 class CKKSAggregation:

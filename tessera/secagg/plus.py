@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from tessera.runtime.backend import Backend, ClientFailure
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
 from tessera.secagg.graph import default_degree, share_threshold
-from tessera.secagg.messages import STAGES, ClientState, MaskedInputIns, SetupIns, Stage
+from tessera.secagg.messages import STAGES, ClientState, SetupIns, Stage
 from tessera.secagg.quantize import check_bits, levels_for
 from tessera.secagg.server import SecAggServer
 
@@ -143,19 +143,28 @@ def local_update(rnd: int, params: Params, config: Mapping[str, Any], ctx: Clien
     return flatten(res.params) - flatten(params), res.num_examples, dict(res.metrics)
 
 
+def run_stage(msg: Any, ctx: ClientContext, call_next: CallNext, *, protocol: str, state_key: str,
+              state_type: type, transition: Callable[..., tuple[Any, Any]], protect: str) -> Any:
+    """The body of a secure-aggregation client mod: messages of `protocol` (a messages module) drive the client's
+    stage machine (`transition(state, msg, me, train)`), whose state persists in `ctx.state[state_key]` as serde
+    bytes; training runs through the inner mods; every other message passes through."""
+    if type(msg).__module__ != protocol:
+        return call_next(msg, ctx)
+    raw = ctx.state.get(state_key)
+    state = serde.decode_message(raw, expected=(state_type,)) if isinstance(raw, bytes) else None
+
+    def train(m: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
+        return local_update(m.round, m.params, m.config, ctx, call_next, protect=protect)
+
+    new, reply = transition(state, msg, ctx.client, train)
+    ctx.state[state_key] = serde.encode_message(new)
+    return reply
+
+
 def secagg_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
     """Client mod: runs the SecAgg+ stages; in the collect stage trains through the inner mods and masks."""
-    if type(msg).__module__ != "tessera.secagg.messages":
-        return call_next(msg, ctx)
-    raw = ctx.state.get(STATE_KEY)
-    state = serde.decode_message(raw, expected=(ClientState,)) if isinstance(raw, bytes) else None
-
-    def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-        return local_update(m.round, m.params, m.config, ctx, call_next, protect="masking")
-
-    new, reply = step(state, msg, ctx.client, train)
-    ctx.state[STATE_KEY] = serde.encode_message(new)
-    return reply
+    return run_stage(msg, ctx, call_next, protocol="tessera.secagg.messages", state_key=STATE_KEY,
+                     state_type=ClientState, transition=step, protect="masking")
 
 
 def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns], *,
