@@ -64,6 +64,17 @@ class _FailAt:
         return self.app.handle(client, msg)
 
 
+def _params_when_failing(job: Path, client: str, *, rnd: int) -> Any:
+    """The oracle: the job's 3 rounds in-process, with `client` failing every request of round `rnd`."""
+    cfg = load_job(job)
+    parts = build_parts(cfg)
+    oracle = Server(strategy=parts.strategy, backend=InProcessBackend(_FailAt(parts.client_app(), client, rnd)),
+                    clients=parts.clients, initial_params=initial_params(parts.task, cfg.job.seed),
+                    config=ServerConfig(rounds=3, seed=cfg.job.seed))
+    oracle.run()
+    return oracle.params
+
+
 def test_three_rounds_over_mtls_equal_simulation_and_impostors_are_refused(tmp_path: Path) -> None:
     fed, job, out = _setup(tmp_path)
     evil = tmp_path / "evil"
@@ -126,13 +137,7 @@ def test_killed_client_misses_round_two_and_rejoins_round_three(tmp_path: Path) 
     records = _records(out)
     assert [r["clients_succeeded"] for r in records] == [3, 2, 3]
     assert [f["client"] for f in records[1]["failures"]] == ["client1"]
-    cfg = load_job(job)
-    parts = build_parts(cfg)
-    oracle = Server(strategy=parts.strategy, backend=InProcessBackend(_FailAt(parts.client_app(), "client1", 2)),
-                    clients=parts.clients, initial_params=initial_params(parts.task, cfg.job.seed),
-                    config=ServerConfig(rounds=3, seed=cfg.job.seed))
-    oracle.run()
-    _assert_equal_params(_checkpoint(out)["params"], oracle.params)
+    _assert_equal_params(_checkpoint(out)["params"], _params_when_failing(job, "client1", rnd=2))
 
 
 def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path) -> None:
@@ -185,13 +190,7 @@ def test_a_silent_client_is_marked_failed_and_the_round_completes_with_the_other
     assert [r["clients_succeeded"] for r in records] == [3, 2, 3]
     assert [f["client"] for f in records[1]["failures"]] == ["client2"]
     assert "sent no reply within 6" in records[1]["failures"][0]["reason"]
-    cfg = load_job(job)
-    parts = build_parts(cfg)
-    oracle = Server(strategy=parts.strategy, backend=InProcessBackend(_FailAt(parts.client_app(), "client2", 2)),
-                    clients=parts.clients, initial_params=initial_params(parts.task, cfg.job.seed),
-                    config=ServerConfig(rounds=3, seed=cfg.job.seed))
-    oracle.run()
-    _assert_equal_params(_checkpoint(out)["params"], oracle.params)
+    _assert_equal_params(_checkpoint(out)["params"], _params_when_failing(job, "client2", rnd=2))
 
 
 def test_sigterm_to_a_client_and_to_a_waiting_coordinator_exits_0(tmp_path: Path) -> None:
