@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +26,7 @@ from torch import nn
 from tessera.runtime.backend import Backend
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import init_ca, issue
-from tessera.runtime.grpc.config import load_federation
+from tessera.runtime.grpc.config import FederationConfig, load_federation
 from tessera.vertical import ConcatFuse, DataOwner, SplitTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,9 +260,15 @@ def parties() -> Iterator[list[Party]]:
 
 def attack(fed_path: Path, *, claim: str, cert: Path | None, send: list[bytes] | None = None,
            timeout: float = 20.0) -> grpc.StatusCode:
+    """`open_session` against the coordinator of the federation.toml at `fed_path`."""
+    return open_session(load_federation(fed_path), claim=claim, cert=cert, send=send, timeout=timeout)
+
+
+def open_session(fed: FederationConfig, *, claim: str, cert: Path | None, send: Iterable[bytes] | None = None,
+                 timeout: float = 20.0) -> grpc.StatusCode:
     """Open a session as `claim` presenting `cert` (with the .key beside it; None = no client certificate),
-    send raw frames, and return the status the coordinator ended the stream with."""
-    fed = load_federation(fed_path)
+    send raw frames (a list, or a generator that may hold the stream open), and return the status the coordinator
+    ended the stream with."""
     ca = fed.ca_cert.read_bytes()
     if cert is None:
         creds = grpc.ssl_channel_credentials(root_certificates=ca)

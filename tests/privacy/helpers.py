@@ -1,8 +1,10 @@
 """Small builders shared by the privacy tests: equal-sized clients so DP noise and budgets line up."""
 
+import functools
 from typing import Any
 
 import torch
+from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -10,6 +12,16 @@ from tessera.core.models import MLP
 from tessera.horizontal.simulation import JobParts
 from tessera.horizontal.strategies import FedAvg, Strategy
 from tessera.horizontal.task import SupervisedTask
+
+DELTA = 1e-5
+
+
+@functools.lru_cache
+def rdp(sigma: float, q: float, steps: int) -> float:
+    """Opacus' RDPAccountant given the history directly (independent of tessera's cached path): the oracle."""
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=DELTA))
 
 
 def make_parts(*, clients: int = 3, rows: int = 32, batch_size: int = 8, lr: float = 0.1,

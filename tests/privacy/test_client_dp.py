@@ -1,13 +1,11 @@
 """Client-level DP of updates: vanilla FedAvg without noise, noise std z*C/n, clipping bound, accounting, budget."""
 
-import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params
@@ -19,16 +17,7 @@ from tessera.privacy import CLIENT_PARTY, ClientLevelDP, PrivacyLedger
 from tessera.privacy.client_dp import ClientDPStrategy, distributed_noise_mod
 from tessera.runtime.messages import FitRes
 
-from .helpers import make_parts
-
-DELTA = 1e-5
-
-
-@functools.lru_cache
-def rdp(sigma: float, q: float, steps: int) -> float:
-    acc = RDPAccountant()
-    acc.history = [(sigma, q, steps)]
-    return float(acc.get_epsilon(delta=DELTA))
+from .helpers import DELTA, make_parts, rdp
 
 
 def strategy(*, clip: float, z: float, mode: str = "central", seed: int | None = 0) -> ClientDPStrategy:

@@ -1,13 +1,11 @@
 """DP-SGD across federated rounds: epsilon per party in every record, budget stop, resume, no re-wrapping."""
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from tessera.core.types import Params
 from tessera.horizontal.client import CallNext, ClientContext
@@ -19,17 +17,7 @@ from tessera.privacy.ledger import Accountant, compute_epsilon
 from tessera.privacy.opacus import DPTrainer, hook_count
 from tessera.runtime.messages import FitIns, FitRes
 
-from .helpers import make_parts
-
-DELTA = 1e-5
-
-
-@functools.lru_cache
-def rdp(sigma: float, q: float, steps: int) -> float:
-    """Opacus' RDPAccountant given the history directly (independent of tessera's cached path)."""
-    acc = RDPAccountant()
-    acc.history = [(sigma, q, steps)]
-    return float(acc.get_epsilon(delta=DELTA))
+from .helpers import DELTA, make_parts, rdp
 
 
 def assert_params_equal(a: Params, b: Params) -> None:

@@ -20,7 +20,6 @@ from tessera.core.serde import encode_message
 from tessera.runtime.backend import ClientFailure
 from tessera.runtime.grpc import ClientParty, GrpcBackend
 from tessera.runtime.grpc import transport as tp
-from tessera.runtime.grpc.certs import init_ca, issue
 from tessera.runtime.grpc.config import FederationConfig, build
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
@@ -41,15 +40,6 @@ class Echo:
                 self.release.wait(30)
             return EvaluateRes(loss=float(msg.round), num_examples=len(client))
         return FitRes(params={k: v + 1 for k, v in msg.params.items()}, num_examples=int(client[1:]) + 1)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    init_ca(d)
-    for n in ("server", "alice", "bob", "carol"):
-        issue(d, n)
-    return d
 
 
 def _fed(certs: Path, port: int = 0, **settings: Any) -> FederationConfig:

@@ -26,20 +26,11 @@ from tessera.runtime.backend import ClientFailure
 from tessera.runtime.grpc import ClientParty, GrpcBackend
 from tessera.runtime.grpc import backend as backend_mod
 from tessera.runtime.grpc import transport as tp
-from tessera.runtime.grpc.certs import init_ca, issue
 from tessera.runtime.grpc.config import FederationConfig, RetrySection, build
 from tessera.runtime.grpc.party import backoff_delays
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
+from tests.e2e.grpc_helpers import open_session
 from tests.runtime.test_grpc_backend import ROUTES, Echo, _fed
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    init_ca(d)
-    for n in ("server", "alice", "bob", "carol"):
-        issue(d, n)
-    return d
 
 
 def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -166,22 +157,6 @@ def test_an_oversize_request_fails_that_client_only(start: Any) -> None:
     assert r.backend.connected() == ["c0", "c1"] and r.clients["alice"].stats.connections == 1
 
 
-def _open(fed: FederationConfig, certs: Path, *, cert: str, claim: str, frames: Iterator[bytes]) -> grpc.StatusCode:
-    creds = grpc.ssl_channel_credentials((certs / "ca.crt").read_bytes(), (certs / f"{cert}.key").read_bytes(),
-                                         (certs / f"{cert}.crt").read_bytes())
-    assert fed.coordinator.address is not None
-    with grpc.secure_channel(fed.coordinator.address, creds,
-                             options=[("grpc.ssl_target_name_override", "server")]) as ch:
-        call = ch.stream_stream(tp.FULL_METHOD, request_serializer=None, response_deserializer=None)(
-            frames, metadata=((tp.PARTY_KEY, claim),), timeout=20)
-        try:
-            for _ in call:
-                pass
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
-
-
 def test_an_impostor_cannot_answer_a_request_in_flight(start: Any, certs: Path) -> None:
     r = start(("alice",))
     result: dict[str, Any] = {}
@@ -192,7 +167,7 @@ def test_an_impostor_cannot_answer_a_request_in_flight(start: Any, certs: Path) 
               *(f for i in range(1, 4) for f in tp.split(i, encode_message(EvaluateRes(loss=666.0, num_examples=1)),
                                                          16384))]
     # bob's genuine certificate, claiming to be alice, with well-formed replies to the pending request ids
-    assert _open(r.fed, certs, cert="bob", claim="alice", frames=iter(forged)) == grpc.StatusCode.PERMISSION_DENIED
+    assert open_session(r.fed, cert=certs / "bob.crt", claim="alice", send=forged) == grpc.StatusCode.PERMISSION_DENIED
     assert r.backend.refused[-1].claimed == "alice" and "not issued to 'alice'" in r.backend.refused[-1].reason
     r.echo.release.set()
     t.join(20)
@@ -209,7 +184,8 @@ def test_a_peer_that_never_says_hello_is_closed(start: Any, certs: Path, monkeyp
         yield from ()
 
     try:
-        assert _open(r.fed, certs, cert="carol", claim="carol", frames=silent()) == grpc.StatusCode.DEADLINE_EXCEEDED
+        status = open_session(r.fed, cert=certs / "carol.crt", claim="carol", send=silent())
+        assert status == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         hold.set()
     assert "c2" not in r.backend.connected() and "no HELLO" in r.backend.refused[-1].reason
