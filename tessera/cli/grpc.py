@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tessera.horizontal.simulation import JobParts
     from tessera.runtime.grpc.backend import GrpcBackend
     from tessera.runtime.grpc.config import FederationConfig
+    from tessera.runtime.grpc.party import ClientParty
 
 console = Console()
 certs_app = typer.Typer(help="Create the federation CA and party certificates.", no_args_is_help=True)
@@ -175,13 +176,7 @@ def run_client(fed: FederationConfig, name: str, cfg: JobConfig) -> int:
     routes = client_routes(fed, parts.clients)
     client_id = next(c for c, p in routes.items() if p == name)
     party = ClientParty(fed, name, parts.client_app(), expected_client_id=client_id)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: party.stop())
-    console.print(f"party {name} (client {client_id}) dialling {fed.coordinator.address}", highlight=False)
-    stats = party.run()
-    console.print(f"party {name} done: {stats.requests} requests served over {stats.connections} connection(s)",
-                  highlight=False)
-    return 0
+    return _serve(party, f"party {name} (client {client_id}) dialling {fed.coordinator.address}")
 
 
 # ------------------------------------------------------------------------------------------- split learning
@@ -266,12 +261,17 @@ def run_split_owner(fed: FederationConfig, name: str, app: Any, out: Path) -> in
     from tessera.runtime.grpc.party import ClientParty
 
     party = ClientParty(fed, name, app.owner(name, out), expected_client_id=name)
+    return _serve(party, f"data owner {name} dialling {fed.coordinator.address}")
+
+
+def _serve(party: ClientParty, intro: str) -> int:
+    """Run a client party until the coordinator says BYE or a signal stops it (a clean stop exits 0)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: party.stop())
-    console.print(f"data owner {name} dialling {fed.coordinator.address}", highlight=False)
+    console.print(intro, highlight=False)
     stats = party.run()
-    console.print(f"party {name} done: {stats.requests} requests served over {stats.connections} connection(s)",
-                  highlight=False)
+    console.print(f"party {party.me.name} done: {stats.requests} requests served over {stats.connections} "
+                  "connection(s)", highlight=False)
     return 0
 
 
