@@ -44,7 +44,7 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float], *, dtype:
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for u, w in zip(updates, weights, strict=True):
             acc.add_(u[k], alpha=float(w) / total)  # promotes to float64 inside the kernel, no temporaries
-        out[k] = acc if dtype == torch.float64 else _cast(acc, ref) if dtype is None else acc.to(dtype)
+        out[k] = _cast(acc, ref) if dtype is None else acc.to(dtype)  # .to is a no-op for float64
     return out
 
 
