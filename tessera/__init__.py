@@ -11,8 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FLModel": ("tessera.horizontal.api", "FLModel"),
-    "SLModel": ("tessera.vertical.api", "SLModel"),
+    "FLModel": ("tessera.api", "FLModel"),
+    "SLModel": ("tessera.api", "SLModel"),
 }
 
 

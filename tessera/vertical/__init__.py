@@ -1,11 +1,10 @@
 """Vertical split learning: parties hold different columns of the same rows, one party holds the labels.
 
-`SLModel` is the array API; `SplitModel`, `DataOwner` (the owners' message handler), `SplitTrainer` (the label
+The array API is `tessera.SLModel` (tessera/api.py); `SplitModel`, `DataOwner` (the owners' message handler), `SplitTrainer` (the label
 party's loop) and `psi.intersect` (private row alignment) are the parts it is built from.
 """
 
 from tessera.vertical import psi
-from tessera.vertical.api import SLModel
 from tessera.vertical.model import ConcatFuse, SplitModel, SumFuse, split_sequential
 from tessera.vertical.owner import DataOwner, OwnerGroup
 from tessera.vertical.protections import EmbeddingDP, GradientPerturbation, LabelDP, Protections
@@ -13,5 +12,5 @@ from tessera.vertical.trainer import EarlyStopping, SplitTrainer
 
 __all__ = [
     "ConcatFuse", "DataOwner", "EarlyStopping", "EmbeddingDP", "GradientPerturbation", "LabelDP", "OwnerGroup",
-    "Protections", "SLModel", "SplitModel", "SplitTrainer", "SumFuse", "psi", "split_sequential",
+    "Protections", "SplitModel", "SplitTrainer", "SumFuse", "psi", "split_sequential",
 ]

@@ -8,7 +8,7 @@ import torch
 
 from tessera.cli.secagg import digits_job
 from tessera.core.errors import ConfigError, RoundFailed
-from tessera.horizontal.api import FLModel
+from tessera.api import FLModel
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAdam, FedAvg, Krum
