@@ -2,13 +2,22 @@
 
 Layout of one encoded blob::
 
-    b"TSR1" | u32 little-endian header length | msgpack header | tensor bytes ...
+    b"TSR2" | u32 little-endian header length | msgpack header | zero padding to 64 | tensor bytes ...
 
 The header is plain msgpack (maps, lists, str, bytes, int, float, bool, None). A tensor is replaced in the header
-by ``{"$t": [dtype, shape, offset, nbytes]}``; its bytes follow the header. Integers outside int64 (numpy RNG
-states hold 128-bit integers) travel as ``{"$i": "decimal"}``. Decoding checks the magic, every dtype against an
-allowlist, that shape and byte count agree, that buffers lie inside the blob, and the total size limit, so a
-pickle, a truncated buffer or a forged header raises SerdeError before any tensor is built.
+by ``{"$t": [dtype, shape, offset, nbytes]}``; its bytes follow the header, each buffer starting on a 64-byte
+boundary of the body so a receiver can use it in place. Integers outside int64 (numpy RNG states hold 128-bit
+integers) travel as ``{"$i": "decimal"}``. Blobs written before alignment (``TSR1``: no padding) still decode.
+
+Decoding treats the bytes as hostile: the header may nest at most `MAX_DEPTH` levels (checked while walking, so a
+600-deep message is a SerdeError, never a RecursionError); tensor buffers must appear in header order, disjoint and
+inside the blob with no trailing bytes, so the tensors decoded never add up to more than the message; dtypes are
+checked exactly (a bool tensor carries only bytes 0 and 1); anything else raises SerdeError.
+
+Encoding gives a list of buffers (`encode_parts`): the envelope, then memoryviews of the tensors themselves, so a
+writer or a transport sends them piecewise without first copying the whole message into one `bytes`. Decoding
+with ``take=True`` builds tensors as views over a writable buffer the caller hands over (the transport's reassembly
+buffer): the payload is then copied once, from the network into that buffer, and never again.
 
 Messages are frozen dataclasses registered with ``@message``; ``encode_message`` / ``decode_message`` add the
 type name and check the fields against the dataclass on the way back.
@@ -23,17 +32,25 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 import numpy as np
 import torch
 
-from tessera.core.errors import SerdeError
+from tessera.core.errors import SerdeError, TesseraError
 
-MAGIC = b"TSR1"
-DEFAULT_MAX_BYTES = 2 * 1024**3  # 2 GiB; parties configure lower limits for the network
+MAGIC = b"TSR2"
+LEGACY_MAGIC = b"TSR1"  # unaligned layout of earlier checkpoints; read, never written
+ALIGN = 64
+MAX_DEPTH = 32  # maps/lists (and tensor descriptors) inside each other; real messages use about 8
+MAX_DIMS = 32
+DEFAULT_MAX_BYTES: int | None = None  # in memory the blob's own length bounds everything; transports set limits
 _INT64 = (-(2**63), 2**63 - 1)
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+Parts: TypeAlias = list[bytes | memoryview]
+"""An encoded blob as consecutive buffers: write or send them in order, or ``b"".join`` them."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -53,105 +70,189 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
     raise ImportError("tessera's wire format assumes a little-endian host")
 
 
-def _encode_obj(obj: Any, buffers: list[bytes], offset: list[int]) -> Any:
-    if isinstance(obj, torch.Tensor):
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.buffers: list[tuple[int, memoryview]] = []
+        self.cursor = 0
+
+    def tensor(self, obj: torch.Tensor) -> dict[str, Any]:
         t = obj.detach().to("cpu").contiguous()
         if t.dtype not in _NAMES:
             raise SerdeError(f"tensor dtype {t.dtype} cannot be sent; cast to one of {sorted(_DTYPES)}")
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        desc = [_NAMES[t.dtype], list(t.shape), offset[0], len(raw)]
-        buffers.append(raw)
-        offset[0] += len(raw)
-        return {"$t": desc}
-    if isinstance(obj, np.ndarray):
-        return _encode_obj(torch.from_numpy(np.ascontiguousarray(obj)), buffers, offset)
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, bytes, float)):
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        i = int(obj)
-        return i if _INT64[0] <= i <= _INT64[1] else {"$i": str(i)}
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str) or k.startswith("$"):
-                raise SerdeError(f"map keys must be strings not starting with '$', got {k!r}")
-            out[k] = _encode_obj(v, buffers, offset)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_encode_obj(v, buffers, offset) for v in obj]
-    raise SerdeError(f"cannot encode {type(obj).__name__}; only tensors, arrays, maps, lists and scalars travel")
+        nbytes = t.numel() * t.element_size()
+        off = _align(self.cursor) if nbytes else self.cursor
+        if nbytes:
+            self.buffers.append((off, t.reshape(-1).view(torch.uint8).numpy().data))
+            self.cursor = off + nbytes
+        return {"$t": [_NAMES[t.dtype], list(t.shape), off, nbytes]}
+
+    def obj(self, obj: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise SerdeError(f"value nested deeper than {MAX_DEPTH} levels cannot be sent; flatten it")
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, np.ndarray):
+            return self.tensor(torch.from_numpy(np.ascontiguousarray(obj)))
+        if isinstance(obj, bool) or obj is None or isinstance(obj, (str, bytes, float)):
+            return obj
+        if isinstance(obj, (int, np.integer)):
+            i = int(obj)
+            return i if _INT64[0] <= i <= _INT64[1] else {"$i": str(i)}
+        if isinstance(obj, np.floating):
+            return float(obj)
+        if isinstance(obj, Mapping):
+            out = {}
+            for k, v in obj.items():
+                if not isinstance(k, str) or k.startswith("$"):
+                    raise SerdeError(f"map keys must be strings not starting with '$', got {k!r}")
+                out[k] = self.obj(v, depth + 1)
+            return out
+        if isinstance(obj, (list, tuple)):
+            return [self.obj(v, depth + 1) for v in obj]
+        raise SerdeError(f"cannot encode {type(obj).__name__}; only tensors, arrays, maps, lists and scalars travel")
+
+
+def encode_parts(obj: Any) -> Parts:
+    """Encode a tree of maps/lists/scalars/tensors as buffers: the envelope, then views of the tensors' own
+    memory (no copy; do not change the tensors until the parts are written or sent)."""
+    enc = _Encoder()
+    header = msgpack.packb(enc.obj(obj, 1), use_bin_type=True)
+    prefix = 8 + len(header)
+    parts: Parts = [MAGIC + struct.pack("<I", len(header)) + header + bytes(_align(prefix) - prefix)]
+    cursor = 0
+    for off, view in enc.buffers:
+        if off > cursor:
+            parts.append(bytes(off - cursor))
+        parts.append(view)
+        cursor = off + len(view)
+    return parts
+
+
+def parts_size(parts: Parts) -> int:
+    return sum(len(p) for p in parts)
 
 
 def dumps(obj: Any) -> bytes:
     """Encode a tree of maps/lists/scalars/tensors into one blob."""
-    buffers: list[bytes] = []
-    header = msgpack.packb(_encode_obj(obj, buffers, [0]), use_bin_type=True)
-    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *buffers])
+    return b"".join(encode_parts(obj))
 
 
 class _Decoder:
-    def __init__(self, body: memoryview) -> None:
+    """Walks a decoded header, building tensors from the body; every check runs before any tensor exists."""
+
+    def __init__(self, body: memoryview, *, take: bool) -> None:
         self.body = body
+        self.take = take and not body.readonly
+        self.cursor = 0  # buffers must follow each other in header order: disjoint, in bounds, nothing unread
 
     def tensor(self, desc: Any) -> torch.Tensor:
-        if not (isinstance(desc, list) and len(desc) == 4):
+        if not (type(desc) is list and len(desc) == 4):
             raise SerdeError("malformed tensor descriptor")
         dtype_name, shape, off, nbytes = desc
-        dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise SerdeError(f"tensor dtype {dtype_name!r} is not allowed")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and 0 <= s < 2**40 for s in shape)):
+        if not (type(shape) is list and len(shape) <= MAX_DIMS
+                and all(type(s) is int and 0 <= s < 2**40 for s in shape)):
             raise SerdeError(f"tensor shape {shape!r} is invalid")
-        if not (isinstance(off, int) and isinstance(nbytes, int) and off >= 0 and nbytes >= 0):
+        if not (type(off) is int and type(nbytes) is int and off >= 0 and nbytes >= 0):
             raise SerdeError("tensor offset/size invalid")
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = dtype.itemsize
-        if numel * itemsize != nbytes:
-            raise SerdeError(f"tensor header says {dtype_name}{shape} ({numel * itemsize} bytes) but carries {nbytes}")
+        if numel * dtype.itemsize != nbytes:
+            raise SerdeError(f"tensor header says {dtype_name}{shape} ({numel * dtype.itemsize} bytes) "
+                             f"but carries {nbytes}")
+        if not self.cursor <= off < self.cursor + ALIGN:
+            raise SerdeError("tensor buffers overlap or are out of order; the message was forged or corrupted")
         if off + nbytes > len(self.body):
             raise SerdeError("tensor buffer is truncated")
+        self.cursor = off + nbytes
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = bytearray(self.body[off : off + nbytes])
-        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+        raw = self.body[off : off + nbytes]
+        if dtype is torch.bool and int(np.frombuffer(raw, dtype=np.uint8).max()) > 1:
+            raise SerdeError("bool tensor holds bytes other than 0 and 1")
+        u8 = torch.frombuffer(raw if self.take else bytearray(raw), dtype=torch.uint8)
+        if u8.data_ptr() % dtype.itemsize:  # a view must be aligned for its dtype; copy the rare one that is not
+            u8 = u8.clone()
+        return u8.view(dtype).reshape(shape)
 
-    def obj(self, h: Any) -> Any:
-        if isinstance(h, dict):
-            if "$t" in h:
-                return self.tensor(h["$t"])
-            if "$i" in h:
-                try:
-                    return int(h["$i"])
-                except (TypeError, ValueError) as exc:
-                    raise SerdeError("malformed big integer") from exc
-            return {k: self.obj(v) for k, v in h.items()}
-        if isinstance(h, list):
-            return [self.obj(v) for v in h]
-        return h
+    def obj(self, h: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise SerdeError(f"message nested deeper than {MAX_DEPTH} levels")
+        if type(h) is dict:
+            if "$t" in h or "$i" in h:
+                return self.marker(h, depth)
+            out = {}
+            for k, v in h.items():
+                if type(k) is not str or k.startswith("$"):
+                    raise SerdeError("map keys must be strings not starting with '$'")
+                out[k] = self.obj(v, depth + 1)
+            return out
+        if type(h) is list:
+            return [self.obj(v, depth + 1) for v in h]
+        if isinstance(h, _SCALARS):
+            return h
+        raise SerdeError(f"unexpected {type(h).__name__} in the header")
+
+    def marker(self, h: dict[Any, Any], depth: int) -> Any:
+        if len(h) != 1:
+            raise SerdeError("a tensor or big-integer marker must be the only key of its map")
+        if "$t" in h:
+            if depth + 1 > MAX_DEPTH:
+                raise SerdeError(f"message nested deeper than {MAX_DEPTH} levels")
+            return self.tensor(h["$t"])
+        text = h["$i"]
+        if not (type(text) is str and 0 < len(text) <= 64 and text.lstrip("-").isdigit() and text.isascii()):
+            raise SerdeError("malformed big integer")
+        return int(text)
 
 
-def loads(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
-    """Decode a blob written by `dumps`, validating everything before building tensors."""
-    view = memoryview(data)
-    if len(view) > max_bytes:
+def loads(data: bytes | bytearray | memoryview, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+          take: bool = False) -> Any:
+    """Decode a blob written by `dumps`, validating everything before building tensors.
+
+    `take=True` hands a writable buffer (a bytearray) over to the result: tensors are views into it, so the caller
+    must not reuse it. Read-only data (bytes) is always copied, once per tensor."""
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise SerdeError("a message must be a contiguous byte buffer") from exc
+    if max_bytes is not None and len(view) > max_bytes:
         raise SerdeError(f"message of {len(view)} bytes exceeds the limit of {max_bytes}; raise max_message_bytes")
-    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+    magic = bytes(view[:4])
+    if len(view) < 8 or magic not in (MAGIC, LEGACY_MAGIC):
         hint = " (this looks like a pickle, which tessera never loads)" if bytes(view[:1]) == b"\x80" else ""
         raise SerdeError(f"not a tessera message: bad magic{hint}")
     (hlen,) = struct.unpack("<I", view[4:8])
-    if 8 + hlen > len(view):
+    start = 8 + hlen if magic == LEGACY_MAGIC else _align(8 + hlen)
+    if start > len(view):
         raise SerdeError("header is truncated")
     try:
-        header = msgpack.unpackb(
-            view[8 : 8 + hlen], raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes
-        )
+        header = msgpack.unpackb(view[8 : 8 + hlen], raw=False, strict_map_key=True, max_bin_len=len(view),
+                                 max_str_len=len(view), timestamp=0, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types
         raise SerdeError(f"header is not valid msgpack: {type(exc).__name__}") from exc
-    return _Decoder(view[8 + hlen :]).obj(header)
+    dec = _Decoder(view[start:], take=take)
+    try:
+        out = dec.obj(header, 1)
+    except TesseraError:
+        raise
+    except Exception as exc:  # a backstop: the checks above are meant to leave nothing for it
+        raise SerdeError(f"malformed message: {type(exc).__name__}") from exc
+    if dec.cursor != len(dec.body):
+        raise SerdeError(f"{len(dec.body) - dec.cursor} bytes follow the last tensor; the message was forged or "
+                         "corrupted")
+    return out
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise SerdeError(f"msgpack extension type {code} is not allowed")
 
 
 # ---------------------------------------------------------------------------------------------------- messages
@@ -169,19 +270,25 @@ def message(cls: type[M]) -> type[M]:
     return cls
 
 
-def encode_message(msg: Any) -> bytes:
+def encode_message_parts(msg: Any) -> Parts:
+    """`encode_message` as buffers (see `encode_parts`)."""
     name = type(msg).__name__
     if not dataclasses.is_dataclass(msg) or isinstance(msg, type):
         raise SerdeError(f"{name} is not a message instance")
     if _REGISTRY.get(name) is not type(msg):
         raise SerdeError(f"{name} is not a registered message type")
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return dumps({"type": name, "fields": fields})
+    return encode_parts({"type": name, "fields": fields})
 
 
-def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                   expected: tuple[type, ...] | None = None) -> Any:
-    env = loads(data, max_bytes=max_bytes)
+def encode_message(msg: Any) -> bytes:
+    return b"".join(encode_message_parts(msg))
+
+
+def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                   expected: tuple[type, ...] | None = None, take: bool = False) -> Any:
+    """Decode and type-check one message; raises only SerdeError (or the message's own TesseraError)."""
+    env = loads(data, max_bytes=max_bytes, take=take)
     if not (isinstance(env, dict) and set(env) == {"type", "fields"} and isinstance(env["fields"], dict)):
         raise SerdeError("not a message envelope")
     cls = _REGISTRY.get(env["type"]) if isinstance(env["type"], str) else None
@@ -198,7 +305,12 @@ def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int = DEF
         if not _conforms(v, hints[k]):
             raise SerdeError(f"{cls.__name__}.{k}: value of type {type(v).__name__} does not match {hints[k]}")
     values = {k: (tuple(v) if _is_tuple(hints[k]) else v) for k, v in given.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TesseraError:
+        raise
+    except Exception as exc:  # a message's own __post_init__ refusing the values
+        raise SerdeError(f"{cls.__name__}: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 @functools.cache

@@ -82,7 +82,8 @@ def test_pickle_is_refused() -> None:
 
 def _forge(header: object, body: bytes = b"") -> bytes:
     h = msgpack.packb(header, use_bin_type=True)
-    return serde.MAGIC + struct.pack("<I", len(h)) + h + body
+    pad = bytes(-(8 + len(h)) % serde.ALIGN)
+    return serde.MAGIC + struct.pack("<I", len(h)) + h + pad + body
 
 
 def test_wrong_dtype_header_is_refused() -> None:
