@@ -16,6 +16,7 @@ import tessera
 from tessera.core.errors import ExportError
 from tessera.core.logging import get_logger
 from tessera.export import arch as archmod
+from tessera.export import audit
 from tessera.export.io import (
     Inputs,
     header_specs,
@@ -33,6 +34,7 @@ from tessera.export.manifest import (
     REFERENCE,
     Provenance,
     check_files,
+    content_digest,
     dtype_name,
     file_entry,
     parse_dtype,
@@ -40,6 +42,7 @@ from tessera.export.manifest import (
     tolerance_for,
     write_manifest,
 )
+from tessera.export.sign import SigningKey, Trust, sign, verify_signature
 from tessera.export.split import fused_model, split_parts
 
 log = get_logger(__name__)
@@ -97,7 +100,8 @@ def save_bundle(model: Any, path: str | Path, *, example_inputs: Inputs, party: 
                 provenance: Provenance | None = None, arch: str | None = None,
                 kwargs: Mapping[str, Any] | None = None, rebuildable: bool = True, dtype: torch.dtype | None = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, tolerance: tuple[float, float] | None = None,
-                onnx: bool = False, overwrite: bool = False) -> Path:
+                onnx: bool = False, overwrite: bool = False, sign_with: SigningKey | None = None,
+                audit_log: str | Path | bool = True) -> Path:
     """Write `model` as a bundle directory (or a single file if `path` ends in .tar); returns `path`.
 
     `model` is an nn.Module, an FLModel (provenance filled in) or a split trainer with `base_models`,
@@ -105,6 +109,9 @@ def save_bundle(model: Any, path: str | Path, *, example_inputs: Inputs, party: 
     of positional tensors, or a dict of keyword / per-party tensors) are run through the model and stored with
     its outputs as the reference `verify_bundle` checks. `dtype=torch.float16` stores half-precision weights;
     the tolerance then widens and the measured error is recorded. `onnx=True` adds a verified model.onnx.
+    `sign_with` (an Ed25519 key or a party's certificate key, see `tessera.export.sign`) adds signature.json.
+    The same weights, inputs and provenance give byte-identical files (no timestamps in the bundle); the export
+    is recorded in `audit_log` (default: tessera-audit.jsonl beside the bundle; False: no record).
 
     >>> save_bundle(MLP(64, 10), "bundle", example_inputs=torch.randn(4, 64))
     """
@@ -119,6 +126,8 @@ def save_bundle(model: Any, path: str | Path, *, example_inputs: Inputs, party: 
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ExportError(f"dtype={dtype} is not a floating dtype tessera exports to")
     spec = archmod.describe(module, arch=arch, kwargs=kwargs) if rebuildable else None
+    if spec is not None:
+        spec = archmod.relativize(spec, module, dest.parent)
     args, kw = split_inputs(example_inputs)
     outputs = run_model(module, args, kw)
     state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
@@ -157,17 +166,21 @@ def save_bundle(model: Any, path: str | Path, *, example_inputs: Inputs, party: 
                           "basis": "given" if tolerance else f"{dtype_name(stored)} weights"},
             "split": split, "provenance": (provenance or Provenance()).to_json(), "onnx": None,
         }
-        write_manifest(tmp, manifest)
+        sealed = write_manifest(tmp, manifest)
         if onnx:
             from tessera.export.onnx_export import export_onnx
 
-            export_onnx(tmp)
+            export_onnx(tmp, base_dir=dest.parent)
+            sealed = read_manifest(tmp)
+        signer = sign(tmp, sealed["manifest_sha256"], sign_with).get("signer") if sign_with is not None else None
         if dest.suffix == ".tar":
             write_tar(tmp, dest)
         else:
             tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    audit.append(audit.default_log(dest.parent, audit_log), "export", digest=sealed["manifest_sha256"],
+                 bundle=dest.name, who=party or signer, content=content_digest(sealed), signed=sign_with is not None)
     log.info("exported bundle with %d tensors in %d shard(s)", len(state), len(names))
     return dest
 
@@ -187,33 +200,72 @@ def _rounding_error(module: nn.Module, state: Mapping[str, torch.Tensor], args: 
 
 
 def load_bundle(path: str | Path, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu",
-                allow: Sequence[str] = ()) -> nn.Module:
+                allow: Sequence[str] = (), trust: Any = None) -> nn.Module:
     """Load a bundle into `model` (strict: same names and shapes) or rebuild the module from the manifest.
 
     Every file's SHA-256 is checked first and weights are read only from safetensors (never pickle). A rebuilt
     model is placed on `map_location` ("cpu", "cuda:0", "mps", or "meta" for shapes without values) and keeps
     the stored dtype; a given `model` keeps its device (a model built on the meta device is materialised).
     Classes outside `tessera` and `torch.nn` must be listed in `allow` (module prefixes or exact refs).
+    `trust` (an Ed25519 public key, a CA certificate or its path, or a `Trust`) requires a valid signature.
     """
+    device = resolve_device(map_location)
     with open_bundle(path) as root:
         manifest = read_manifest(root)
+        if trust is not None:
+            verify_signature(root, manifest["manifest_sha256"], Trust.of(trust))
         check_files(root, manifest)
-        return load_verified(root, manifest, model=model, map_location=torch.device(map_location), allow=allow)
+        return load_verified(root, manifest, model=model, map_location=device, allow=allow,
+                             base_dir=bundle_folder(path))
+
+
+def bundle_folder(path: str | Path) -> Path:
+    """The folder holding a bundle: relative paths recorded in its manifest resolve against it."""
+    return Path(path).resolve().parent
+
+
+def resolve_device(map_location: str | torch.device) -> torch.device:
+    """`map_location` as a device this machine has, or ExportError naming what it has instead."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise ExportError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda', 'cuda:N', 'mps' or "
+                          "'meta'") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ExportError(f"map_location={str(device)!r} but this machine has no CUDA device (torch sees none); "
+                              "use map_location='cpu'")
+        if device.index is not None and device.index >= count:
+            raise ExportError(f"map_location={str(device)!r} but this machine has {count} CUDA device(s) "
+                              f"(cuda:0..cuda:{count - 1}); pick one of those or 'cpu'")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ExportError("map_location='mps' needs Apple silicon with macOS and an MPS-enabled torch; this "
+                              "machine has none; use map_location='cpu'")
+        return device
+    raise ExportError(f"map_location={str(device)!r}: tessera loads bundles on 'cpu', 'cuda[:N]', 'mps' or 'meta'")
 
 
 def load_verified(root: Path, manifest: Mapping[str, Any], *, model: nn.Module | None, map_location: torch.device,
-                  allow: Sequence[str]) -> nn.Module:
+                  allow: Sequence[str], base_dir: Path | None = None) -> nn.Module:
     """The load itself, for a bundle whose manifest and file hashes were already checked."""
     expected = {p["name"]: (list(p["shape"]), parse_dtype(p["dtype"], what=p["name"])) for p in manifest["params"]}
-    weights = [e["file"] for e in manifest["files"] if e.get("kind") == "weights"]
+    weights = sorted({e["file"] for e in manifest["files"] if e.get("kind") == "weights"})
     meta = map_location.type == "meta"
-    state = _read_state(root, weights, expected, meta=meta)
     if model is None:
         if manifest.get("arch") is None:
             raise ExportError("this bundle records no architecture (exported with rebuildable=False); load it "
                               "with load_bundle(path, model=YourModel(...))")
-        model = _rebuild(manifest["arch"], state, allow, meta=meta)
+        # every architecture parameter is checked against its bounds and the weight shapes before anything is built
+        archmod.check(manifest["arch"], allow, {k: v[0] for k, v in expected.items()}, base_dir=base_dir)
+        state = _read_state(root, weights, expected, meta=meta)
+        model = _rebuild(manifest["arch"], state, allow, meta=meta, base_dir=base_dir)
         return model.to(map_location).eval()
+    state = _read_state(root, weights, expected, meta=meta)
     _check_against(model, expected)
     on_meta = any(t.is_meta for t in model.state_dict().values())
     if meta and not on_meta:
@@ -255,17 +307,18 @@ def _check_against(model: nn.Module, expected: Mapping[str, tuple[list[int], tor
                               f"bundle but {list(t.shape)} in the model; build it with the bundle's kwargs")
 
 
-def _rebuild(spec: Any, state: Mapping[str, torch.Tensor], allow: Sequence[str], *, meta: bool) -> nn.Module:
+def _rebuild(spec: Any, state: Mapping[str, torch.Tensor], allow: Sequence[str], *, meta: bool,
+             base_dir: Path | None) -> nn.Module:
     # Build without allocating random weights, then take the loaded tensors; modules whose non-persistent
-    # buffers (not in the bundle) would stay on meta are rebuilt normally.
+    # buffers (not in the bundle) would stay on meta are rebuilt normally, once their shapes were checked.
     try:
         with torch.device("meta"):
-            model = archmod.build(spec, allow)
+            model = archmod.build(spec, allow, base_dir=base_dir)
     except (RuntimeError, NotImplementedError):  # a constructor that computes with tensor values
-        model = archmod.build(spec, allow)
+        model = archmod.build(spec, allow, base_dir=base_dir)
     _check_against(model, {k: (list(v.shape), v.dtype) for k, v in state.items()})
     model.load_state_dict(state, strict=True, assign=True)
     if not meta and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model = archmod.build(spec, allow)
+        model = archmod.build(spec, allow, base_dir=base_dir)
         model.load_state_dict(state, strict=True, assign=True)
     return model

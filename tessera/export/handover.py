@@ -27,7 +27,10 @@ from typing import Any
 from tessera.core.errors import ExportError, ProtocolError, TransportError
 from tessera.core.logging import get_logger
 from tessera.core.serde import message
-from tessera.export.manifest import MANIFEST, check_files, is_simple_name, read_manifest, sha256_file
+from tessera.export import audit
+from tessera.export.audit import default_log
+from tessera.export.manifest import MANIFEST, SIGNATURE, check_files, is_simple_name, read_manifest, sha256_file
+from tessera.export.sign import Trust, verify_signature
 from tessera.runtime.backend import Backend, ClientFailure, Handler
 
 log = get_logger(__name__)
@@ -94,9 +97,12 @@ class BundleReceiver:
     """
 
     def __init__(self, root: str | Path, *, fallback: Handler | None = None, max_bundle_bytes: int = 64 * 1024**3,
-                 max_chunk_bytes: int = 64 * 1024**2) -> None:
+                 max_chunk_bytes: int = 64 * 1024**2, trust: Any = None,
+                 audit_log: str | Path | bool = True) -> None:
         self.root = Path(root)
         self.fallback = fallback
+        self.trust = Trust.of(trust) if trust is not None else None  # then only signed bundles are accepted
+        self.audit_log = default_log(self.root, audit_log)
         self.max_bundle_bytes = max_bundle_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.received: dict[str, Path] = {}
@@ -107,7 +113,11 @@ class BundleReceiver:
         if isinstance(msg, BundleChunk):
             return self._chunk(msg)
         if isinstance(msg, BundleCommit):
-            return self._commit(msg)
+            name = self._load_offer(msg.transfer_id).name
+            receipt = self._commit(msg)
+            audit.append(self.audit_log, "receive" if receipt.ok else "refuse", digest=msg.transfer_id,
+                         bundle=name, who=client, reason=receipt.reason or None)
+            return receipt
         if self.fallback is not None:
             return self.fallback.handle(client, msg)
         raise ProtocolError(f"bundle receiver got a {type(msg).__name__}; it only accepts bundle hand-over messages")
@@ -180,6 +190,11 @@ class BundleReceiver:
             if manifest["manifest_sha256"] != offer.transfer_id or any(
                     offered.get(e.get("file")) != e.get("sha256") for e in manifest["files"]):
                 raise ExportError("the manifest is not the one offered, or lists files that were not sent")
+            extra = set(offer.files) - {e["file"] for e in manifest["files"]} - {MANIFEST, SIGNATURE}
+            if extra:
+                raise ExportError(f"the offer carries files the manifest does not list ({sorted(extra)[:5]})")
+            if self.trust is not None:
+                verify_signature(d, offer.transfer_id, self.trust)
         except ExportError as exc:
             shutil.rmtree(d, ignore_errors=True)  # start afresh: a corrupt prefix would never verify
             d.with_suffix(".offer.json").unlink(missing_ok=True)
@@ -231,8 +246,12 @@ class TransferReport:
 
 def send_bundle(backend: Backend, bundle: str | Path, *, to: str, name: str | None = None,
                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: str | None = None, level: int = 3,
-                timeout: float | None = None) -> TransferReport:
+                timeout: float | None = None, who: str | None = None,
+                audit_log: str | Path | bool = True) -> TransferReport:
     """Send a bundle directory to party `to`, resuming whatever an earlier, interrupted call left there.
+
+    A completed hand-over is appended to `audit_log` (default: tessera-audit.jsonl beside the bundle) as sent
+    by `who` (this party's name) to `to`.
 
     Raises TransportError if the channel breaks (call again to resume) and ExportError if the receiver's hash
     check fails (its partial copy is discarded; call again to resend from scratch).
@@ -247,7 +266,8 @@ def send_bundle(backend: Backend, bundle: str | Path, *, to: str, name: str | No
     manifest = read_manifest(root)
     check_files(root, manifest)
     entries = [(e["file"], int(e["bytes"]), str(e["sha256"])) for e in manifest["files"]]
-    entries.append((MANIFEST, (root / MANIFEST).stat().st_size, sha256_file(root / MANIFEST)))
+    entries += [(f, (root / f).stat().st_size, sha256_file(root / f)) for f in (MANIFEST, SIGNATURE)
+                if (root / f).is_file()]
     tid = str(manifest["manifest_sha256"])
     comp = "zstd" if compression == "zstd" else "none"
     offer = BundleOffer(tid, name or root.name, [e[0] for e in entries], [e[1] for e in entries],
@@ -275,6 +295,8 @@ def send_bundle(backend: Backend, bundle: str | Path, *, to: str, name: str | No
         receipt = channel.ask(BundleCommit(tid), BundleReceipt)
         if not receipt.ok:
             raise ExportError(f"{to} refused the bundle: {receipt.reason}")
+    audit.append(default_log(root.resolve().parent, audit_log), "send", digest=tid, bundle=offer.name, who=who,
+                 to=to)
     return TransferReport(to, offer.name, tid, sum(e[1] for e in entries), resumed, payload, chunks, comp,
                           time.perf_counter() - start)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import shutil
 import struct
 import tarfile
@@ -13,20 +15,32 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tessera.core.errors import ExportError
-from tessera.export.manifest import is_simple_name
+from tessera.export.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE,
+    is_simple_name,
+    parse_manifest,
+)
 
 MAX_TAR_MEMBERS = 100_000
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 @contextlib.contextmanager
 def open_bundle(path: str | Path) -> Iterator[Path]:
     """Yield a directory holding the bundle: `path` itself, or a private copy of a .tar bundle's members.
 
-    Only regular files with plain names are taken from a tar: no links, devices, absolute paths or `..`.
+    A tar is read as a stream checked against its own manifest before any byte lands on disk: only regular files
+    with plain names (no links, devices, sparse files, absolute paths or `..`), each listed in the manifest (or
+    the signature), no larger than the manifest says, and hashed while it is copied; a mismatch stops the copy.
     """
     p = Path(path)
     if p.is_dir():
@@ -34,33 +48,111 @@ def open_bundle(path: str | Path) -> Iterator[Path]:
         return
     if not p.is_file():
         raise ExportError(f"bundle {p} does not exist; give the directory or .tar written by save_bundle")
-    if not tarfile.is_tarfile(p):
-        raise ExportError(f"{p} is neither a bundle directory nor a .tar bundle")
+    with open(p, "rb") as fh:
+        head = fh.read(6)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise ExportError(f"{p} is a {kind}-compressed file; tessera bundles are plain .tar files: decompress "
+                              f"it first (`tar -xf {p.name}`, then pass the directory) or re-export to a .tar path")
     tmp = Path(tempfile.mkdtemp(prefix="tessera-bundle-"))
     try:
-        with tarfile.open(p, "r:") as tar:
-            for i, member in enumerate(tar):
-                if i >= MAX_TAR_MEMBERS:
-                    raise ExportError(f"{p} has more than {MAX_TAR_MEMBERS} members; not a tessera bundle")
-                name = member.name.removeprefix("./")
-                if not (member.isfile() and is_simple_name(name)):
-                    raise ExportError(f"{p} holds member {member.name!r}, which is not a plain file; refusing "
-                                      "to unpack it (tessera bundles are flat)")
-                src = tar.extractfile(member)
-                assert src is not None  # a regular file always has a stream
-                with src, open(tmp / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            with tarfile.open(p, "r:") as tar:
+                _extract_checked(tar, tmp, where=p)
+        except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as exc:
+            raise ExportError(f"{p} is not a readable tessera .tar bundle ({type(exc).__name__}: {exc}); "
+                              "re-export or re-transfer it") from None
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _members(tar: tarfile.TarFile, where: Path) -> dict[str, tarfile.TarInfo]:
+    members: dict[str, tarfile.TarInfo] = {}
+    for i, member in enumerate(tar):
+        if i >= MAX_TAR_MEMBERS:
+            raise ExportError(f"{where} has more than {MAX_TAR_MEMBERS} members; not a tessera bundle")
+        name = member.name.removeprefix("./")
+        if not (member.isreg() and not member.issparse() and is_simple_name(name)):
+            raise ExportError(f"{where} holds member {member.name!r}, which is not a plain file; refusing "
+                              "to unpack it (tessera bundles are flat)")
+        if name in members:
+            raise ExportError(f"{where} holds {name!r} twice; the bundle is corrupt or hostile")
+        members[name] = member
+    return members
+
+
+def _extract_checked(tar: tarfile.TarFile, dest: Path, *, where: Path) -> None:
+    members = _members(tar, where)
+    if MANIFEST not in members:
+        raise ExportError(f"{where} is not a tessera bundle: {MANIFEST} is missing; export with save_bundle")
+    if members[MANIFEST].size > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{where}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes; not a tessera bundle")
+    manifest_bytes = _read_member(tar, members[MANIFEST], MAX_MANIFEST_BYTES)
+    manifest = parse_manifest(manifest_bytes, where=f"{where}:{MANIFEST}")
+    listed = {e["file"]: e for e in manifest["files"]}
+    for name, member in members.items():
+        if name in (MANIFEST, SIGNATURE):
+            continue
+        entry = listed.get(name)
+        if entry is None:
+            raise ExportError(f"{where} holds {name!r}, which its manifest does not list; refusing to unpack it")
+        if member.size != entry["bytes"]:
+            raise ExportError(f"hash mismatch: {name} in {where} is {member.size} bytes, the manifest says "
+                              f"{entry['bytes']}; re-export or re-transfer the bundle")
+    (dest / MANIFEST).write_bytes(manifest_bytes)
+    if SIGNATURE in members:
+        (dest / SIGNATURE).write_bytes(_read_member(tar, members[SIGNATURE], MAX_SIGNATURE_BYTES))
+    for name, entry in listed.items():
+        if name not in members:
+            raise ExportError(f"bundle file {name} is missing from {where}; re-export or re-transfer the bundle")
+        _copy_hashed(tar, members[name], dest / name, entry, where=where)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    if member.size > limit:
+        raise ExportError(f"{member.name} is larger than {limit} bytes; not a tessera bundle")
+    src = tar.extractfile(member)
+    if src is None:
+        raise ExportError(f"{member.name} is not a regular file")
+    with src:
+        return src.read(limit + 1)[:limit]
+
+
+def _copy_hashed(tar: tarfile.TarFile, member: tarfile.TarInfo, dst: Path, entry: Mapping[str, Any], *,
+                 where: Path) -> None:
+    src = tar.extractfile(member)
+    if src is None:
+        raise ExportError(f"{member.name} is not a regular file")
+    h = hashlib.sha256()
+    written = 0
+    with src, open(dst, "wb") as out:
+        while chunk := src.read(min(1 << 20, int(entry["bytes"]) - written + 1)):
+            written += len(chunk)
+            if written > entry["bytes"]:
+                break
+            h.update(chunk)
+            out.write(chunk)
+    if written != entry["bytes"] or h.hexdigest() != entry["sha256"]:
+        dst.unlink(missing_ok=True)
+        raise ExportError(f"hash mismatch: {entry['file']} in {where} is not the file that was exported (changed "
+                          "or truncated); refuse to load it and re-export or re-transfer the bundle")
+
+
 def write_tar(src: Path, dest: Path) -> None:
-    """Pack a bundle directory into an uncompressed, flat .tar (members in sorted order)."""
+    """Pack a bundle directory into an uncompressed, flat .tar: sorted members, no owner, mode or time.
+
+    The same bundle directory always gives the same tar bytes (its sha256 is reproducible).
+    """
     tmp = dest.with_name(f".{dest.name}.partial")
-    with tarfile.open(tmp, "w:") as tar:
+    with tarfile.open(tmp, "w:", format=tarfile.USTAR_FORMAT) as tar:
         for f in sorted(src.iterdir()):
-            tar.add(f, arcname=f.name, recursive=False)
+            info = tarfile.TarInfo(f.name)
+            info.size, info.mode, info.mtime = f.stat().st_size, 0o644, 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with open(f, "rb") as fh:
+                tar.addfile(info, fh)
     tmp.replace(dest)
 
 
@@ -94,9 +186,35 @@ def header_specs(path: Path) -> dict[str, tuple[list[int], str]]:
         raise ExportError(f"{path.name} cannot be read as safetensors ({exc}); re-export the bundle") from None
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path,
-              metadata={"format": "pt", "writer": "tessera"})
+    """Write a safetensors file deterministically: tensors in name order, header JSON with sorted keys.
+
+    safetensors' own writer keeps `__metadata__` in a hash map whose order changes from process to process, so
+    identical weights would hash differently; this writer gives identical bytes for identical tensors.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    blobs: list[torch.Tensor] = []
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ExportError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        blobs.append(t)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' writer pads it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for t in blobs:
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy
 
 
 # --------------------------------------------------------------------------------------- inputs and outputs

@@ -24,7 +24,11 @@ FORMAT = "tessera-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
+SIGNATURE = "signature.json"  # beside the manifest, outside its hash: it signs the manifest's digest
 MAX_MANIFEST_BYTES = 64 * 1024**2
+MAX_SIGNATURE_BYTES = 64 * 1024
+FILE_KINDS = ("weights", "reference", "onnx")
+MAX_RANK = 16
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -112,25 +116,98 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """Parse and check manifest.json: size, JSON, format, version, and the self-hash."""
+    """Parse and check manifest.json: size, JSON, format, version, the self-hash and the structure."""
     path = root / MANIFEST
     if not path.is_file():
         raise ExportError(f"{root} is not a tessera bundle: {MANIFEST} is missing; export with save_bundle")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ExportError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a tessera manifest")
+    return parse_manifest(path.read_bytes(), where=str(path))
+
+
+def parse_manifest(data: bytes, *, where: str) -> dict[str, Any]:
+    """`read_manifest` on bytes (a tar member read into memory): every check, nothing written to disk."""
+    path = where
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a tessera manifest")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc}); the bundle is corrupt, re-export it") from None
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({type(exc).__name__}); the bundle is corrupt, re-export "
+                          "it") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ExportError(f"{path} is not a tessera bundle manifest (format != {FORMAT!r})")
     if m.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"bundle format version {m.get('format_version')!r} is not supported by this tessera "
                           f"(reads {FORMAT_VERSION}); upgrade tessera or re-export")
-    if seal(m).get("manifest_sha256") != m.get("manifest_sha256"):
+    try:
+        sealed = seal(m).get("manifest_sha256")
+    except (TypeError, ValueError) as exc:  # NaN, non-string keys: not what save_bundle writes
+        raise ExportError(f"{path} is not canonical JSON ({exc}); the bundle is corrupt") from None
+    if sealed != m.get("manifest_sha256"):
         raise ExportError(f"hash mismatch: {path} was modified after export; refuse to load it and re-export "
                           "or re-transfer the bundle")
+    check_structure(m, where=path)
     return m
+
+
+def _bad(where: str, what: str) -> ExportError:
+    return ExportError(f"{where}: {what}; the manifest is corrupt or hostile, re-export the bundle")
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _tensor_spec(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("shape"), list) and len(v["shape"]) <= MAX_RANK
+            and all(_is_int(d) for d in v["shape"]) and v.get("dtype") in DTYPES)
+
+
+def check_structure(m: Mapping[str, Any], *, where: str = MANIFEST) -> None:
+    """Types and cross-references of every key the loader reads, so a hostile manifest fails here, not deeper.
+
+    Files: plain, unique names of a known kind with a size and a sha256; one reference file; every parameter in a
+    weights file; the ONNX entry (if any) names an `onnx` file of the hashed list.
+    """
+    files = m.get("files")
+    if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
+        raise _bad(where, "`files` is not a list of entries")
+    names: dict[str, str] = {}
+    for e in files:
+        name = e.get("file")
+        if not (isinstance(name, str) and is_simple_name(name) and name not in (MANIFEST, SIGNATURE)):
+            raise _bad(where, f"file {name!r} is not a plain file name")
+        if name in names or e.get("kind") not in FILE_KINDS or not _is_int(e.get("bytes")) or not (
+                isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in e["sha256"])):
+            raise _bad(where, f"entry for {name!r} is duplicated or lacks a kind, size or sha256")
+        names[name] = e["kind"]
+    if [n for n, k in names.items() if k == "reference"] != [REFERENCE]:
+        raise _bad(where, f"the reference file must be {REFERENCE}, listed once")
+    params = m.get("params")
+    if not isinstance(params, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and _tensor_spec(p)
+            and names.get(str(p.get("file"))) == "weights" for p in params):
+        raise _bad(where, "`params` must list name, shape, dtype and a weights file for every tensor")
+    if len({p["name"] for p in params}) != len(params):
+        raise _bad(where, "`params` names a tensor twice")
+    inputs, outputs = m.get("inputs"), m.get("outputs")
+    if not (isinstance(inputs, dict) and isinstance(inputs.get("args"), list) and isinstance(inputs.get("kwargs"), dict)
+            and all(_tensor_spec(v) for v in [*inputs["args"], *inputs["kwargs"].values()])
+            and isinstance(outputs, dict) and all(_tensor_spec(v) for v in outputs.values())):
+        raise _bad(where, "`inputs` / `outputs` are not tensor specs")
+    tol = m.get("tolerance")
+    if not (isinstance(tol, dict) and all(isinstance(tol.get(k), int | float) and not isinstance(tol.get(k), bool)
+                                          and 0 <= tol[k] < math.inf for k in ("rtol", "atol", "export_error"))):
+        raise _bad(where, "`tolerance` needs finite, non-negative rtol, atol and export_error")
+    if m.get("weights_dtype") not in DTYPES or not (m.get("arch") is None or isinstance(m.get("arch"), dict)):
+        raise _bad(where, "`weights_dtype` or `arch` is malformed")
+    if not (m.get("split") is None or isinstance(m.get("split"), dict)) or not isinstance(m.get("provenance"), dict):
+        raise _bad(where, "`split` or `provenance` is malformed")
+    onnx = m.get("onnx")
+    if onnx is not None and not (isinstance(onnx, dict) and names.get(str(onnx.get("file"))) == "onnx"):
+        raise _bad(where, "`onnx` must name a plain file of kind 'onnx' in the hashed file list")
 
 
 def sha256_file(path: Path, *, block: int = 1 << 20) -> str:
@@ -139,6 +216,16 @@ def sha256_file(path: Path, *, block: int = 1 << 20) -> str:
         while chunk := fh.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of what the model *is* (architecture, parameter specs, weight files), not of how it was trained.
+
+    Identical weights exported from a simulated and a deployed run share it even when their provenance differs.
+    """
+    weights = sorted((e["file"], e["sha256"]) for e in manifest["files"] if e["kind"] == "weights")
+    return hashlib.sha256(canonical({"arch": manifest.get("arch"), "params": manifest["params"],
+                                     "weights": weights})).hexdigest()
 
 
 def check_files(root: Path, manifest: Mapping[str, Any], *, kinds: Sequence[str] | None = None) -> int:

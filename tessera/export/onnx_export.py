@@ -40,7 +40,8 @@ def input_names(n_args: int, kw_names: Sequence[str]) -> list[str]:
     return [f"input.args.{i}" for i in range(n_args)] + [f"input.kwargs.{k}" for k in kw_names]
 
 
-def export_onnx(bundle: str | Path, *, opset: int = DEFAULT_OPSET, allow: Sequence[str] = ()) -> dict[str, Any]:
+def export_onnx(bundle: str | Path, *, opset: int = DEFAULT_OPSET, allow: Sequence[str] = (),
+                base_dir: Path | None = None) -> dict[str, Any]:
     """Add model.onnx to a bundle directory, after checking ONNX Runtime reproduces the reference outputs.
 
     Returns the manifest's new "onnx" entry (file, opset, max_abs_error vs PyTorch). The model is exported in
@@ -54,7 +55,8 @@ def export_onnx(bundle: str | Path, *, opset: int = DEFAULT_OPSET, allow: Sequen
         raise ExportError(f"{root} is not a bundle directory; ONNX is added to a directory bundle (not a .tar)")
     manifest = read_manifest(root)
     check_files(root, manifest)
-    model = load_verified(root, manifest, model=None, map_location=torch.device("cpu"), allow=allow).float()
+    model = load_verified(root, manifest, model=None, map_location=torch.device("cpu"), allow=allow,
+                          base_dir=base_dir or root.resolve().parent).float()
     spec = manifest["inputs"]
     args, kwargs, _ = unpack_reference(load_tensors(root / REFERENCE), len(spec["args"]), list(spec["kwargs"]))
     inputs = tuple(args) + tuple(kwargs.values())

@@ -13,9 +13,10 @@ from rich.table import Table
 from torch import nn
 
 from tessera.core.errors import ExportError
-from tessera.export.bundle import load_verified
+from tessera.export.bundle import bundle_folder, load_verified
 from tessera.export.io import load_tensors, open_bundle, run_model, unpack_reference
-from tessera.export.manifest import REFERENCE, check_files, read_manifest
+from tessera.export.manifest import REFERENCE, check_files, content_digest, read_manifest
+from tessera.export.sign import Trust, verify_signature
 
 ONNX_TOLERANCE = (1e-4, 1e-5)  # ONNX Runtime's kernels reorder float32 sums differently from PyTorch's
 
@@ -39,6 +40,8 @@ class VerifyReport:
 
     path: str
     digest: str
+    content_digest: str
+    signer: str | None
     files_checked: int
     weights_dtype: str
     export_error: float
@@ -75,17 +78,21 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, *, rtol: float, at
 
 
 def verify_bundle(path: str | Path, *, model: nn.Module | None = None, allow: Sequence[str] = (),
-                  raise_on_mismatch: bool = True) -> VerifyReport:
+                  raise_on_mismatch: bool = True, trust: Any = None) -> VerifyReport:
     """Check every hash, rebuild (or load into `model`), rerun the reference inputs and compare the outputs.
 
     Raises ExportError on a hash mismatch, a malformed file, and (unless `raise_on_mismatch=False`) on outputs
     outside the recorded tolerance. Half-precision bundles compute in float32 against the float32 model's
     outputs, with the wider tolerance recorded at export. A model.onnx in the bundle is run with ONNX Runtime.
+    With `trust` (an Ed25519 public key, a CA certificate or its path, or a `Trust`) the bundle must carry a
+    signature that verifies against it; `report.signer` names who signed.
     """
     with open_bundle(path) as root:
         manifest = read_manifest(root)
+        signer = verify_signature(root, manifest["manifest_sha256"], Trust.of(trust)) if trust is not None else None
         n = check_files(root, manifest)
-        loaded = load_verified(root, manifest, model=model, map_location=torch.device("cpu"), allow=allow)
+        loaded = load_verified(root, manifest, model=model, map_location=torch.device("cpu"), allow=allow,
+                               base_dir=bundle_folder(path))
         spec = manifest["inputs"]
         args, kwargs, want = unpack_reference(load_tensors(root / REFERENCE), len(spec["args"]), list(spec["kwargs"]))
         if set(want) != set(manifest["outputs"]):
@@ -102,7 +109,8 @@ def verify_bundle(path: str | Path, *, model: nn.Module | None = None, allow: Se
             onnx_out = run_onnx(root / manifest["onnx"]["file"], args, kwargs)
             rtol, atol = max(tol["rtol"], ONNX_TOLERANCE[0]), max(tol["atol"], ONNX_TOLERANCE[1])
             checks += [_check(k, onnx_out, want[k], rtol=rtol, atol=atol, runtime="onnxruntime") for k in sorted(want)]
-    report = VerifyReport(str(path), manifest["manifest_sha256"], n, manifest["weights_dtype"],
+    report = VerifyReport(str(path), manifest["manifest_sha256"], content_digest(manifest), signer, n,
+                          manifest["weights_dtype"],
                           float(tol.get("export_error", 0.0)), tuple(checks))
     if raise_on_mismatch and not report.ok:
         bad = [f"{c.name} ({c.runtime}): max error {c.max_abs_error:.3g} > atol {c.atol:.3g} + rtol {c.rtol:.3g}"
@@ -145,6 +153,7 @@ def manifest_table(manifest: Mapping[str, Any], *, max_params: int = 12) -> list
         ("epsilon", ", ".join(f"{k}: {v}" for k, v in (prov.get("epsilon") or {}).items()) or "-"),
         ("onnx", str((manifest.get("onnx") or {}).get("file", "-"))),
         ("digest", str(manifest.get("manifest_sha256"))),
+        ("content digest", content_digest(manifest)),
     ]
     for k, v in rows:
         summary.add_row(k, v)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tessera.export import record_init
+
 
 @dataclass
 class TowerConfig:
@@ -39,3 +41,23 @@ class Bare(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
 
+
+
+@record_init
+class Recorded(nn.Module):
+    """A user model without `config`: its constructor arguments are recorded by the decorator."""
+
+    def __init__(self, features: int, hidden: int = 4, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body = nn.Linear(features, hidden)
+        self.head = head if head is not None else nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+class RecordedChild(Recorded):
+    """Subclass of a decorated class that is not decorated itself: its own arguments are unknown."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, hidden=3)
