@@ -7,6 +7,7 @@ thin layer over Task/Strategy/simulate, `SLModel` over DataOwner/SplitTrainer/a 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tessera.core.errors import ConfigError
-from tessera.core.metrics import History
+from tessera.core.metrics import History, MetricsWriter
+from tessera.core.tracking import RecordLogger, check_specs
 from tessera.core.types import as_tensor, get_params, set_params
+from tessera.horizontal.checks import dry_run, refuse_unknown
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import JobParts, Plugin, simulate
 from tessera.horizontal.strategies import FedAvg, Strategy
@@ -56,7 +59,13 @@ class FLModel:
         metrics: Mapping[str, MetricFn] | None = None,
         output_dir: str | Path | None = None,
         backend: str = "inprocess",
+        loggers: Sequence[str | RecordLogger] = (),
+        **unknown: Any,
     ) -> None:
+        refuse_unknown("FLModel(...)", unknown, _params_of(FLModel.__init__))
+        check_specs(loggers)
+        if loggers and output_dir is None:
+            raise ConfigError("loggers= write next to metrics.jsonl: give FLModel(output_dir=...) as well")
         if len(set(parties)) != len(parties) or not parties:
             raise ConfigError(f"parties must be a non-empty list of unique names, got {list(parties)}")
         self.parties = list(parties)
@@ -76,6 +85,7 @@ class FLModel:
         self.metrics = metrics
         self.output_dir = output_dir
         self.backend = backend
+        self.loggers = list(loggers)
         self.rounds_done = 0
         self.stopped: str | None = None  # why the last fit ended before its rounds (a spent privacy budget)
 
@@ -99,17 +109,25 @@ class FLModel:
               shuffle: bool) -> SupervisedTask:
         template = copy.deepcopy(self.model)
 
-        def data_fn(cid: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        def data_fn(cid: str, rnd: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
             tl = DataLoader(train[cid], batch_size=batch_size, shuffle=shuffle)
             return tl, (DataLoader(test[cid], batch_size=256) if test else None)
 
         return SupervisedTask(model_fn=lambda: copy.deepcopy(template), loss_fn=self.loss_fn,
                               optimizer_fn=self.optimizer_fn, data_fn=data_fn, metrics=self.metrics)
 
-    def fit(self, *, x: Sequence[Any], y: Sequence[Any], rounds: int, local_epochs: int = 1, batch_size: int = 32,
-            shuffle: bool = True, validation_data: tuple[Sequence[Any], Sequence[Any]] | None = None,
-            progress: bool = False) -> History:
-        """Train for `rounds` more rounds, continuing from the current global model."""
+    def fit(self, *, x: Sequence[Any], y: Sequence[Any], rounds: int | None = None, local_epochs: int = 1,
+            batch_size: int = 32, shuffle: bool = True,
+            validation_data: tuple[Sequence[Any], Sequence[Any]] | None = None, progress: bool = False,
+            **unknown: Any) -> History:
+        """Train for `rounds` more rounds, continuing from the current global model.
+
+        Before round 1 one batch of every party's data goes through the model and the loss (`dry_run`): shape
+        and dtype mistakes stop here with an error naming the party and both shapes."""
+        refuse_unknown("FLModel.fit(...)", unknown, _params_of(FLModel.fit))
+        if rounds is None:
+            raise ConfigError("fit needs rounds= (federated rounds); local_epochs= sets the passes over local data "
+                              "per round")
         if rounds < 1 or local_epochs < 1 or batch_size < 1:
             raise ConfigError("rounds, local_epochs and batch_size must be at least 1")
         train = {p: TensorDataset(*t) for p, t in zip(self.parties, self._split(x, y, "fit"), strict=True)}
@@ -118,6 +136,9 @@ class FLModel:
             vx, vy = validation_data
             test = {p: TensorDataset(*t) for p, t in zip(self.parties, self._split(vx, vy, "validation_data"),
                                                          strict=True)}
+        self._dry_run(train, batch_size)
+        if test:
+            self._dry_run(test, batch_size, " (validation_data)")
         self.strategy.fraction_evaluate = self._fraction_evaluate if test else 0.0
         self.strategy.local_config["local_epochs"] = local_epochs
         parts = JobParts(task=self._task(train, test, batch_size, shuffle), strategy=self.strategy,
@@ -127,16 +148,26 @@ class FLModel:
 
         def continue_from(server: Server) -> None:
             server.round = start
+            if self.loggers and server.writer is not None:
+                server.writer = MetricsWriter(server.writer.path, loggers=self.loggers)
             servers.append(server)
 
         history, params = simulate(parts, rounds=start + rounds, seed=self.seed, output_dir=self.output_dir,
                                    backend=self.backend, params=get_params(self.model), plugins=self.plugins,
                                    progress=progress, on_server=continue_from)
         set_params(self.model, params)
+        if servers[0].writer is not None:
+            servers[0].writer.close()
         # A spent privacy budget ends a run early: count the rounds that ran, and say why it stopped.
         self.rounds_done = servers[0].round
         self.stopped = servers[0].stopped
         return history
+
+    def _dry_run(self, data: dict[str, TensorDataset], batch_size: int, what: str = "") -> None:
+        for name, ds in data.items():
+            xs, ys = ds.tensors
+            dry_run(self.model, [(xs[:batch_size], ys[:batch_size])], party=f"{name}{what}", loss_fn=self.loss_fn,
+                    labels=ys)
 
     @torch.no_grad()
     def predict(self, x: Any, *, batch_size: int = 1024) -> torch.Tensor:
@@ -158,6 +189,11 @@ class FLModel:
                 total[k] = total.get(k, 0.0) + v * len(ys)
             n += len(ys)
         return {**{k: v / max(n, 1) for k, v in total.items()}, "parties": per}
+
+
+def _params_of(fn: Callable[..., Any]) -> list[str]:
+    """Keyword names a function takes (its `**unknown` catch-all left out)."""
+    return [n for n, p in inspect.signature(fn).parameters.items() if n != "self" and p.kind is p.KEYWORD_ONLY]
 
 
 class SLModel:

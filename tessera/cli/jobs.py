@@ -16,8 +16,8 @@ from tessera.core.config import JobConfig
 from tessera.core.errors import ConfigError
 from tessera.core.models import MLP
 from tessera.core.types import set_params
+from tessera.horizontal.job import JobParts, Plugin, compose
 from tessera.horizontal.partition import partition
-from tessera.horizontal.simulation import JobParts, Plugin
 from tessera.horizontal.strategies import STRATEGIES, Strategy
 from tessera.horizontal.task import SupervisedTask
 
@@ -115,3 +115,8 @@ def build_plugins(cfg: JobConfig) -> list[Plugin]:
 
         plugins.append(dp_plugin(cfg.dp))
     return plugins
+
+
+def job_parts(cfg: JobConfig) -> JobParts:
+    """`build_parts` with the job's plugins ([secagg], [dp]) configured into it: what each deployed party runs."""
+    return compose(build_parts(cfg), build_plugins(cfg))

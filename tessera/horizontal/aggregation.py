@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tessera.core.errors import RoundFailed, ShapeMismatch
+from tessera.core.errors import ConfigError, RoundFailed, ShapeMismatch
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, check_compatible, is_finite
-from tessera.horizontal.strategies.base import FitResults, Strategy
-from tessera.runtime.backend import Backend, ClientFailure
+from tessera.horizontal.strategies.base import FitResults, MeanStrategy, Strategy
+from tessera.runtime.backend import Backend, ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns, FitRes
 
 log = get_logger(__name__)
@@ -43,21 +43,22 @@ def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, 
         if isinstance(rep, ClientFailure):
             failed.append(rep)
         elif not isinstance(rep, FitRes):
-            failed.append(ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}"))
+            failed.append(ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}",
+                                        FailureKind.MALFORMED))
         elif rep.num_examples < 0:
-            failed.append(ClientFailure(cid, "rejected: negative num_examples"))
+            failed.append(ClientFailure(cid, "rejected: negative num_examples", FailureKind.REJECTED))
         else:
             try:
                 check_compatible(current, rep.params, who=f"update from {cid}")
             except ShapeMismatch as exc:
-                failed.append(ClientFailure(cid, f"rejected: {exc}"))
+                failed.append(ClientFailure(cid, f"rejected: {exc}", FailureKind.REJECTED))
                 continue
             if not is_finite(rep.params):
-                failed.append(ClientFailure(cid, "rejected: update contains NaN or Inf"))
+                failed.append(ClientFailure(cid, "rejected: update contains NaN or Inf", FailureKind.REJECTED))
                 continue
             ok.append((cid, rep))
     for f in failed:
-        if f.reason.startswith("rejected"):
+        if f.kind in (FailureKind.REJECTED, FailureKind.MALFORMED):
             log.warning("client %s: update rejected before aggregation", f.client)
     return ok, failed
 
@@ -69,6 +70,13 @@ def require_quorum(rnd: int, ok: int, failed: list[ClientFailure], strategy: Str
             f"{strategy.min_available} ({len(failed)} failed); the last checkpoint is kept — lower min_available "
             "or fix the failing clients, then resume"
         )
+
+
+def mean_strategy(strategy: Strategy) -> MeanStrategy:
+    """`strategy` as a MeanStrategy (an aggregation that produces only the mean calls its `apply`)."""
+    if not isinstance(strategy, MeanStrategy):  # compose() refuses such jobs up front; this guards direct use
+        raise ConfigError(f"{strategy.name} is not mean-based: it cannot take a server step from a mean alone")
+    return strategy
 
 
 class PlainAggregation:

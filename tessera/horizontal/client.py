@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,14 +58,14 @@ def client_seed(seed: int, rnd: int, client: str) -> int:
 
 
 class TaskClient:
-    """Trains and evaluates a Task's model on one client's data; one model per thread, shared by clients."""
+    """Trains and evaluates a Task's model on one client's data; one model per thread, shared by clients.
 
-    def __init__(self, task: Task, *, max_cached_clients: int = 10_000) -> None:
+    The client's data comes from `task.data_fn(client, round)` for every message (the Task decides what to cache).
+    """
+
+    def __init__(self, task: Task) -> None:
         self.task = task
         self._local = threading.local()
-        self._data: OrderedDict[str, tuple[DataLoader[Any], DataLoader[Any] | None]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_cached_clients = max_cached_clients
 
     def model(self) -> nn.Module:
         m = getattr(self._local, "model", None)
@@ -74,17 +73,8 @@ class TaskClient:
             m = self._local.model = self.task.model_fn()
         return m
 
-    def data(self, client: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
-        with self._lock:
-            if client in self._data:
-                self._data.move_to_end(client)
-                return self._data[client]
-        loaders = self.task.data_fn(client)
-        with self._lock:
-            self._data[client] = loaders
-            while len(self._data) > self.max_cached_clients:
-                self._data.popitem(last=False)
-        return loaders
+    def data(self, client: str, rnd: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        return self.task.data_fn(client, rnd)
 
     def _get(self, model: nn.Module) -> Params:
         return task_get_params(self.task, model)
@@ -95,7 +85,7 @@ class TaskClient:
     def fit(self, ins: FitIns, ctx: ClientContext) -> FitRes:
         model = self.model()
         self._set(model, ins.params)
-        train, _ = self.data(ctx.client)
+        train, _ = self.data(ctx.client, ins.round)
         config: dict[str, Any] = dict(ins.config)
         config.update(ctx.train_config)
         with seeded(int(config.get("seed", 0))):
@@ -105,7 +95,7 @@ class TaskClient:
     def evaluate(self, ins: EvaluateIns, ctx: ClientContext) -> EvaluateRes:
         model = self.model()
         self._set(model, ins.params)
-        _, test = self.data(ctx.client)
+        _, test = self.data(ctx.client, ins.round)
         if test is None:
             raise ProtocolError(f"client {ctx.client} has no test data; set fraction_evaluate=0 or give test data")
         loss, metrics = self.task.evaluate(model, test)
@@ -147,9 +137,16 @@ class ClientApp:
             call = _bind(mod, call)
         return call(msg, ctx)
 
-    # Stateful extension protocol: in simulation the server's checkpoint carries every client's context.
-    name = "clients"
+    # runtime.ClientStateHandler: a backend that serves any client from any worker (Ray) carries the state.
+    def set_client_state(self, client: str, state: dict[str, Any]) -> None:
+        self.contexts = {client: ClientContext(client, dict(state))}
 
+    def take_client_state(self, client: str) -> dict[str, Any] | None:
+        ctx = self.contexts.pop(client, None)
+        self.contexts.clear()
+        return ctx.state if ctx is not None else None
+
+    # In simulation the server's checkpoint carries every client's context (see job.ClientStates).
     def state_dict(self) -> dict[str, Any]:
         return {c: ctx.state for c, ctx in self.contexts.items() if ctx.state}
 

@@ -3,7 +3,8 @@
 Two extension points keep cross-cutting features out of this loop:
 - `Aggregation` (aggregation.py) runs the fit phase of a round (send FitIns, gather replies, produce new params).
   `PlainAggregation` is the default; secure aggregation supplies one that never sees single updates.
-- `Extension`s carry state into checkpoints and add keys to each round's record (a privacy ledger, client state).
+- `Extension`s (job.py) carry state into checkpoints and add keys to each round's record (a privacy ledger,
+  client state).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -24,18 +25,13 @@ from tessera.core.metrics import History, MetricsWriter
 from tessera.core.types import Params, check_compatible, clone
 from tessera.horizontal.aggregation import Aggregation, CentralEval, PlainAggregation
 from tessera.horizontal.client import client_seed
+from tessera.horizontal.job import Extension
 from tessera.horizontal.strategies.base import FitResults, Strategy
 from tessera.runtime.backend import Backend
 from tessera.runtime.messages import EvaluateRes, FitIns
 
 log = get_logger(__name__)
 CHECKPOINT = "checkpoint.tsr"
-
-
-class Extension(Protocol):
-    """Optional hooks: `name`, `state_dict()`, `load_state_dict()`, `on_round_end(rnd, record)`."""
-
-    name: str
 
 
 @dataclass
@@ -59,7 +55,7 @@ class Server:
         config: ServerConfig,
         aggregation: Aggregation | None = None,
         central_eval: CentralEval | None = None,
-        extensions: Sequence[Any] = (),
+        extensions: Sequence[Extension] = (),
     ) -> None:
         if not clients:
             raise ConfigError("a federation needs at least one client")
@@ -80,7 +76,7 @@ class Server:
 
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        ext = {e.name: e.state_dict() for e in self.extensions if hasattr(e, "state_dict")}
+        ext = {e.name: e.state_dict() for e in self.extensions}
         return {"format": 1, "round": self.round, "seed": self.config.seed, "params": self.params,
                 "strategy": self.strategy.state_dict(), "history": self.history.records, "extensions": ext}
 
@@ -94,7 +90,7 @@ class Server:
         self.strategy.load_state_dict(state["strategy"])
         self.history = History(state["history"])
         for e in self.extensions:
-            if hasattr(e, "load_state_dict") and e.name in state["extensions"]:
+            if e.name in state["extensions"]:
                 e.load_state_dict(state["extensions"][e.name])
 
     def save_checkpoint(self) -> None:
@@ -133,7 +129,7 @@ class Server:
             "clients_sampled": len(plan),
             "clients_succeeded": len(outcome.results),
             "clients_failed": len(outcome.failures),
-            "failures": [{"client": f.client, "reason": f.reason} for f in outcome.failures],
+            "failures": [{"client": f.client, "kind": f.kind.value, "reason": f.reason} for f in outcome.failures],
         }
         record.update(_weighted_train_metrics(outcome.results))
         record.update(self._evaluate(rnd))
@@ -141,8 +137,7 @@ class Server:
         record["bytes_down"] = self.backend.traffic.down - traffic0[1]
         record["seconds"] = round(time.perf_counter() - start, 4)
         for e in self.extensions:
-            if hasattr(e, "on_round_end"):
-                e.on_round_end(rnd, record)
+            e.on_round_end(rnd, record)
         return record
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:

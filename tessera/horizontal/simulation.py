@@ -11,12 +11,27 @@ import torch
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
 from tessera.core.types import Params
-from tessera.horizontal.job import JobParts, Plugin
+from tessera.horizontal.job import ClientStates, Extension, JobParts, Plugin, compose
 from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.task import Task, task_get_params
 from tessera.runtime.backend import Backend, InProcessBackend
 
 __all__ = ["JobParts", "Plugin", "initial_params", "make_backend", "simulate"]  # JobParts, Plugin: from job.py
+
+
+class _StoredStates(Extension):
+    """A backend that keeps client state itself (Ray's driver or disk store) carries it into checkpoints."""
+
+    name = "clients"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.backend.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.backend.load_state_dict(state)
 
 
 def initial_params(task: Task, seed: int) -> Params:
@@ -26,17 +41,18 @@ def initial_params(task: Task, seed: int) -> Params:
         return task_get_params(task, task.model_fn())
 
 
-def make_backend(parts: JobParts, backend: str, options: dict[str, Any] | None = None) -> tuple[Backend, list[Any]]:
+def make_backend(parts: JobParts, backend: str,
+                 options: dict[str, Any] | None = None) -> tuple[Backend, list[Extension]]:
     """Build the backend; returns it and the extra extensions it brings (client state for checkpoints)."""
     options = dict(options or {})
     if backend == "inprocess":
         app = parts.client_app()
-        return InProcessBackend(app, **options), [app]
+        return InProcessBackend(app, **options), [ClientStates(app)]
     if backend == "ray":
         from tessera.runtime.ray import RayBackend
 
         rb = RayBackend(parts.client_app, **options)
-        return rb, [rb]
+        return rb, [_StoredStates(rb)]
     raise ConfigError(f"job.backend: unknown backend {backend!r}; use 'inprocess' or 'ray'")
 
 
@@ -55,9 +71,11 @@ def simulate(
     checkpoint_every: int = 1,
     on_server: Callable[[Server], None] | None = None,
 ) -> tuple[History, Params]:
-    """Run `rounds` rounds of the job; returns the history and the final global params."""
-    for plugin in plugins:
-        plugin.configure(parts)
+    """Run `rounds` rounds of the job; returns the history and the final global params.
+
+    `plugins` are composed into the job first (`job.compose`: validated together, independent of their order).
+    """
+    parts = compose(parts, plugins)
     be, extra = make_backend(parts, backend, backend_options)
     server = Server(
         strategy=parts.strategy,

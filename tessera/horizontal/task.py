@@ -6,11 +6,17 @@ A Task says how to build the model, how to train and evaluate it on a DataLoader
 
 from __future__ import annotations
 
+import enum
+import functools
+import inspect
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from tessera.core.types import Metrics, Params, get_params, set_params
@@ -20,17 +26,32 @@ OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
+Loaders = tuple[DataLoader[Any], DataLoader[Any] | None]
+
+
 class Task(Protocol):
-    """Optional methods `get_params(model) -> Params` and `set_params(model, params)` choose which tensors travel
-    (LoRA sends adapters only); without them the whole state dict does."""
+    """What a user writes. `data_fn(client_id, round)` is called every round the client trains or evaluates, so
+    data may change per round (a device that sees new readings each round); caching is the Task's choice.
+
+    A task that also implements `SelectsParams` chooses which tensors travel (LoRA sends adapters only); otherwise
+    the whole state dict does."""
 
     def model_fn(self) -> nn.Module: ...
 
-    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]: ...
+    def data_fn(self, client_id: str, round: int) -> Loaders: ...
 
     def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics: ...
 
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]: ...
+
+
+@runtime_checkable
+class SelectsParams(Protocol):
+    """A Task that chooses which tensors cross the wire (and how they load back)."""
+
+    def get_params(self, model: nn.Module) -> Params: ...
+
+    def set_params(self, model: nn.Module, params: Params) -> None: ...
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -42,12 +63,79 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y.reshape(-1).long()).float().mean())
 
 
+def _pairs(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and targets as float64 [rows, outputs] (a [N] target lines up with a [N, 1] output)."""
+    p, t = pred.detach().double(), y.detach().double()
+    return p.reshape(len(p), -1), t.reshape(len(t), -1)
+
+
+def mse(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared error over every output (sklearn.metrics.mean_squared_error)."""
+    p, t = _pairs(pred, y)
+    return float((p - t).pow(2).mean())
+
+
+def mae(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean absolute error over every output (sklearn.metrics.mean_absolute_error)."""
+    p, t = _pairs(pred, y)
+    return float((p - t).abs().mean())
+
+
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Coefficient of determination, averaged over outputs (sklearn.metrics.r2_score, a constant target scores
+    1.0 when predicted exactly and 0.0 otherwise, as sklearn does)."""
+    p, t = _pairs(pred, y)
+    ss_res = (t - p).pow(2).sum(0)
+    ss_tot = (t - t.mean(0)).pow(2).sum(0)
+    safe = torch.where(ss_tot > 0, ss_tot, torch.ones_like(ss_tot))
+    score = torch.where(ss_tot > 0, 1 - ss_res / safe, (ss_res == 0).double())
+    return float(score.mean())
+
+
+class LossKind(enum.Enum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    UNKNOWN = "unknown"
+
+
+_LOSS_KINDS: dict[Any, LossKind] = {
+    **dict.fromkeys((nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss, nn.BCELoss, F.cross_entropy, F.nll_loss,
+                     F.binary_cross_entropy_with_logits, F.binary_cross_entropy), LossKind.CLASSIFICATION),
+    **dict.fromkeys((nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, F.mse_loss, F.l1_loss, F.smooth_l1_loss,
+                     F.huber_loss), LossKind.REGRESSION),
+}
+
+
+def loss_kind(loss_fn: Any) -> LossKind:
+    """What a loss trains: a torch loss module (or subclass), a torch.nn.functional loss, or a partial of one."""
+    fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    for cls in type(fn).__mro__:
+        if cls in _LOSS_KINDS:
+            return _LOSS_KINDS[cls]
+    return _LOSS_KINDS.get(fn, LossKind.UNKNOWN) if callable(fn) else LossKind.UNKNOWN
+
+
+def default_metrics(loss_fn: Any) -> dict[str, MetricFn]:
+    """Metrics that mean something for this loss: accuracy for classification, mse/mae/r2 for regression, none
+    (the loss alone) for a loss tessera does not know; `metrics=` overrides the choice."""
+    kind = loss_kind(loss_fn)
+    if kind is LossKind.CLASSIFICATION:
+        return {"accuracy": accuracy}
+    if kind is LossKind.REGRESSION:
+        return {"mse": mse, "mae": mae, "r2": r2}
+    return {}
+
+
 class SupervisedTask:
     """The standard supervised loop, configured per round by the strategy.
 
     Round config keys it honours: `local_epochs`, `max_steps` (stop after that many optimizer steps: deadline
     rounds), `proximal_mu` (FedProx: adds mu/2 ||w - w_global||^2), and `grad_correction` (a Params added to the
     gradients before every step: SCAFFOLD's c - c_i).
+
+    `data_fn` is `(client_id, round) -> (train_loader, test_loader | None)`, called every round. A one-argument
+    `data_fn(client_id)` declares data that never changes between rounds: its loaders are built once per client
+    and cached (the `max_cached_clients` most recently used clients are kept).
     """
 
     def __init__(
@@ -56,20 +144,46 @@ class SupervisedTask:
         model_fn: Callable[[], nn.Module],
         loss_fn: LossFn,
         optimizer_fn: OptimizerFn,
-        data_fn: Callable[[str], tuple[DataLoader[Any], DataLoader[Any] | None]],
+        data_fn: Callable[[str, int], Loaders] | Callable[[str], Loaders],
         metrics: Mapping[str, MetricFn] | None = None,
+        max_cached_clients: int = 10_000,
     ) -> None:
         self._model_fn = model_fn
         self.loss_fn = loss_fn
         self.optimizer_fn = optimizer_fn
         self._data_fn = data_fn
-        self.metrics = dict(metrics) if metrics is not None else {"accuracy": accuracy}
+        self._per_round = _positional_arity(data_fn) >= 2
+        self._cache: OrderedDict[str, Loaders] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_cached_clients = max_cached_clients
+        self.metrics = dict(metrics) if metrics is not None else default_metrics(loss_fn)
 
     def model_fn(self) -> nn.Module:
         return self._model_fn()
 
-    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
-        return self._data_fn(client_id)
+    def data_fn(self, client_id: str, round: int) -> Loaders:
+        if self._per_round:
+            return self._data_fn(client_id, round)  # type: ignore[call-arg]
+        with self._lock:
+            if client_id in self._cache:
+                self._cache.move_to_end(client_id)
+                return self._cache[client_id]
+        loaders = self._data_fn(client_id)  # type: ignore[call-arg]
+        with self._lock:
+            self._cache[client_id] = loaders
+            while len(self._cache) > self.max_cached_clients:
+                self._cache.popitem(last=False)
+        return loaders
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to Ray actors inside the client app: without the lock or the loaders cached here.
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics:
         epochs = int(config.get("local_epochs", 1))
@@ -119,14 +233,23 @@ class SupervisedTask:
         return total / count, {name: fn(logits, y) for name, fn in self.metrics.items()}
 
 
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    """How many positional arguments `fn` accepts (a *args function counts as many)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume the current two-argument form
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 def task_get_params(task: Task, model: nn.Module) -> Params:
-    fn = getattr(task, "get_params", None)
-    return fn(model) if fn is not None else get_params(model)
+    return task.get_params(model) if isinstance(task, SelectsParams) else get_params(model)
 
 
 def task_set_params(task: Task, model: nn.Module, params: Params) -> None:
-    fn = getattr(task, "set_params", None)
-    if fn is not None:
-        fn(model, params)
+    if isinstance(task, SelectsParams):
+        task.set_params(model, params)
     else:
         set_params(model, params)

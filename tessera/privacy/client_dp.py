@@ -15,7 +15,7 @@ replacement is accounted as Poisson, as is usual for DP-FedAvg), composed by the
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -23,20 +23,17 @@ import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
-from tessera.core.types import Metrics, Params, Scalar
-from tessera.horizontal.aggregation import PlainAggregation
+from tessera.core.types import Params, Scalar
 from tessera.horizontal.client import CallNext, ClientContext
-from tessera.horizontal.job import JobParts
+from tessera.horizontal.job import Contribution, Extension, JobParts, Plugin
 from tessera.horizontal.strategies.aggregate import weighted_mean
-from tessera.horizontal.strategies.base import FitResults, Strategy
+from tessera.horizontal.strategies.base import FitResults, MeanStrategy, Strategy, StrategyWrapper
 from tessera.horizontal.strategies.clipping import clip_update
 from tessera.privacy.ledger import PrivacyLedger
-from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
+from tessera.runtime.messages import FitIns, FitRes
 
 log = get_logger(__name__)
 CLIENT_PARTY = "client-level"
-_SAMPLING = ("fraction_fit", "min_fit_clients", "min_available", "fraction_evaluate", "min_evaluate_clients",
-             "local_config")
 
 
 def gaussian_like(params: Params, std: float, gen: torch.Generator) -> Params:
@@ -51,19 +48,20 @@ def clipped_delta(params: Params, current: Params, *, clip: float) -> Params:
     return {k: p[k].double() - c.double() for k, c in current.items()}
 
 
-class ClientDPStrategy(Strategy):
-    """Wraps a mean-based strategy (FedAvg family: has `apply`) with client-level DP aggregation."""
+class ClientDPStrategy(StrategyWrapper, MeanStrategy):
+    """Wraps a mean-based strategy (FedAvg family) with client-level DP aggregation."""
+
+    label = "client_dp"
 
     def __init__(self, inner: Strategy, *, clip: float, noise_multiplier: float, mode: str, ledger: PrivacyLedger,
                  seed: int | None = None) -> None:
-        if not hasattr(inner, "apply"):
+        if not isinstance(inner, MeanStrategy):
             raise ConfigError(f"client-level DP needs a mean-based strategy with a server update (FedAvg, FedAvgM, "
                               f"FedAdam, ...); {inner.name} has none")
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k in _SAMPLING})
-        self.inner, self.clip, self.z, self.mode = inner, clip, noise_multiplier, mode
-        self._apply: Callable[[int, Params, Params], Params] = inner.apply
+        super().__init__(inner)
+        self.mean_inner: MeanStrategy = inner
+        self.clip, self.z, self.mode = clip, noise_multiplier, mode
         self.ledger, self.seed = ledger, seed
-        self.name = f"client_dp({inner.name})"
         self.pending: float | None = None  # this round's client sampling rate, committed at round end
         self.total_clients = 0
 
@@ -80,19 +78,12 @@ class ClientDPStrategy(Strategy):
                     for c, i in plan]
         return plan
 
-    def fit_config(self, rnd: int) -> dict[str, Scalar]:
-        return self.inner.fit_config(rnd)
-
-    def configure_evaluate(self, rnd: int, params: Params, clients: Sequence[str],
-                           rng: np.random.Generator) -> list[tuple[str, EvaluateIns]]:
-        return self.inner.configure_evaluate(rnd, params, clients, rng)
-
     def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
-        return self._apply(rnd, current, self.noisy_mean(rnd, results, current))
+        return self.mean_inner.apply(rnd, current, self.noisy_mean(rnd, results, current))
 
     def apply(self, rnd: int, current: Params, delta: Params) -> Params:
         """The inner server update from an already-private mean (secure aggregation of noised updates)."""
-        return self._apply(rnd, current, delta)
+        return self.mean_inner.apply(rnd, current, delta)
 
     def noisy_mean(self, rnd: int, results: FitResults, current: Params) -> Params:
         n = len(results)
@@ -109,18 +100,6 @@ class ClientDPStrategy(Strategy):
         gen = torch.Generator().manual_seed(seed)
         noise = gaussian_like(current, self.z * self.clip, gen)
         return {k: m + noise[k] / n if current[k].is_floating_point() else m for k, m in mean.items()}
-
-    def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
-        return self.inner.aggregate_evaluate(rnd, results)
-
-    def client_mods(self) -> list[Any]:
-        return list(getattr(self.inner, "client_mods", list)())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def distributed_noise_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
@@ -143,16 +122,17 @@ def distributed_noise_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> 
     return FitRes(params=params, num_examples=1, metrics=reply.metrics, extras=reply.extras)
 
 
-class ClientDPRecorder:
+class ClientDPRecorder(Extension):
     """Extension: commits each round's client-level DP step to the ledger and records epsilon."""
 
     name = "client_dp"
 
-    def __init__(self, strategy: ClientDPStrategy) -> None:
-        self.strategy = strategy
+    def __init__(self, strategy: ClientDPStrategy | None) -> None:
+        self.strategy = strategy  # set when the plugin wraps the job's strategy (job.compose)
 
     def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
         s = self.strategy
+        assert s is not None
         if s.pending is not None and s.z > 0:
             s.ledger.step(CLIENT_PARTY, noise_multiplier=s.z, sample_rate=s.pending, steps=1)
         s.pending = None
@@ -160,17 +140,21 @@ class ClientDPRecorder:
         record["dp_delta"] = s.ledger.delta
 
     def state_dict(self) -> dict[str, Any]:
+        assert self.strategy is not None
         return {"ledger": self.strategy.ledger.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.strategy is not None
         self.strategy.ledger.load_state_dict(state["ledger"])
 
 
-class ClientLevelDP:
+class ClientLevelDP(Plugin):
     """Plugin: client-level DP of updates, central (server noises) or distributed (clients noise, SecAgg sums).
 
     >>> simulate(parts, rounds=20, plugins=[ClientLevelDP(clip=0.5, noise_multiplier=1.0, mode="central")])
     """
+
+    name = "client_dp"
 
     def __init__(self, *, clip: float, noise_multiplier: float, mode: Literal["central", "distributed"] = "central",
                  delta: float = 1e-5, budget: float | None = None, accountant: str = "rdp",
@@ -189,17 +173,16 @@ class ClientLevelDP:
         self.ledger = PrivacyLedger(accountant, delta=delta, budget=budget)
         self.strategy: ClientDPStrategy | None = None
 
-    def configure(self, parts: JobParts) -> None:
-        if isinstance(parts.strategy, ClientDPStrategy) or any(
-                getattr(e, "name", None) in ("dp", "client_dp") for e in parts.extensions):
-            raise ConfigError("client-level DP cannot be combined with another DP plugin in one job (each owns the "
-                              "round's epsilon record); give one [dp] section")
-        if self.mode == "central" and not isinstance(parts.aggregation, PlainAggregation):
-            raise ConfigError("dp.kind='central' clips single updates, which secure aggregation hides from the "
-                              "server; use kind='distributed' with secure aggregation")
-        self.strategy = ClientDPStrategy(parts.strategy, clip=self.clip, noise_multiplier=self.z, mode=self.mode,
-                                         ledger=self.ledger, seed=self.seed)
-        parts.strategy = self.strategy
-        parts.extensions.append(ClientDPRecorder(self.strategy))
-        if self.mode == "distributed":
-            parts.mods.append(distributed_noise_mod)
+    def contribute(self, parts: JobParts) -> Contribution:
+        self.strategy = None
+
+        def wrap(inner: Strategy) -> Strategy:
+            self.strategy = ClientDPStrategy(inner, clip=self.clip, noise_multiplier=self.z, mode=self.mode,
+                                             ledger=self.ledger, seed=self.seed)
+            recorder.strategy = self.strategy
+            return self.strategy
+
+        recorder = ClientDPRecorder(None)
+        return Contribution(plugin=self.name, roles=frozenset({"privacy"}), wrap_strategy=wrap,
+                            mods=(distributed_noise_mod,) if self.mode == "distributed" else (),
+                            extensions=(recorder,), needs_single_updates=self.mode == "central")

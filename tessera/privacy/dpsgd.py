@@ -3,9 +3,11 @@
 Pieces and where they run:
 - `DPTask` wraps the job's Task at the clients: one `DPTrainer` per client id (cached), so each client's model is
   wrapped by Opacus once for the whole federation. The params the server sees are the plain module's.
-- `DPSGDMod` (a client Mod) hands the task the client id and the client's persistent state, where the client's
-  own ledger lives (`ctx.state["dp"]`, plain numbers, checkpointed with the other client state). The client is
-  the authority on its budget: a round that would exceed it fails at that client with "privacy budget exhausted".
+- `DPSGDMod` (a client Mod) hands the task a typed `DPClient` (the client id and its persistent state, where the
+  client's own ledger lives: `ctx.state["dp"]`, plain numbers, checkpointed with the other client state). The
+  client is the authority on its budget: a round that would exceed it fails at that client with
+  PrivacyBudgetExceeded, which reaches the server as `FailureKind.BUDGET_EXHAUSTED`.
+- The client's accounting for the round travels as a `PrivacyReport` (privacy/report.py) in the reply.
 - `DPRecorder` (server side) wraps the aggregation and is an Extension: it mirrors each client's reported
   (noise, rate, steps) in a ledger that rides in the checkpoint, writes `record["epsilon"]`, stops sampling
   clients whose budget is spent, and stops the run cleanly (PrivacyBudgetExceeded) when too few remain.
@@ -16,8 +18,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,17 +30,27 @@ from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params
 from tessera.horizontal.aggregation import Aggregation, FitOutcome
 from tessera.horizontal.client import CallNext, ClientContext
-from tessera.horizontal.job import JobParts
+from tessera.horizontal.job import Contribution, Extension, JobParts, Plugin
 from tessera.horizontal.strategies.base import Strategy
-from tessera.horizontal.task import Task
+from tessera.horizontal.task import Loaders, SelectsParams, Task
 from tessera.privacy.ledger import BUDGET_EXHAUSTED, PrivacyLedger
 from tessera.privacy.opacus import DPConfig, DPTrainer
-from tessera.runtime.backend import Backend, ClientFailure
+from tessera.privacy.report import PrivacyReport, strip_report
+from tessera.runtime.backend import Backend, ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns, FitRes
 
 log = get_logger(__name__)
-CLIENT_KEY, STATE_KEY = "dp_client", "dp_state"
-_DP_KEYS = {"dp_noise_multiplier", "dp_sample_rate", "dp_steps", "epsilon"}
+DP_KEY = "dp"  # ClientContext.train_config key of the DPClient (in-process only, never on the wire)
+_TRAINER_KEYS = ("dp_noise_multiplier", "dp_sample_rate", "dp_steps", "epsilon")  # DPTrainer.train's accounting
+
+
+@dataclass
+class DPClient:
+    """What DPSGDMod hands DPTask for one fit: who trains, and that client's persistent DP state."""
+
+    client: str
+    state: dict[str, Any]
+    report: PrivacyReport | None = None  # filled by DPTask.train
 
 
 class DPTask:
@@ -57,9 +69,6 @@ class DPTask:
         self.trainers: OrderedDict[str, DPTrainer] = OrderedDict()
         self.max_cached_clients = max_cached_clients
         self._lock = threading.Lock()  # clients may train in parallel threads (InProcessBackend max_workers > 1)
-        for name in ("get_params", "set_params"):  # keep the inner task's choice of which tensors travel
-            if hasattr(inner, name):
-                setattr(self, name, getattr(inner, name))
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to Ray actors with the client app: without the lock, and without trainers (each actor wraps its own)
@@ -74,8 +83,8 @@ class DPTask:
     def model_fn(self) -> nn.Module:
         return self.inner.model_fn()
 
-    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
-        return self.inner.data_fn(client_id)
+    def data_fn(self, client_id: str, round: int) -> Loaders:
+        return self.inner.data_fn(client_id, round)
 
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
         return self.inner.evaluate(model, loader)
@@ -93,9 +102,10 @@ class DPTask:
             return trainer
 
     def train(self, model: nn.Module, loader: DataLoader[Any], config: Mapping[str, Any]) -> Metrics:
-        client, state = config.get(CLIENT_KEY), config.get(STATE_KEY)
-        if not isinstance(client, str) or not isinstance(state, dict):
+        run = config.get(DP_KEY)
+        if not isinstance(run, DPClient):
             raise ProtocolError("DPTask runs only behind DPSGDMod; add the DPSGD plugin instead of the task alone")
+        client, state = run.client, run.state
         unsupported = [k for k in ("proximal_mu", "grad_correction") if config.get(k)]
         if unsupported:
             raise ConfigError(f"DPSGD trains with Opacus' DP optimizer, which does not apply {unsupported}; use "
@@ -117,7 +127,26 @@ class DPTask:
                 state["noise_multiplier"] = trainer.noise_multiplier
         with torch.no_grad():
             model.load_state_dict(trainer.module.state_dict())
-        return metrics
+        run.report = PrivacyReport(noise_multiplier=float(metrics["dp_noise_multiplier"]),
+                                   sample_rate=float(metrics["dp_sample_rate"]), steps=int(metrics["dp_steps"]))
+        return {k: v for k, v in metrics.items() if k not in _TRAINER_KEYS}
+
+
+class _SelectingDPTask(DPTask):
+    """A DPTask over a task that chooses which tensors travel keeps that choice."""
+
+    inner: Any
+
+    def get_params(self, model: nn.Module) -> Params:
+        return self.inner.get_params(model)  # type: ignore[no-any-return]
+
+    def set_params(self, model: nn.Module, params: Params) -> None:
+        self.inner.set_params(model, params)
+
+
+def dp_task(inner: Task, config: DPConfig) -> DPTask:
+    """The DP-SGD task over `inner` (keeping its choice of which tensors travel, if it makes one)."""
+    return _SelectingDPTask(inner, config) if isinstance(inner, SelectsParams) else DPTask(inner, config)
 
 
 def _seed(config: Mapping[str, Any]) -> int | None:
@@ -126,7 +155,8 @@ def _seed(config: Mapping[str, Any]) -> int | None:
 
 
 class DPSGDMod:
-    """Client Mod: gives DPTask the client id and the client's persistent DP state for this fit.
+    """Client Mod: gives DPTask the client id and the client's persistent DP state for this fit, and puts the
+    round's accounting (`PrivacyReport`) into the reply.
 
     The state lives in `ctx.state["dp"]` (checkpointed with the other client state). The mod also keeps a
     reference per client, so a second run with the same plugin (FLModel.fit called again) continues each
@@ -142,8 +172,12 @@ class DPSGDMod:
             if not isinstance(state, dict):
                 state = ctx.state["dp"] = self.states.get(ctx.client, {})
             self.states[ctx.client] = state
-            ctx.train_config[CLIENT_KEY] = ctx.client
-            ctx.train_config[STATE_KEY] = state
+            run = DPClient(ctx.client, state)
+            ctx.train_config[DP_KEY] = run
+            reply = call_next(msg, ctx)
+            if isinstance(reply, FitRes) and run.report is not None:
+                return replace(reply, metrics=run.report.into(reply.metrics))
+            return reply
         return call_next(msg, ctx)
 
 
@@ -161,20 +195,20 @@ class _BudgetSpy:
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         replies = self.backend.exchange(requests, timeout=timeout)
         self.exhausted |= {c for c, r in replies.items()
-                           if isinstance(r, ClientFailure) and BUDGET_EXHAUSTED in r.reason}
+                           if isinstance(r, ClientFailure) and r.kind is FailureKind.BUDGET_EXHAUSTED}
         return replies
 
     def close(self) -> None:
         self.backend.close()
 
 
-class DPRecorder:
+class DPRecorder(Extension):
     """Aggregation wrapper + Extension: per-client epsilon in every record, budget-aware client selection."""
 
     name = "dp"
 
-    def __init__(self, inner: Aggregation, ledger: PrivacyLedger) -> None:
-        self.inner = inner
+    def __init__(self, inner: Aggregation | None, ledger: PrivacyLedger) -> None:
+        self._inner = inner
         self.ledger = ledger
         self.exhausted: set[str] = set()
         self.unprivate: set[str] = set()  # clients that trained with noise_multiplier=0 (epsilon = inf)
@@ -189,8 +223,9 @@ class DPRecorder:
                 f"{len(live)} of the {len(plan)} sampled have budget left; the run stops after round {rnd - 1} "
                 "with every reported epsilon within the budget")
         spy = _BudgetSpy(backend)
+        assert self._inner is not None, "DPRecorder.wrap() sets the aggregation it records"
         try:
-            outcome = self.inner.run(rnd, live, spy, strategy, current, timeout=timeout)
+            outcome = self._inner.run(rnd, live, spy, strategy, current, timeout=timeout)
         except RoundFailed:
             if not spy.exhausted:
                 raise
@@ -202,22 +237,27 @@ class DPRecorder:
         self.exhausted |= spy.exhausted
         for cid, res in outcome.results:
             self._mirror(cid, res)
-        # accounting metrics are this extension's business, not training metrics to average into the record
-        outcome.results = [(cid, replace(res, metrics={k: v for k, v in res.metrics.items() if k not in _DP_KEYS}))
+        # accounting is this extension's business, not training metrics to average into the record
+        outcome.results = [(cid, replace(res, metrics=strip_report(res.metrics)))
                            for cid, res in outcome.results]
-        outcome.failures.extend(ClientFailure(c, f"{BUDGET_EXHAUSTED} (not asked to train)") for c in skipped)
+        outcome.failures.extend(ClientFailure(c, f"{BUDGET_EXHAUSTED} (not asked to train)", FailureKind.NOT_ASKED)
+                                for c in skipped)
         return outcome
 
+    def wrap(self, inner: Aggregation) -> DPRecorder:
+        self._inner = inner
+        return self
+
     def _mirror(self, cid: str, res: FitRes) -> None:
-        m = res.metrics
-        if not {"dp_noise_multiplier", "dp_sample_rate", "dp_steps"} <= set(m):
-            log.warning("a client replied without DP accounting metrics; its epsilon is not mirrored")
+        report = PrivacyReport.read(res.metrics, who=cid)
+        if report is None:
+            log.warning("a client replied without its DP accounting; its epsilon is not mirrored")
             return
-        if float(m["dp_noise_multiplier"]) == 0:  # clipping only, no privacy
+        if report.noise_multiplier == 0:  # clipping only, no privacy
             self.unprivate.add(cid)
             return
-        self.ledger.step(cid, noise_multiplier=float(m["dp_noise_multiplier"]),
-                         sample_rate=float(m["dp_sample_rate"]), steps=int(m["dp_steps"]))
+        self.ledger.step(cid, noise_multiplier=report.noise_multiplier, sample_rate=report.sample_rate,
+                         steps=report.steps)
 
     # Extension hooks
     def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
@@ -234,7 +274,7 @@ class DPRecorder:
         self.exhausted = set(state["exhausted"])
 
 
-class DPSGD:
+class DPSGD(Plugin):
     """Plugin: clients train with sample-level DP-SGD; per-client epsilon is recorded and the budget enforced.
 
     One DPSGD object is one privacy context: reuse it for more rounds of the same model (FLModel.fit again) and
@@ -256,20 +296,19 @@ class DPSGD:
         self.mod = DPSGDMod()
         self.recorder: DPRecorder | None = None
 
-    def configure(self, parts: JobParts) -> None:
-        if isinstance(parts.task, DPTask) or isinstance(parts.aggregation, DPRecorder):
+    name: ClassVar[str] = "dpsgd"
+
+    def contribute(self, parts: JobParts) -> Contribution:
+        if isinstance(parts.task, DPTask):
             raise ConfigError("DPSGD is configured twice for this job; give it once")
-        if any(getattr(e, "name", None) == "client_dp" for e in parts.extensions):
-            raise ConfigError("DPSGD cannot be combined with client-level DP in one job (each owns the round's "
-                              "epsilon record); give one [dp] section")
-        if getattr(parts.strategy, "proximal_mu", 0) or getattr(parts.strategy, "client_mods", list)():
+        if getattr(parts.strategy, "proximal_mu", 0) or parts.strategy.client_mods():
             raise ConfigError(f"DPSGD cannot run {parts.strategy.name}: its client-side term (proximal term, "
                               "control variates) is not applied by Opacus' DP optimizer; use FedAvg, FedAvgM or a "
                               "server optimiser (FedAdam, FedYogi, FedAdagrad)")
-        parts.task = DPTask(parts.task, self.config)
-        parts.mods.append(self.mod)
         exhausted = self.recorder.exhausted if self.recorder is not None else set()
-        self.recorder = DPRecorder(parts.aggregation, self.ledger)
+        self.recorder = DPRecorder(None, self.ledger)
         self.recorder.exhausted = exhausted
-        parts.aggregation = self.recorder
-        parts.extensions.append(self.recorder)
+        config = self.config
+        return Contribution(plugin=self.name, roles=frozenset({"privacy"}),
+                            wrap_task=lambda task: dp_task(task, config), mods=(self.mod,),
+                            wrap_aggregation=self.recorder.wrap, extensions=(self.recorder,))

@@ -11,14 +11,29 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
 
-from tessera.core.errors import SerdeError, TesseraError
+from tessera.core.errors import PrivacyBudgetExceeded, SerdeError, TesseraError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message
 from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
+
+
+class FailureKind(Enum):
+    """Why a client's reply did not count. Code that must react to a kind (a spent privacy budget stops a run)
+    reads this field, never the wording of `reason`."""
+
+    ERROR = "error"  # the client's handler raised
+    TIMEOUT = "timeout"  # no reply in time
+    UNREACHABLE = "unreachable"  # not connected, actor died, connection reset
+    MALFORMED = "malformed"  # undecodable, oversized or of the wrong type
+    REJECTED = "rejected"  # decoded, but refused by the server's checks (shape, NaN/Inf, counts)
+    BUDGET_EXHAUSTED = "budget_exhausted"  # the client refused: the round would exceed its privacy budget
+    DROPPED = "dropped"  # dropped by a protocol stage (secure aggregation)
+    NOT_ASKED = "not_asked"  # the server did not ask it (its budget is known to be spent)
 
 
 @dataclass(frozen=True)
@@ -27,6 +42,13 @@ class ClientFailure:
 
     client: str
     reason: str
+    kind: FailureKind = FailureKind.ERROR
+
+
+def failure_from_error(client: str, error_type: str, reason: str) -> ClientFailure:
+    """The failure for a client that answered with an error (`ErrorRes` over a wire, or a raised exception)."""
+    kind = FailureKind.BUDGET_EXHAUSTED if error_type == PrivacyBudgetExceeded.__name__ else FailureKind.ERROR
+    return ClientFailure(client, f"{error_type}: {reason}", kind)
 
 
 @dataclass
@@ -48,6 +70,16 @@ class Handler(Protocol):
     """What runs at a client: one request message in, one reply message out."""
 
     def handle(self, client: str, msg: Any) -> Any: ...
+
+
+@runtime_checkable
+class ClientStateHandler(Handler, Protocol):
+    """A handler whose clients keep state between requests (SCAFFOLD's control variate, a DP ledger) that a
+    backend may store elsewhere between calls (Ray actors serve any client, so the state travels with the call)."""
+
+    def set_client_state(self, client: str, state: dict[str, Any]) -> None: ...
+
+    def take_client_state(self, client: str) -> dict[str, Any] | None: ...
 
 
 Reply = Any  # a message dataclass, or ClientFailure
@@ -92,10 +124,10 @@ class InProcessBackend:
         except (TesseraError, Exception) as exc:  # a client's failure must not take the round down
             log.warning("client %s failed: %s", client, type(exc).__name__)
             self.traffic.add(client, down=len(wire_down), up=0)
-            return ClientFailure(client, _reason(exc))
+            return failure_from_error(client, type(exc).__name__, _short(exc))
         self.traffic.add(client, down=len(wire_down), up=len(wire_up))
         if isinstance(decoded, ErrorRes):
-            return ClientFailure(client, f"{decoded.kind}: {decoded.reason}")
+            return failure_from_error(client, decoded.kind, decoded.reason)
         return decoded
 
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
@@ -109,7 +141,7 @@ class InProcessBackend:
             try:
                 out[c] = fut.result(timeout=left)
             except TimeoutError:
-                out[c] = ClientFailure(c, f"timed out after {timeout} s")
+                out[c] = ClientFailure(c, f"timed out after {timeout} s", FailureKind.TIMEOUT)
         return out
 
     def close(self) -> None:
@@ -118,13 +150,16 @@ class InProcessBackend:
             self._pool = None
 
 
+def _short(exc: BaseException) -> str:
+    """A short, value-free message: the first line of a foreign exception's text (tessera's own are whole), capped."""
+    if isinstance(exc, SerdeError | TesseraError):
+        return str(exc)[:200]
+    return (str(exc).splitlines()[0] if str(exc) else "")[:200]
+
+
 def _reason(exc: BaseException) -> str:
     """A short, value-free reason: the type and the first line of the message, capped."""
-    if isinstance(exc, SerdeError | TesseraError):
-        text = str(exc)
-    else:
-        text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:200]}"
+    return f"{type(exc).__name__}: {_short(exc)}"
 
 
 HandlerFactory = Callable[[], Handler]

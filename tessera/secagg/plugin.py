@@ -14,16 +14,14 @@ kind = "ckks"
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tessera.core.config import validate
 from tessera.core.errors import ConfigError
+from tessera.horizontal.job import Plugin
 from tessera.secagg.plus import SecAggPlus
-
-if TYPE_CHECKING:
-    from tessera.horizontal.job import Plugin
 
 _PLUS_NAMES = ("secagg+", "secagg", "secaggplus", "secagg_plus")
 
@@ -53,8 +51,8 @@ def plugin(spec: Any) -> Plugin:
     """A secure-aggregation plugin from "secagg+" | "ckks" | a `[secagg]` dict | a SecAggPlus/CKKS object."""
     from tessera.secagg.ckks import CKKS
 
-    if hasattr(spec, "configure"):
-        return spec  # type: ignore[no-any-return]
+    if isinstance(spec, Plugin):
+        return spec
     if isinstance(spec, str):
         name = spec.strip().lower()
         if name in _PLUS_NAMES:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tessera.horizontal.job import compose
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params
 from tessera.horizontal.client import ClientContext
@@ -99,17 +100,20 @@ def test_accounting_by_client_sampling_rate_and_budget_stop(tmp_path: Path) -> N
 
 def test_bad_combinations_are_refused() -> None:
     from tessera.privacy import DPSGD
+    from tessera.secagg import SecAggPlus
 
     parts = make_parts()
-    ClientLevelDP(clip=1.0, noise_multiplier=1.0).configure(parts)
-    with pytest.raises(ConfigError, match="another DP plugin"):
-        ClientLevelDP(clip=1.0, noise_multiplier=1.0).configure(parts)
-    with pytest.raises(ConfigError, match="client-level DP"):
-        DPSGD(noise_multiplier=1.0).configure(parts)
-    parts = make_parts()
-    parts.aggregation = object()  # type: ignore[assignment]  # e.g. secure aggregation
-    with pytest.raises(ConfigError, match="kind='distributed'"):
-        ClientLevelDP(clip=1.0, noise_multiplier=1.0, mode="central").configure(parts)
+    central = ClientLevelDP(clip=1.0, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match=r"client_dp and client_dp both take the job's privacy role"):
+        compose(parts, [central, ClientLevelDP(clip=1.0, noise_multiplier=1.0)])
+    # Both orders are refused with both names (validation does not depend on list order)
+    for plugins in ([central, DPSGD(noise_multiplier=1.0)], [DPSGD(noise_multiplier=1.0), central]):
+        with pytest.raises(ConfigError, match=r"client_dp and dpsgd both take the job's privacy role"):
+            compose(parts, plugins)
+    for plugins in ([central, SecAggPlus()], [SecAggPlus(), central]):
+        with pytest.raises(ConfigError, match=r"client_dp reads each client's update.*secagg\+ hides"):
+            compose(parts, plugins)
+    assert parts.aggregation.__class__.__name__ == "PlainAggregation"  # compose never edits the user's parts
     with pytest.raises(ConfigError, match="no privacy"):
         ClientLevelDP(clip=1.0, noise_multiplier=0.0, budget=3.0)
     with pytest.raises(ConfigError, match="mean-based"):

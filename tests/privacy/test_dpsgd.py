@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from tessera.horizontal.job import compose
 from tessera.core.types import Params
 from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.server import Server
@@ -44,11 +45,12 @@ def test_five_rounds_no_prefix_no_stacked_hooks_and_global_params_loaded(monkeyp
         return original(self, loader, **kw)
 
     monkeypatch.setattr(DPTrainer, "train", train)
-    parts = make_parts()
-    parts.mods.insert(0, spy)
+    user_parts = make_parts()
+    user_parts.mods.insert(0, spy)
     plugin = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, reproducible=True)
+    parts = compose(user_parts, [plugin])  # what simulate runs; composed here to inspect the task it built
     # Execute
-    history, _ = simulate(parts, rounds=5, seed=0, plugins=[plugin])
+    history, _ = simulate(parts, rounds=5, seed=0)
     # Assert: 5 rounds, one trainer (one wrap) per client, hooks not stacked, no wrapper keys on the wire
     assert len(history) == 5
     task = parts.task
@@ -147,7 +149,7 @@ def test_strategies_with_client_side_terms_are_refused() -> None:
 
     for strategy in (FedProx(proximal_mu=0.1), Scaffold(local_lr=0.1)):
         with pytest.raises(ConfigError, match="DPSGD cannot run"):
-            DPSGD(noise_multiplier=1.0).configure(make_parts(strategy=strategy))
+            compose(make_parts(strategy=strategy), [DPSGD(noise_multiplier=1.0)])
 
 
 def test_flmodel_fit_stopped_by_budget_counts_only_the_rounds_that_ran() -> None:

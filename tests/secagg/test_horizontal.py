@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.cli.secagg import digits_job
-from tessera.core.errors import ConfigError, RoundFailed
+from tessera.horizontal.job import compose
 from tessera.api import FLModel
+from tessera.core.errors import ConfigError, RoundFailed
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAdam, FedAvg, Krum
@@ -18,6 +18,7 @@ from tessera.secagg.client import encode_input
 from tessera.secagg.messages import MaskedInputRes
 from tessera.secagg.plus import flatten
 from tessera.secagg.quantize import ring_mask, sum_error_bound
+from tests.fixtures import digits_job
 
 from .helpers import Recorder
 
@@ -42,8 +43,8 @@ def tolerance(agg: SecAggPlusAggregation) -> float:
 
 def run(plugins: list[Any], *, dropout: float = 0.0, strategy: Any = None, on_server: Any = None,
         rounds: int = ROUNDS) -> Any:
-    parts = digits_job(strategy or fedavg(), num_clients=5, dropout=dropout)
-    history, params = simulate(parts, rounds=rounds, seed=0, plugins=plugins, on_server=on_server)
+    parts = compose(digits_job(strategy or fedavg(), num_clients=5, dropout=dropout), plugins)
+    history, params = simulate(parts, rounds=rounds, seed=0, on_server=on_server)
     return history, params, parts
 
 
@@ -136,7 +137,7 @@ def test_plugin_accepts_every_spelling_and_refuses_bad_ones() -> None:
     with pytest.raises(ConfigError, match="unknown kind"):
         plugin("paillier")
     with pytest.raises(ConfigError, match="needs single updates"):
-        SecAggPlus().configure(digits_job(Krum(f=1), num_clients=4))
+        compose(digits_job(Krum(f=1), num_clients=4), [SecAggPlus()])
 
 
 def test_job_toml_section_builds_the_plugin() -> None:
@@ -160,17 +161,20 @@ def test_distributed_client_dp_composes_with_secagg() -> None:
     dp = pytest.importorskip("tessera.privacy.client_dp")
     # Zero noise keeps the oracle deterministic: clipping at the client, then the (masked) uniform mean.
     _, p0, _ = run([dp.ClientLevelDP(clip=0.5, noise_multiplier=0.0, mode="distributed")], rounds=1)
-    _, p1, parts = run([SecAggPlus(), dp.ClientLevelDP(clip=0.5, noise_multiplier=0.0, mode="distributed")],
-                       rounds=1)
-    assert parts.mods[0].__name__ == "secagg_mod"  # outermost: it masks the clipped (and noised) update
-    assert 0 < max_diff(p0, p1) < tolerance(parts.aggregation)
+    plugins = [SecAggPlus(), dp.ClientLevelDP(clip=0.5, noise_multiplier=0.0, mode="distributed")]
+    _, p1, composed = run(plugins, rounds=1)
+    for order in (plugins, plugins[::-1]):  # outermost whatever the order: it masks the clipped (and noised) update
+        parts = compose(digits_job(fedavg(), num_clients=5), order)
+        assert [getattr(m, "__name__", "") for m in parts.mods] == ["secagg_mod", "distributed_noise_mod"]
+    assert 0 < max_diff(p0, p1) < tolerance(composed.aggregation)
 
 
 def test_min_available_is_enforced_before_unmasking() -> None:
     strategy = FedAvg(fraction_evaluate=0.0, min_available=4)
-    parts = digits_job(strategy, num_clients=5, dropout=0.4)  # 3 survivors: above t, below min_available
+    # 3 survivors: above t, below min_available
+    parts = compose(digits_job(strategy, num_clients=5, dropout=0.4), [SecAggPlus()])
     with pytest.raises(RoundFailed, match="abandoned before unmasking"):
-        simulate(parts, rounds=1, plugins=[SecAggPlus()])
+        simulate(parts, rounds=1)
     agg = parts.aggregation
     assert isinstance(agg, SecAggPlusAggregation) and agg.last is not None
     assert agg.last.result is None and not agg.last.revealed_b
@@ -196,8 +200,8 @@ def test_only_the_params_a_task_sends_are_masked() -> None:
         return parts
 
     p0 = simulate(head_only(digits_job(fedavg(), num_clients=4)), rounds=1, seed=0)[1]
-    parts = head_only(digits_job(fedavg(), num_clients=4))
-    p1 = simulate(parts, rounds=1, seed=0, plugins=[SecAggPlus()])[1]
+    parts = compose(head_only(digits_job(fedavg(), num_clients=4)), [SecAggPlus()])
+    p1 = simulate(parts, rounds=1, seed=0)[1]
     assert set(p1) == {"fc1.weight", "fc1.bias"}
     assert parts.aggregation.last.state.setup.dim == 32 * 10 + 10 + 1  # head only, plus the weight
     assert 0 < max_diff(p0, p1) < tolerance(parts.aggregation)

@@ -1,7 +1,7 @@
 """Aggregation strategies. Pure maths in `aggregate`; each strategy is a small class over it."""
 
 from tessera.horizontal.strategies import aggregate
-from tessera.horizontal.strategies.base import FitResults, Strategy
+from tessera.horizontal.strategies.base import FitResults, MeanStrategy, Strategy, StrategyWrapper
 from tessera.horizontal.strategies.clipping import ClipUpdates, clip_update
 from tessera.horizontal.strategies.deadline import DeadlineRounds
 from tessera.horizontal.strategies.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, mean_delta
@@ -19,6 +19,7 @@ STRATEGIES.update({cls.name: cls for cls in (FedMedian, TrimmedMean, Krum, Multi
 
 __all__ = [
     "STRATEGIES", "Bulyan", "ClipUpdates", "DeadlineRounds", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
-    "FedBuff", "FedMedian", "FedNova", "FedProx", "FedYogi", "FitResults", "Krum", "MultiKrum", "RobustStrategy",
-    "Scaffold", "Strategy", "TrimmedMean", "aggregate", "clip_update", "mean_delta", "scaffold_mod",
+    "FedBuff", "FedMedian", "FedNova", "FedProx", "FedYogi", "FitResults", "Krum", "MeanStrategy", "MultiKrum",
+    "RobustStrategy", "Scaffold", "Strategy", "StrategyWrapper", "TrimmedMean", "aggregate", "clip_update",
+    "mean_delta", "scaffold_mod",
 ]

@@ -1,4 +1,12 @@
-"""The Strategy interface and client sampling shared by every strategy."""
+"""The Strategy interface, client sampling shared by every strategy, and the two typed extensions of it.
+
+- `Strategy` declares every method the round loop or a plugin calls (no `hasattr` probing anywhere).
+- `MeanStrategy` is a strategy whose aggregate is "mean delta, then a server update" (`apply`): the only kind
+  secure aggregation and client-level DP can serve, since they reveal or produce just the mean.
+- `StrategyWrapper` is the one base for wrappers (update clipping, deadlines, client-level DP): it delegates every
+  attribute and method it does not override to the inner strategy by lookup, so a setting written on the wrapper
+  (`fraction_evaluate = 0`) reaches the inner strategy and a wrapper can never hold a stale copy.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import numpy as np
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Metrics, Params, Scalar
+from tessera.horizontal.client import Mod
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 FitResults = list[tuple[str, FitRes]]
@@ -97,9 +106,99 @@ class Strategy(ABC):
         metrics = {k: sum(r.metrics[k] * r.num_examples for _, r in results) / total for k in sorted(keys)}
         return loss, metrics
 
+    def client_mods(self) -> list[Mod]:
+        """Client-side work this strategy needs (SCAFFOLD's control variates); they run innermost, next to
+        training, so every plugin's mod sees their final reply."""
+        return []
+
     # ---------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless strategies keep none
         pass
+
+
+class MeanStrategy(Strategy):
+    """A strategy whose server step depends on the clients only through the (weighted) mean of their deltas.
+
+    Secure aggregation computes that mean without seeing single updates and calls `apply` with it.
+    """
+
+    @abstractmethod
+    def apply(self, rnd: int, current: Params, delta: Params) -> Params:
+        """The next global params from the mean delta (float64 tensors keyed like `current`)."""
+
+
+SAMPLING = ("fraction_fit", "min_fit_clients", "min_available", "fraction_evaluate", "min_evaluate_clients",
+            "local_config")
+
+
+class StrategyWrapper(Strategy):
+    """Wraps a strategy and changes part of what it does; everything else is the inner strategy's, by lookup.
+
+    Subclasses call `super().__init__(inner)` and override only what they change. Reads of any attribute the
+    wrapper does not define go to `inner` (`__getattr__`); writes of the sampling settings go to `inner` too
+    (properties below), so the loop and FLModel can set them on whichever object they hold.
+    """
+
+    def __init__(self, inner: Strategy) -> None:  # no Strategy.__init__: the settings live in `inner`
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # during unpickling or before __init__: never recurse
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    label = "wrap"  # the wrapper's part of its name: clip(fedavg), deadline(fedprox), ...
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.label}({self.inner.name})"
+
+    def fit_config(self, rnd: int) -> dict[str, Scalar]:
+        return self.inner.fit_config(rnd)
+
+    def configure_fit(self, rnd: int, params: Params, clients: Sequence[str],
+                      rng: np.random.Generator) -> list[tuple[str, FitIns]]:
+        return self.inner.configure_fit(rnd, params, clients, rng)
+
+    def configure_evaluate(self, rnd: int, params: Params, clients: Sequence[str],
+                           rng: np.random.Generator) -> list[tuple[str, EvaluateIns]]:
+        return self.inner.configure_evaluate(rnd, params, clients, rng)
+
+    def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
+        return self.inner.aggregate_fit(rnd, results, current)
+
+    def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
+        return self.inner.aggregate_evaluate(rnd, results)
+
+    def client_mods(self) -> list[Mod]:
+        return self.inner.client_mods()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _delegated(attr: str) -> property:
+    def get(self: StrategyWrapper) -> Any:
+        return getattr(self.inner, attr)
+
+    def set_(self: StrategyWrapper, value: Any) -> None:
+        setattr(self.inner, attr, value)
+
+    return property(get, set_, doc=f"The inner strategy's `{attr}` (read and written through).")
+
+
+for _attr in SAMPLING:
+    setattr(StrategyWrapper, _attr, _delegated(_attr))
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy at the bottom of a chain of wrappers."""
+    while isinstance(strategy, StrategyWrapper):
+        strategy = strategy.inner
+    return strategy

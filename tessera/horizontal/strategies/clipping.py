@@ -7,17 +7,11 @@ scale, while honest updates under the bound pass bit for bit unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
-
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
-from tessera.core.types import Metrics, Params, Scalar
-from tessera.horizontal.client import Mod
-from tessera.horizontal.strategies.base import FitResults, Strategy
-from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
+from tessera.core.types import Params
+from tessera.horizontal.strategies.base import FitResults, Strategy, StrategyWrapper
+from tessera.runtime.messages import FitRes
 
 log = get_logger(__name__)
 
@@ -65,48 +59,20 @@ def clip_results(results: FitResults, current: Params, *, max_norm: float) -> Fi
     return out
 
 
-class ClipUpdates(Strategy):
+class ClipUpdates(StrategyWrapper):
     """Wraps a strategy: every client update is clipped to L2 <= max_norm before `inner.aggregate_fit` sees it.
 
     >>> from tessera.horizontal.strategies import ClipUpdates, FedAvg
     >>> strategy = ClipUpdates(FedAvg(), max_norm=1.0)
     """
 
+    label = "clip"
+
     def __init__(self, inner: Strategy, *, max_norm: float) -> None:
         if max_norm <= 0:
             raise ConfigError(f"ClipUpdates: max_norm must be positive, got {max_norm}")
-        # Share the inner strategy's sampling settings so quorum checks (server.require_quorum) read the same.
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k in _SAMPLING})
-        self.inner = inner
+        super().__init__(inner)
         self.max_norm = max_norm
-        self.name = f"clip({inner.name})"
-
-    def fit_config(self, rnd: int) -> dict[str, Scalar]:
-        return self.inner.fit_config(rnd)
-
-    def configure_fit(self, rnd: int, params: Params, clients: Sequence[str],
-                      rng: np.random.Generator) -> list[tuple[str, FitIns]]:
-        return self.inner.configure_fit(rnd, params, clients, rng)
-
-    def configure_evaluate(self, rnd: int, params: Params, clients: Sequence[str],
-                           rng: np.random.Generator) -> list[tuple[str, EvaluateIns]]:
-        return self.inner.configure_evaluate(rnd, params, clients, rng)
 
     def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
         return self.inner.aggregate_fit(rnd, clip_results(results, current, max_norm=self.max_norm), current)
-
-    def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
-        return self.inner.aggregate_evaluate(rnd, results)
-
-    def client_mods(self) -> list[Mod]:
-        return list(getattr(self.inner, "client_mods", list)())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
-_SAMPLING = ("fraction_fit", "min_fit_clients", "min_available", "fraction_evaluate", "min_evaluate_clients",
-             "local_config")

@@ -18,22 +18,20 @@ from typing import Any
 import numpy as np
 
 from tessera.core.errors import ConfigError
-from tessera.core.types import Metrics, Params, Scalar
-from tessera.horizontal.client import Mod
-from tessera.horizontal.strategies.base import FitResults, Strategy
-from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns
-
-_SAMPLING = ("fraction_fit", "min_fit_clients", "min_available", "fraction_evaluate", "min_evaluate_clients",
-             "local_config")
+from tessera.core.types import Params
+from tessera.horizontal.strategies.base import FitResults, Strategy, StrategyWrapper
+from tessera.runtime.messages import FitIns
 
 
-class DeadlineRounds(Strategy):
+class DeadlineRounds(StrategyWrapper):
     """Wraps a strategy with per-client step budgets and a simulated clock.
 
     `speeds`: client -> local optimizer steps per simulated second. `deadline`: seconds per round (None: wait for
     the slowest client). After a run, `clock` is the simulated time spent, `round_times` the time of each round,
     `updates` the number of client updates aggregated; all three are kept in checkpoints.
     """
+
+    label = "deadline"
 
     def __init__(self, inner: Strategy, *, speeds: Mapping[str, float], deadline: float | None = None,
                  min_steps: int = 1) -> None:
@@ -43,12 +41,10 @@ class DeadlineRounds(Strategy):
             raise ConfigError(f"DeadlineRounds: deadline must be positive seconds, got {deadline}")
         if min_steps < 1:
             raise ConfigError(f"DeadlineRounds: min_steps must be at least 1, got {min_steps}")
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k in _SAMPLING})
-        self.inner = inner
+        super().__init__(inner)
         self.speeds = dict(speeds)
         self.deadline = deadline
         self.min_steps = min_steps
-        self.name = f"deadline({inner.name})"
         self.clock = 0.0
         self.round_times: list[float] = []
         self.updates = 0
@@ -60,9 +56,6 @@ class DeadlineRounds(Strategy):
         if self.deadline is None:
             return None
         return max(self.min_steps, math.floor(self.deadline * self.speeds[client]))
-
-    def fit_config(self, rnd: int) -> dict[str, Scalar]:
-        return self.inner.fit_config(rnd)
 
     def configure_fit(self, rnd: int, params: Params, clients: Sequence[str],
                       rng: np.random.Generator) -> list[tuple[str, FitIns]]:
@@ -81,16 +74,6 @@ class DeadlineRounds(Strategy):
         self.round_times.append(seconds)
         self.updates += len(results)
         return self.inner.aggregate_fit(rnd, results, current)
-
-    def configure_evaluate(self, rnd: int, params: Params, clients: Sequence[str],
-                           rng: np.random.Generator) -> list[tuple[str, EvaluateIns]]:
-        return self.inner.configure_evaluate(rnd, params, clients, rng)
-
-    def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
-        return self.inner.aggregate_evaluate(rnd, results)
-
-    def client_mods(self) -> list[Mod]:
-        return list(getattr(self.inner, "client_mods", list)())
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "clock": self.clock, "round_times": list(self.round_times),

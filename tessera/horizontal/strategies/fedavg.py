@@ -22,7 +22,7 @@ import torch
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params, Scalar
 from tessera.horizontal.strategies.aggregate import weighted_mean
-from tessera.horizontal.strategies.base import FitResults, Strategy
+from tessera.horizontal.strategies.base import FitResults, MeanStrategy
 
 
 def mean_delta(results: FitResults, current: Params) -> Params:
@@ -32,7 +32,7 @@ def mean_delta(results: FitResults, current: Params) -> Params:
     return {k: mean[k].sub_(c.double()) for k, c in current.items()}
 
 
-class FedAvg(Strategy):
+class FedAvg(MeanStrategy):
     """McMahan et al. 2017: x <- x + server_lr * sum_i n_i (y_i - x) / sum_i n_i."""
 
     name = "fedavg"

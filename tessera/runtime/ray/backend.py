@@ -28,7 +28,7 @@ from tessera.core.config import validate
 from tessera.core.errors import ConfigError, ProtocolError, SerdeError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message
-from tessera.runtime.backend import ClientFailure, Handler, Reply, Traffic
+from tessera.runtime.backend import ClientFailure, FailureKind, Handler, Reply, Traffic, failure_from_error
 from tessera.runtime.messages import ErrorRes
 from tessera.runtime.ray.options import RayOptions
 from tessera.runtime.ray.shared import encode_shared
@@ -144,7 +144,7 @@ class RayBackend:
     def _spawn(self) -> Any:
         return _RemoteWorker.options(**self.options.actor_options()).remote(
             self._factory_ref, torch_threads=self.options.torch_threads,
-            data_cache_clients=self.options.data_cache_clients, max_message_bytes=self.options.max_message_bytes)
+            max_message_bytes=self.options.max_message_bytes)
 
     def _replace(self, slot: int) -> None:
         with contextlib.suppress(RayError, ValueError):
@@ -223,7 +223,7 @@ class RayBackend:
             log.warning("a Ray actor died while serving a client (%s); replacing it", _cause(exc))
             self._replace(slot)
             self.traffic.add(client, down=down, up=0)
-            return ClientFailure(client, f"actor died: {_cause(exc)}"), True
+            return ClientFailure(client, f"actor died: {_cause(exc)}", FailureKind.UNREACHABLE), True
         self._peak_kib[slot] = max(self._peak_kib[slot], int(peak))
         self.store.put(client, state)
         if status == FAILED or not isinstance(payload, bytes):
@@ -233,9 +233,9 @@ class RayBackend:
         try:
             reply = decode_message(payload, max_bytes=self.options.max_message_bytes)
         except SerdeError as exc:
-            return ClientFailure(client, f"SerdeError: {str(exc)[:200]}"), False
+            return ClientFailure(client, f"SerdeError: {str(exc)[:200]}", FailureKind.MALFORMED), False
         if isinstance(reply, ErrorRes):
-            return ClientFailure(client, f"{reply.kind}: {reply.reason}"), False
+            return failure_from_error(client, reply.kind, reply.reason), False
         return reply, False
 
     def _time_out(self, ex: _Exchange, timeout: float | None) -> None:
@@ -245,11 +245,12 @@ class RayBackend:
             self._replace(slot)  # the actor is still busy with a late client; a fresh one takes its place
             (_, running), *queued = queue
             self.traffic.add(running, down=ex.down[running], up=0)
-            ex.out[running] = ClientFailure(running, f"timed out after {timeout} s")
+            ex.out[running] = ClientFailure(running, f"timed out after {timeout} s", FailureKind.TIMEOUT)
             ex.pending.extend(c for _, c in queued)
             queue.clear()
         for client in ex.pending:
-            ex.out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free")
+            ex.out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free",
+                                           FailureKind.TIMEOUT)
         ex.pending.clear()
         ex.owner.clear()
 

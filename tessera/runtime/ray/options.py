@@ -45,8 +45,8 @@ class RayOptions(BaseModel):
     - `state_dir`: keep per-client state on disk under this folder instead of in the driver's memory.
     - `max_inflight`: requests queued per actor at once (2 hides Ray's round trip; a dead actor's queued
       requests, which never ran, go to other actors).
-    - `torch_threads`: torch intra-op threads per actor; `data_cache_clients`: per actor, how many clients'
-      DataLoaders stay cached (bounds actor memory independently of the number of clients).
+    - `torch_threads`: torch intra-op threads per actor. (Which clients' DataLoaders an actor keeps is the Task's
+      choice: `SupervisedTask(max_cached_clients=...)` bounds it for round-independent data.)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,7 +63,6 @@ class RayOptions(BaseModel):
     state_dir: str | None = None
     torch_threads: int = Field(1, ge=1)
     max_inflight: int = Field(2, ge=1)
-    data_cache_clients: int = Field(32, ge=1)
     max_message_bytes: int = Field(2 * 1024**3, ge=1024)
     log_to_driver: bool = False
     start_timeout: float = Field(300.0, gt=0)

@@ -17,8 +17,8 @@ import torch
 
 from tessera.core.errors import SerdeError
 from tessera.core.serde import encode_message
-from tessera.horizontal.client import ClientContext
-from tessera.runtime.backend import Handler, _reason
+from tessera.runtime.backend import ClientStateHandler, Handler, _reason, _short
+from tessera.runtime.messages import ErrorRes
 from tessera.runtime.ray.shared import decode
 from tessera.runtime.ray.store import decode_state, encode_state
 
@@ -35,13 +35,9 @@ def peak_rss_kib() -> int:
 class ClientWorker:
     """One pooled actor. `factory()` builds the handler (a ClientApp) once, in the actor."""
 
-    def __init__(self, factory: Callable[[], Handler], *, torch_threads: int, data_cache_clients: int,
-                 max_message_bytes: int) -> None:
+    def __init__(self, factory: Callable[[], Handler], *, torch_threads: int, max_message_bytes: int) -> None:
         torch.set_num_threads(torch_threads)
         self.app = factory()
-        task_client = getattr(self.app, "client", None)
-        if task_client is not None and hasattr(task_client, "max_cached_clients"):
-            task_client.max_cached_clients = data_cache_clients
         self.max_message_bytes = max_message_bytes
         self._shared_token: str | None = None
         self._shared: bytes | None = None
@@ -64,21 +60,19 @@ class ClientWorker:
             start_state = decode_state(state)
         except SerdeError as exc:
             return FAILED, _reason(exc), state, peak_rss_kib()
-        contexts: dict[str, ClientContext] | None = getattr(self.app, "contexts", None)
-        if contexts is not None:
-            contexts.clear()
-            contexts[client] = ClientContext(client, start_state)
+        stateful = isinstance(self.app, ClientStateHandler)
+        if stateful:
+            self.app.set_client_state(client, start_state)
         payload: bytes | str
         try:
             status, payload = OK, encode_message(self.app.handle(client, msg))
-        except Exception as exc:  # a client's failure must not take the actor down
-            status, payload = FAILED, _reason(exc)
+        except Exception as exc:  # a client's failure must not take the actor down; its kind travels typed
+            status, payload = OK, encode_message(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
         new_state = state
-        if contexts is not None:
-            ctx = contexts.pop(client, None)
-            contexts.clear()
+        if stateful:
+            kept = self.app.take_client_state(client)
             try:
-                new_state = encode_state(ctx.state) if ctx is not None else None
+                new_state = encode_state(kept) if kept else None
             except SerdeError as exc:
                 status = FAILED
                 payload = f"ClientContext.state cannot be stored ({_reason(exc)}); keep only tensors and plain data"
