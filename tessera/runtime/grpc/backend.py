@@ -4,6 +4,12 @@ Clients dial in and hold a stream open; `exchange` pushes each request down its 
 reply with the same message id. A client that is not connected, disconnects mid-request, sends garbage, or stays
 silent past the deadline becomes a `ClientFailure` for that exchange only; when it reconnects it is used again
 (`rejoin_wait_s` lets the coordinator wait for it at the start of a fit phase).
+
+Against a hostile but authenticated party: identity comes only from the certificate's CN (`certs.identity_problem`);
+one certificate holds at most `max_streams_per_party` streams and a stream that sends no HELLO within
+`hello_deadline_s` is closed, so one party cannot take the workers the others need; a reply larger than the
+session's ceiling (`transport.ceiling`) is refused from its first frame header, before any allocation; and any
+reply that does not decode is that client's failure for the exchange, never the end of the job.
 """
 
 from __future__ import annotations
@@ -11,16 +17,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from tessera.core.errors import ConfigError, SerdeError, TransportError
+from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
-from tessera.core.serde import decode_message, encode_message
+from tessera.core.serde import decode_message, encode_message_parts, parts_size
 from tessera.runtime.backend import ClientFailure, Reply, Traffic
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
@@ -39,7 +45,6 @@ class Refusal:
 
 
 _CLOSE = object()
-HELLO_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -54,26 +59,28 @@ class Session:
     def __init__(self, party: str, chunk_bytes: int) -> None:
         self.party = party
         self.chunk_bytes = chunk_bytes
-        self.outbox: queue.Queue[Any] = queue.Queue()
-        self.pending: dict[int, Future[bytes]] = {}
+        self.outbox: queue.Queue[Any] = queue.Queue()  # frames, frame iterators (one per message), _CLOSE, _Abort
+        self.pending: dict[int, Future[bytearray]] = {}
+        self.largest_sent = 0  # the automatic reply ceiling follows the largest request
         self.next_id = 1
         self.client_id: str | None = None  # set by HELLO; until then the session is not registered
         self.closed = False
         self.lock = threading.Lock()
 
-    def send(self, blob: bytes) -> Future[bytes]:
-        fut: Future[bytes] = Future()
+    def send(self, parts: Sequence[bytes | memoryview]) -> Future[bytearray]:
+        """Queue one encoded message; its frames are made as the stream sends them (one chunk copied at a time)."""
+        fut: Future[bytearray] = Future()
         with self.lock:
             if self.closed:
                 fut.set_exception(TransportError(f"party {self.party} disconnected"))
                 return fut
             msg_id, self.next_id = self.next_id, self.next_id + 1
             self.pending[msg_id] = fut
-            for frame in tp.split(msg_id, blob, self.chunk_bytes):
-                self.outbox.put(frame)
+            self.largest_sent = max(self.largest_sent, parts_size(parts))
+            self.outbox.put(tp.split(msg_id, parts, self.chunk_bytes))
         return fut
 
-    def deliver(self, msg_id: int, blob: bytes) -> None:
+    def deliver(self, msg_id: int, blob: bytearray) -> None:
         with self.lock:
             fut = self.pending.pop(msg_id, None)
             issued = msg_id < self.next_id
@@ -83,7 +90,7 @@ class Session:
             raise tp.FrameError(f"reply to message {msg_id}, which was never sent")
         # else: a late reply to a request whose deadline passed; dropped
 
-    def forget(self, fut: Future[bytes]) -> None:
+    def forget(self, fut: Future[bytearray]) -> None:
         """Stop waiting for a reply (its deadline passed); a late reply is then dropped."""
         with self.lock:
             self.pending = {k: f for k, f in self.pending.items() if f is not fut}
@@ -123,6 +130,7 @@ class GrpcBackend:
         self._stopping = False  # no more requests go out (abort/close)
         self._rejoin_round = -1  # the last round whose first exchange waited for disconnected clients
         self._no_waiting = False  # shutdown requested: stop waiting for absent clients
+        self._streams: dict[str, int] = {}  # open streams per authenticated party
 
     # ------------------------------------------------------------------------------------------ server side
     def listen(self) -> int:
@@ -135,8 +143,10 @@ class GrpcBackend:
         me = self.fed.coordinator
         addr = me.listen or me.address
         assert addr is not None
-        # one worker per stream plus headroom for refused ones; each stream's reader gets its own thread
-        server = grpc.server(ThreadPoolExecutor(max_workers=len(self.routes) + 8, thread_name_prefix="tessera-grpc"),
+        # every party may hold its streams at once and headroom remains for refused ones, so one party holding all
+        # it may cannot starve another; each stream's reader gets its own thread
+        workers = len(self.routes) * self.fed.settings.max_streams_per_party + 8
+        server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-grpc"),
                              options=tp.channel_options(self.fed))
         handler = grpc.stream_stream_rpc_method_handler(self._session, request_deserializer=None,
                                                         response_serializer=None)
@@ -161,25 +171,44 @@ class GrpcBackend:
         problem = identity_problem(context.auth_context(), name, list(self.routes.values()))
         if problem is not None:
             self._refuse(context, name, grpc.StatusCode.PERMISSION_DENIED, problem)
+        limit = self.fed.settings.max_streams_per_party
+        with self._cond:
+            held = self._streams.get(name, 0)
+            if held < limit:
+                self._streams[name] = held + 1
+        if held >= limit:  # UNAVAILABLE: a genuine client retries with backoff once its stale stream is gone
+            self._refuse(context, name, grpc.StatusCode.UNAVAILABLE,
+                         f"party {name} already holds {held} streams (max_streams_per_party={limit})")
+        try:
+            yield from self._serve(name, requests, context)
+        finally:
+            with self._cond:
+                self._streams[name] -= 1
+
+    def _serve(self, name: str, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         session = Session(name, self.fed.settings.chunk_bytes)
         context.add_callback(lambda: session.close(f"party {name} disconnected"))
         threading.Thread(target=self._read, args=(session, requests), daemon=True,
                          name=f"tessera-read-{name}").start()
+        hello_s = self.fed.settings.hello_deadline_s
         try:
-            timeout: float | None = HELLO_TIMEOUT_S  # the first item is WELCOME once the reader saw HELLO
+            timeout: float | None = hello_s  # the first item is WELCOME once the reader saw HELLO
             while True:
                 try:
                     item = session.outbox.get(timeout=timeout)
                 except queue.Empty:
                     session.close(f"party {name} sent no HELLO")
                     self._refuse(context, name, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"no HELLO frame within {HELLO_TIMEOUT_S} s")
+                                 f"no HELLO frame within hello_deadline_s={hello_s}")
                 timeout = None
                 if item is _CLOSE:
                     return
                 if isinstance(item, _Abort):
                     self._refuse(context, name, item.code, item.details)
-                yield item
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    yield from item  # one message's frames, made as they are sent
         finally:
             self._detach(session)
 
@@ -188,9 +217,10 @@ class GrpcBackend:
         reasm = tp.Reassembler()
         try:
             for raw in requests:
-                frame = tp.parse(raw, max_message_bytes=s.max_message_bytes, chunk_bytes=s.chunk_bytes)
+                limit, why = tp.ceiling(s.max_message_bytes, largest_sent=session.largest_sent)
+                frame = tp.parse(raw, max_message_bytes=limit, chunk_bytes=s.chunk_bytes, ceiling_reason=why)
                 if frame.kind is tp.Kind.HELLO and session.client_id is None:
-                    self._hello(session, frame.payload)
+                    self._hello(session, bytes(frame.payload))
                     continue
                 if frame.kind is not tp.Kind.DATA or session.client_id is None:
                     raise tp.FrameError(f"unexpected {frame.kind.name} frame (a session starts with one HELLO, "
@@ -268,20 +298,21 @@ class GrpcBackend:
         self._maybe_wait_for_rejoin(requests)
         deadline = time.monotonic() + budget
         out: dict[str, Reply] = {}
-        sent: dict[str, tuple[Session, Future[bytes]]] = {}
+        sent: dict[str, tuple[Session, Future[bytearray]]] = {}
         for cid, msg in requests.items():
             with self._cond:
                 session = None if self._stopping else self._live(self.routes[cid])
             if session is None:
                 out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected")
                 continue
-            blob = encode_message(msg)
-            if len(blob) > s.max_message_bytes:  # the peer would refuse it and close the stream: fail it here
-                out[cid] = ClientFailure(cid, f"{type(msg).__name__} of {len(blob)} bytes exceeds max_message_bytes="
+            parts = encode_message_parts(msg)  # the envelope and views of the tensors: no copy of the model
+            size = parts_size(parts)
+            if s.max_message_bytes is not None and size > s.max_message_bytes:  # the peer would refuse it
+                out[cid] = ClientFailure(cid, f"{type(msg).__name__} of {size} bytes exceeds max_message_bytes="
                                               f"{s.max_message_bytes}; raise it in federation.toml on every party")
                 continue
-            self.traffic.add(cid, down=len(blob), up=0)
-            sent[cid] = (session, session.send(blob))
+            self.traffic.add(cid, down=size, up=0)
+            sent[cid] = (session, session.send(parts))
         for cid, (session, fut) in sent.items():
             out[cid] = self._await_reply(cid, session, fut, deadline, budget)
         return {c: out[c] for c in requests}
@@ -296,7 +327,8 @@ class GrpcBackend:
         self._rejoin_round = max(rounds)
         self.wait_for(list(requests), wait)
 
-    def _await_reply(self, cid: str, session: Session, fut: Future[bytes], deadline: float, budget: float) -> Reply:
+    def _await_reply(self, cid: str, session: Session, fut: Future[bytearray], deadline: float,
+                     budget: float) -> Reply:
         try:
             blob = fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -305,9 +337,9 @@ class GrpcBackend:
         except TransportError as exc:
             return ClientFailure(cid, str(exc))
         self.traffic.add(cid, down=0, up=len(blob))
-        try:
-            reply = decode_message(blob, max_bytes=self.fed.settings.max_message_bytes)
-        except SerdeError as exc:
+        try:  # the reassembly buffer is ours: tensors become views over it (its size was checked on arrival)
+            reply = decode_message(blob, take=True)
+        except TesseraError as exc:
             return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}")
         if isinstance(reply, ErrorRes):
             return ClientFailure(cid, f"{reply.kind}: {reply.reason}")

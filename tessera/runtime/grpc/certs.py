@@ -118,16 +118,16 @@ def _texts(values: Sequence[bytes | str]) -> list[str]:
 def identity_problem(auth: Mapping[str, Sequence[bytes | str]], claimed: str | None,
                      allowed: Sequence[str]) -> str | None:
     """Why a peer may not act as `claimed` (None if it may). `auth` is grpc's `context.auth_context()`: TLS has
-    already checked the chain against the federation CA; here the certificate's CN or a SAN DNS entry must equal
-    the party name the peer claims, and that party must be one this coordinator expects."""
+    already checked the chain against the federation CA; here the certificate's CN, the one name `issue` designates
+    as the party's, must equal the party name the peer claims, and that party must be one this coordinator expects.
+    SAN entries never count: `issue --host` puts arbitrary extra names there (a certificate for alice may carry
+    DNS=bob), so a SAN match would let one party act as another."""
     if not claimed:
         return "no party name was sent; use `tessera party --name NAME`"
     if claimed not in allowed:
         return f"{claimed!r} is not a client party of this federation"
     if _texts(auth.get("transport_security_type", [])) != ["ssl"]:
         return "the connection is not TLS"
-    names = set(_texts(auth.get("x509_common_name", []))) | set(_texts(auth.get("x509_subject_alternative_name",
-                                                                                 [])))
-    if claimed not in names:
+    if _texts(auth.get("x509_common_name", [])) != [claimed]:
         return f"the certificate presented is not issued to {claimed!r}"
     return None

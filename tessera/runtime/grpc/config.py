@@ -4,7 +4,7 @@ Example (paths are relative to the folder of federation.toml)::
 
     [federation]
     ca_cert = "certs/ca.crt"
-    max_message_bytes = 536870912     # refuse any message larger than this (512 MiB)
+    # max_message_bytes = 536870912   # a fixed ceiling; leave it out to let the ceiling follow the model
     chunk_bytes = 1048576             # frames on the wire carry at most this much payload (1 MiB)
 
     [[parties]]
@@ -51,17 +51,20 @@ class FederationSection(_Section):
     name: str = "federation"
     ca_cert: str = "certs/ca.crt"
     certs_dir: str = "certs"
-    max_message_bytes: int = Field(512 * 1024**2, ge=1024)
+    # None (default): the ceiling follows the model (see `ceiling`); an int: a fixed ceiling in both directions
+    max_message_bytes: int | None = Field(None, ge=1024)
     chunk_bytes: int = Field(1024**2, ge=1024, le=64 * 1024**2)
     round_deadline_s: float = Field(600.0, gt=0)  # the fit exchange of a round (each stage under SecAgg+)
     rpc_deadline_s: float = Field(600.0, gt=0)  # one request -> reply at one client (includes its training)
     quorum_deadline_s: float = Field(120.0, gt=0)  # how long the coordinator waits for clients before round 1
     rejoin_wait_s: float = Field(0.0, ge=0)  # before each fit phase, wait this long for disconnected clients
+    hello_deadline_s: float = Field(5.0, gt=0)  # a stream that names no party within this is closed
+    max_streams_per_party: int = Field(2, ge=1)  # open streams one certificate may hold (a reconnect overlaps one)
     retry: RetrySection = RetrySection()
 
     @model_validator(mode="after")
     def _chunks_fit(self) -> FederationSection:
-        if self.chunk_bytes > self.max_message_bytes:
+        if self.max_message_bytes is not None and self.chunk_bytes > self.max_message_bytes:
             raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must not exceed max_message_bytes "
                              f"({self.max_message_bytes})")
         return self

@@ -19,7 +19,7 @@ import grpc
 
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
-from tessera.core.serde import decode_message, encode_message
+from tessera.core.serde import Parts, decode_message, encode_message_parts, parts_size
 from tessera.runtime.backend import Handler
 from tessera.runtime.federation import Role
 from tessera.runtime.grpc import transport as tp
@@ -43,9 +43,12 @@ class ClientStats:
     client_id: str | None = None
 
 
-def _drain(outbox: queue.Queue[bytes | None]) -> Iterator[bytes]:
+def _drain(outbox: queue.Queue[bytes | Iterator[bytes] | None]) -> Iterator[bytes]:
     while (item := outbox.get()) is not None:
-        yield item
+        if isinstance(item, bytes):
+            yield item
+        else:
+            yield from item  # one reply's frames, made as they are sent
 
 
 def _short(exc: BaseException) -> str:
@@ -124,7 +127,7 @@ class ClientParty:
         """One connection; True when the coordinator said BYE."""
         s = self.fed.settings
         self._welcomed = False
-        outbox: queue.Queue[bytes | None] = queue.Queue()
+        outbox: queue.Queue[bytes | Iterator[bytes] | None] = queue.Queue()
         outbox.put(tp.control(tp.Kind.HELLO, self.me.name.encode()))
         channel = tp.client_channel(self.fed, self.me)
         call = channel.stream_stream(tp.FULL_METHOD, request_serializer=None, response_deserializer=None)(
@@ -132,21 +135,21 @@ class ClientParty:
         self._call = call
         self.stats.connections += 1
         reasm = tp.Reassembler()
+        limit, why = tp.ceiling(s.max_message_bytes, largest_sent=None)
         try:
             for raw in call:
-                frame = tp.parse(raw, max_message_bytes=s.max_message_bytes, chunk_bytes=s.chunk_bytes)
+                frame = tp.parse(raw, max_message_bytes=limit, chunk_bytes=s.chunk_bytes, ceiling_reason=why)
                 if frame.kind is tp.Kind.BYE:
                     return True
                 if frame.kind is tp.Kind.WELCOME:
-                    self._welcome(frame.payload.decode("utf-8", "replace"))
+                    self._welcome(bytes(frame.payload).decode("utf-8", "replace"))
                     continue
                 if not self._welcomed:
                     raise tp.FrameError("the coordinator sent a request before WELCOME")
                 done = reasm.feed(frame)
                 if done is not None:
                     msg_id, blob = done
-                    for out in tp.split(msg_id, self._answer(blob), s.chunk_bytes):
-                        outbox.put(out)
+                    outbox.put(tp.split(msg_id, self._answer(blob), s.chunk_bytes))
             return False
         finally:
             self._call = None
@@ -162,19 +165,20 @@ class ClientParty:
         self._welcomed = True
         log.info("party %s joined as %s", self.me.name, client_id)
 
-    def _answer(self, blob: bytes) -> bytes:
+    def _answer(self, blob: bytearray) -> Parts:
+        """The encoded reply to one request, as buffers (views of the reply's tensors, sent piecewise)."""
         limit = self.fed.settings.max_message_bytes
         client_id = self.stats.client_id
         assert client_id is not None  # requests come only after WELCOME
         try:
-            msg = decode_message(blob, max_bytes=limit)
+            msg = decode_message(blob, take=True)  # the reassembly buffer is ours; its size was checked on arrival
             _test_hook(msg)
-            reply = encode_message(self.handler.handle(client_id, msg))
+            reply = encode_message_parts(self.handler.handle(client_id, msg))
             self.stats.requests += 1
         except (TesseraError, Exception) as exc:  # any failure goes back as ErrorRes; the party keeps serving
             log.warning("request failed: %s", type(exc).__name__)
-            reply = encode_message(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
-        if len(reply) > limit:
-            reply = encode_message(ErrorRes(kind="SerdeError", reason=f"reply of {len(reply)} bytes exceeds "
-                                            f"max_message_bytes={limit}"))
+            reply = encode_message_parts(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
+        if limit is not None and parts_size(reply) > limit:
+            reply = encode_message_parts(ErrorRes(kind="SerdeError", reason=f"reply of {parts_size(reply)} bytes "
+                                                  f"exceeds max_message_bytes={limit}"))
         return reply

@@ -7,10 +7,16 @@ message on the stream is one frame::
     magic "TSF1" | kind u8 | message id u64 | chunk index u32 | chunk count u32 | total length u64 | sha256 32B
     | payload (at most chunk_bytes)
 
-A serde-encoded message is split into `count` DATA frames sharing an id; the receiver preallocates `total`
-bytes only after checking it against max_message_bytes, requires chunks in order, and checks length and sha256
-before decoding. Control frames carry no chunks: HELLO (client -> coordinator, first frame, payload = its party
-name) registers the session, WELCOME (payload = the job client id it serves) acknowledges it, BYE ends the job.
+A serde-encoded message is split into `count` DATA frames sharing an id, produced one at a time as the stream
+sends them, from the message's buffers (`serde.encode_parts`: the envelope and views of the tensors), so a sender
+never holds a second copy of the message. No gRPC message is larger than one frame, so protobuf's 2 GiB limit
+never applies to a whole message (the header counts chunks in u32 and bytes in u64). The receiver checks `total`
+against its ceiling *before* allocating, preallocates one buffer of exactly `total` bytes, copies each chunk into
+it in order, and checks length and sha256 before decoding; the buffer is then handed to serde, whose tensors are
+views over it (one copy from the network, never two).
+
+Control frames carry no chunks: HELLO (client -> coordinator, first frame, payload = its party name) registers
+the session, WELCOME (payload = the job client id it serves) acknowledges it, BYE ends the job.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -34,6 +41,8 @@ PARTY_KEY = "x-tessera-party"
 MAGIC = b"TSF1"
 HEADER = struct.Struct("<4sBQIIQ32s")
 _SLACK = 4096  # room for the frame header and gRPC's own envelope above chunk_bytes
+AUTO_FLOOR = 64 * 1024**2  # the smallest automatic ceiling: small control and split-learning messages fit
+REPLY_FACTOR = 4  # a reply may be this many times the largest request (an update plus control variates, ...)
 
 
 class Kind(enum.IntEnum):
@@ -61,27 +70,76 @@ class Frame:
     count: int
     total: int
     digest: bytes
-    payload: bytes
+    payload: bytes | memoryview
 
 
-def split(msg_id: int, blob: bytes, chunk_bytes: int) -> Iterator[bytes]:
-    """The DATA frames of one encoded message."""
-    if not blob:
+Buffers = Sequence[bytes | bytearray | memoryview]
+
+
+def split(msg_id: int, parts: bytes | Buffers, chunk_bytes: int) -> Iterator[bytes]:
+    """The DATA frames of one encoded message (one buffer or consecutive buffers), made lazily: only the frame
+    being sent exists as a copy. The sha256 in every header is computed when the first frame is asked for (in the
+    sending thread), in one pass over the buffers."""
+    views = [memoryview(p).cast("B") for p in ([parts] if isinstance(parts, bytes) else parts)]
+    views = [v for v in views if len(v)]
+    total = sum(len(v) for v in views)
+    if not total:
         raise FrameError("refusing to send an empty message")
-    digest = hashlib.sha256(blob).digest()
-    count = math.ceil(len(blob) / chunk_bytes)
-    view = memoryview(blob)
+    return _frames(msg_id, views, total, chunk_bytes)
+
+
+def _frames(msg_id: int, views: list[memoryview], total: int, chunk_bytes: int) -> Iterator[bytes]:
+    h = hashlib.sha256()
+    for v in views:
+        h.update(v)
+    digest = h.digest()
+    count = math.ceil(total / chunk_bytes)
+    part, pos = 0, 0
     for i in range(count):
-        head = HEADER.pack(MAGIC, Kind.DATA, msg_id, i, count, len(blob), digest)
-        yield head + view[i * chunk_bytes : (i + 1) * chunk_bytes]
+        pieces: list[bytes | memoryview] = [HEADER.pack(MAGIC, Kind.DATA, msg_id, i, count, total, digest)]
+        need = min(chunk_bytes, total - i * chunk_bytes)
+        while need:
+            take = min(need, len(views[part]) - pos)
+            pieces.append(views[part][pos : pos + take])
+            need, pos = need - take, pos + take
+            if pos == len(views[part]):
+                part, pos = part + 1, 0
+        yield b"".join(pieces)
+
+
+def physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - every supported OS answers
+        return 2**40
+
+
+def ceiling(fixed: int | None, *, largest_sent: int | None) -> tuple[int, str]:
+    """The largest message a receiver accepts, and why, for the error that refuses a larger one.
+
+    `fixed` is max_message_bytes from federation.toml. Left unset, the ceiling follows the model: the coordinator
+    accepts replies up to REPLY_FACTOR times the largest request it sent to that party (at least AUTO_FLOOR), so a
+    job never fails because its model grew, while a declared size far beyond the model is refused before any
+    allocation; a client (`largest_sent=None`) accepts what its authenticated coordinator sends, up to its
+    memory."""
+    if fixed is not None:
+        return fixed, f"max_message_bytes={fixed} (federation.toml; raise it on every party if this is expected)"
+    if largest_sent is None:
+        ram = physical_memory()
+        return ram, f"this machine's memory ({ram} bytes)"
+    limit = max(AUTO_FLOOR, REPLY_FACTOR * largest_sent)
+    return limit, (f"the ceiling of {limit} bytes that follows the model ({REPLY_FACTOR}x the largest request sent "
+                   f"to this party, at least {AUTO_FLOOR}); set max_message_bytes in federation.toml if replies "
+                   "are legitimately larger")
 
 
 def control(kind: Kind, payload: bytes = b"") -> bytes:
     return HEADER.pack(MAGIC, kind, 0, 0, 0, len(payload), bytes(32)) + payload
 
 
-def parse(raw: bytes, *, max_message_bytes: int, chunk_bytes: int) -> Frame:
-    """Check one frame's header against the limits; raises FrameError (OversizeError for size limits)."""
+def parse(raw: bytes, *, max_message_bytes: int, chunk_bytes: int, ceiling_reason: str = "") -> Frame:
+    """Check one frame's header against the limits; raises FrameError (OversizeError for size limits).
+    `ceiling_reason` says where `max_message_bytes` came from, for the error message."""
     if not isinstance(raw, bytes) or len(raw) < HEADER.size:
         raise FrameError("frame shorter than its header")
     magic, kind, msg_id, index, count, total, digest = HEADER.unpack_from(raw)
@@ -91,14 +149,14 @@ def parse(raw: bytes, *, max_message_bytes: int, chunk_bytes: int) -> Frame:
         k = Kind(kind)
     except ValueError:
         raise FrameError(f"unknown frame kind {kind}") from None
-    payload = raw[HEADER.size :]
+    payload = memoryview(raw)[HEADER.size :]  # no copy: the reassembler copies it once, into its buffer
     if k is not Kind.DATA:
         if len(payload) != total or total > 1024:
             raise FrameError("malformed control frame")
-        return Frame(k, 0, 0, 0, total, digest, payload)
+        return Frame(k, 0, 0, 0, total, digest, bytes(payload))
     if total > max_message_bytes:
-        raise OversizeError(f"message of {total} bytes exceeds max_message_bytes={max_message_bytes}; raise it in "
-                            "federation.toml on every party if this is expected")
+        why = ceiling_reason or f"max_message_bytes={max_message_bytes}"
+        raise OversizeError(f"message of {total} bytes exceeds {why}; refused before allocating it")
     if len(payload) > chunk_bytes:
         raise OversizeError(f"chunk of {len(payload)} bytes exceeds chunk_bytes={chunk_bytes}")
     if total == 0 or count == 0 or index >= count or count > total or not payload:
@@ -116,8 +174,9 @@ class Reassembler:
         self._next = 0
         self._hash = hashlib.sha256()
 
-    def feed(self, f: Frame) -> tuple[int, bytes] | None:
-        """Add a chunk; returns (message id, bytes) when the message is complete and verified."""
+    def feed(self, f: Frame) -> tuple[int, bytearray] | None:
+        """Add a chunk; returns (message id, buffer) when the message is complete and verified. The buffer is the
+        caller's from then on (decode it with ``take=True``)."""
         head = (f.msg_id, f.count, f.total, f.digest)
         if self._buf is None:
             if f.index != 0:
@@ -139,7 +198,7 @@ class Reassembler:
             raise FrameError(f"message {f.msg_id}: got {end} bytes, header announced {f.total}")
         if self._hash.digest() != f.digest:
             raise FrameError(f"message {f.msg_id}: sha256 mismatch; the payload was corrupted or forged")
-        return f.msg_id, bytes(buf)
+        return f.msg_id, buf
 
 
 def channel_options(fed: FederationConfig) -> list[tuple[str, int | str]]:
