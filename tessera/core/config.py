@@ -26,6 +26,12 @@ class JobSection(_Section):
     output_dir: str = "runs/job"
     backend: Literal["inprocess", "ray"] = "inprocess"
     checkpoint_every: int = Field(1, ge=1)
+    tensorboard: bool = False  # also log every round's record to <output_dir>/tensorboard
+    mlflow: bool = False  # ... and to an MLflow file store in <output_dir>/mlruns, when mlflow is installed
+
+    def loggers(self) -> tuple[str, ...]:
+        """The tracker names for MetricsWriter(loggers=...)."""
+        return tuple(name for name, on in (("tensorboard", self.tensorboard), ("mlflow", self.mlflow)) if on)
 
 
 class DataSection(_Section):

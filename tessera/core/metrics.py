@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.core.logging import get_logger
+from tessera.core.tracking import RecordLogger, make_loggers, step_of
 
 log = get_logger(__name__)
 
@@ -55,20 +56,34 @@ def _get(record: dict[str, Any], key: str) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON line per round; `truncate_after(round)` drops records a resumed run will rewrite."""
+    """Appends one JSON line per round and hands the same record to each logger (TensorBoard, MLflow).
 
-    def __init__(self, path: str | Path) -> None:
+    `loggers` are names ("tensorboard", "mlflow": written next to metrics.jsonl) or RecordLogger objects.
+    `reset(records)` rewrites the file for a resumed run and tells the loggers where the run picks up.
+    """
+
+    def __init__(self, path: str | Path, *, loggers: Sequence[str | RecordLogger] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.loggers = make_loggers(loggers, self.path.parent)
 
     def write(self, record: dict[str, Any]) -> None:
+        row = _jsonable(record)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
 
     def reset(self, records: Sequence[dict[str, Any]] = ()) -> None:
         with open(self.path, "w", encoding="utf-8") as fh:
             for r in records:
                 fh.write(json.dumps(_jsonable(r), sort_keys=True) + "\n")
+        for logger in self.loggers:
+            logger.resume(step_of(records[-1], len(records)) if records else 0)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 def _jsonable(x: Any) -> Any:
