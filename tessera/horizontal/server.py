@@ -22,6 +22,7 @@ from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError
 from tessera.core.io import atomic_write_bytes
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
+from tessera.core.tracking import RecordLogger
 from tessera.core.types import Params, check_compatible, clone
 from tessera.horizontal.aggregation import Aggregation, CentralEval, PlainAggregation
 from tessera.horizontal.client import client_seed
@@ -42,6 +43,7 @@ class ServerConfig:
     checkpoint_every: int = 1
     fit_timeout: float | None = None
     progress: bool = False
+    loggers: tuple[str | RecordLogger, ...] = ()  # also write each record to TensorBoard/MLflow
 
 
 class Server:
@@ -72,7 +74,7 @@ class Server:
         self.stopped: str | None = None  # why the run ended early (a spent privacy budget), if it did
         out = Path(config.output_dir) if config.output_dir else None
         self.out = out
-        self.writer = MetricsWriter(out / "metrics.jsonl") if out else None
+        self.writer = MetricsWriter(out / "metrics.jsonl", loggers=config.loggers) if out else None
 
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -179,6 +181,8 @@ class Server:
                     advance(record)
         finally:
             self.backend.close()
+            if self.writer is not None:
+                self.writer.close()
         return self.history
 
 

@@ -10,6 +10,7 @@ import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
+from tessera.core.tracking import RecordLogger
 from tessera.core.types import Params
 from tessera.horizontal.job import ClientStates, Extension, JobParts, Plugin, compose
 from tessera.horizontal.server import Server, ServerConfig
@@ -70,6 +71,7 @@ def simulate(
     plugins: Sequence[Plugin] = (),
     checkpoint_every: int = 1,
     on_server: Callable[[Server], None] | None = None,
+    loggers: Sequence[str | RecordLogger] = (),
 ) -> tuple[History, Params]:
     """Run `rounds` rounds of the job; returns the history and the final global params.
 
@@ -83,7 +85,7 @@ def simulate(
         clients=parts.clients,
         initial_params=params if params is not None else initial_params(parts.task, seed),
         config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir, progress=progress,
-                            checkpoint_every=checkpoint_every),
+                            checkpoint_every=checkpoint_every, loggers=tuple(loggers)),
         aggregation=parts.aggregation,
         central_eval=parts.central_eval,
         extensions=[*parts.extensions, *extra],

@@ -17,6 +17,9 @@ from tessera.core.config import JobConfig, validate
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import MetricsWriter
 from tessera.core.tracking import scalars
+from tessera.horizontal.simulation import simulate
+
+from ..horizontal.helpers import make_parts
 
 
 def events(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -86,6 +89,14 @@ def test_flmodel_logs_its_rounds_to_tensorboard(tmp_path: Path) -> None:
         for key, value in scalars(r).items():
             assert got[key][r["round"]] == np.float32(value), key
     assert set(got["eval_metrics/accuracy"]) == {1, 2} and set(got["bytes_up"]) == {1, 2, 3}
+
+
+def test_a_job_resumed_from_its_checkpoint_keeps_one_curve(tmp_path: Path) -> None:
+    simulate(make_parts(), rounds=2, seed=0, output_dir=tmp_path, loggers=["tensorboard"])
+    simulate(make_parts(), rounds=3, seed=0, output_dir=tmp_path, loggers=["tensorboard"], resume=True)
+    rows, got = jsonl(tmp_path / "metrics.jsonl"), events(tmp_path / "tensorboard")
+    assert [r["round"] for r in rows] == [1, 2, 3] and set(got["train_loss"]) == {1, 2, 3}
+    assert all(got[k][r["round"]] == np.float32(v) for r in rows for k, v in scalars(r).items())
 
 
 def test_loggers_are_named_or_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
