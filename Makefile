@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean fuzz
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# every decoder under hypothesis with a fixed seed and a larger budget than the normal test run's short pass
+fuzz: $(STAMP)
+	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-2000} $(PY) -m pytest -q tests/fuzz -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check tessera tests benchmarks

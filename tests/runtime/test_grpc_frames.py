@@ -107,3 +107,40 @@ def test_oversize_message_and_chunk_are_refused_before_allocation() -> None:
 def test_control_frames_round_trip() -> None:
     f = tp.parse(tp.control(tp.Kind.WELCOME, b"client0"), max_message_bytes=LIMIT, chunk_bytes=CHUNK)
     assert (f.kind, f.payload) == (tp.Kind.WELCOME, b"client0")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=5).filter(lambda ps: any(ps)))
+def test_frames_from_buffers_equal_frames_from_the_joined_message(parts: list[bytes]) -> None:
+    joined = b"".join(parts)
+    assert list(tp.split(4, [memoryview(p) for p in parts], CHUNK)) == list(tp.split(4, joined, CHUNK))
+    assert _roundtrip(joined, 4) == (4, joined)
+
+
+def test_frames_are_made_as_they_are_sent() -> None:
+    blob = bytearray(5 * CHUNK)
+    frames = tp.split(1, [blob], CHUNK)  # nothing is hashed or copied yet
+    first = next(frames)
+    blob[-1] = 1  # a buffer changed after the digest was taken: the receiver refuses the message
+    with pytest.raises(tp.FrameError, match="sha256"):
+        _feed_all([first, *frames])
+
+
+def test_the_reassembled_buffer_is_handed_over_not_copied() -> None:
+    r = tp.Reassembler()
+    out = None
+    for raw in tp.split(2, b"xyz" * 1000, CHUNK):
+        out = r.feed(tp.parse(raw, max_message_bytes=LIMIT, chunk_bytes=CHUNK))
+    assert out is not None and isinstance(out[1], bytearray) and out[1] == b"xyz" * 1000
+
+
+def test_the_ceiling_follows_the_model_unless_fixed() -> None:
+    assert tp.ceiling(5000, largest_sent=10**9) == (5000, tp.ceiling(5000, largest_sent=None)[1])
+    assert tp.ceiling(None, largest_sent=0)[0] == tp.AUTO_FLOOR
+    model = 3 * 1024**3  # a 3 GiB model: replies up to 4x it are accepted, nothing is capped at 2 GiB
+    limit, why = tp.ceiling(None, largest_sent=model)
+    assert limit == tp.REPLY_FACTOR * model and "follows the model" in why
+    assert tp.ceiling(None, largest_sent=None)[0] == tp.physical_memory()
+    declared = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 2**20, limit + 1, bytes(32)) + b"x"
+    with pytest.raises(tp.OversizeError, match="follows the model"):
+        tp.parse(declared, max_message_bytes=limit, chunk_bytes=CHUNK, ceiling_reason=why)
