@@ -1,7 +1,8 @@
 """Secure aggregation: the server learns only the sum of the clients' updates.
 
 - SecAgg+ (`SecAggPlus`): fixed-point quantisation in Z_{2^k}, X25519-agreed pairwise masks and a self mask
-  expanded by ChaCha20, Shamir-shared secrets over a sparse neighbour graph; survives dropouts after masking.
+  expanded by a cryptographic PRG, Shamir-shared secrets over a sparse neighbour graph; survives dropouts after
+  masking; holds against a malicious coordinator (signed keys, a consistency round; see `pki`).
 - CKKS (`CKKS`): homomorphic summation with TenSEAL; clients share a per-round secret key, the server holds only
   the public context. Different trust model (see docs/secure-aggregation.md).
 
@@ -11,9 +12,10 @@ the whole SecAgg+ protocol among in-process parties.
 
 from tessera.secagg.ckks import CKKS
 from tessera.secagg.messages import Stage
+from tessera.secagg.pki import PartyKeys, SimulatedPKI
 from tessera.secagg.plugin import plugin
-from tessera.secagg.plus import SecAggPlus, SecAggPlusAggregation, secagg_mod
+from tessera.secagg.plus import SecAggMod, SecAggPlus, SecAggPlusAggregation
 from tessera.secagg.simulate import RoundReport, run_round, simulate_round
 
-__all__ = ["CKKS", "RoundReport", "SecAggPlus", "SecAggPlusAggregation", "Stage", "plugin", "run_round",
-           "secagg_mod", "simulate_round"]
+__all__ = ["CKKS", "PartyKeys", "RoundReport", "SecAggMod", "SecAggPlus", "SecAggPlusAggregation", "SimulatedPKI",
+           "Stage", "plugin", "run_round", "simulate_round"]

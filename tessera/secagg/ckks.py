@@ -22,7 +22,7 @@ from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.types import Params
 from tessera.horizontal.aggregation import FitOutcome, require_quorum
-from tessera.runtime.backend import Backend, ClientFailure, InProcessBackend
+from tessera.runtime.backend import Backend, ClientFailure, FailureKind, InProcessBackend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.ckks_protocol import (
     CKKSClientState,
@@ -79,46 +79,81 @@ class CKKS:
 
 
 class CKKSServer:
-    """Runs the four CKKS stages; holds only the public context (`context.is_private()` is False)."""
+    """Runs the four CKKS stages; holds only the public context (`context.is_private()` is False).
+
+    A malformed reply (wrong type or round, an undecodable context or ciphertext, the wrong number or size of
+    ciphertexts, a wrong-shaped or non-finite decryption) is that client's failure, never the end of the round."""
 
     def __init__(self, setup: CKKSSetupIns) -> None:
         self.setup = setup
         self.context: ts.Context | None = None
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, ClientFailure] = {}
         self.meta: dict[str, tuple[int, dict[str, float]]] = {}
+
+    def _fail(self, client: str, why: str) -> None:
+        self.failures[client] = ClientFailure(client, why, FailureKind.MALFORMED)
 
     def _reply(self, client: str, reply: Any, want: type) -> Any:
         if isinstance(reply, ClientFailure):
-            self.failures[client] = reply.reason
+            self.failures[client] = reply
             return None
         if not isinstance(reply, want) or getattr(reply, "round", None) != self.setup.round:
-            raise ProtocolError(f"{type(reply).__name__} from {client!r} is out of stage or for another round")
+            self._fail(client, f"{type(reply).__name__} is out of stage or for another round")
+            return None
         return reply
+
+    def _ciphertexts(self, client: str, res: CKKSFitRes) -> list[Any] | None:
+        s = self.setup
+        slots = s.poly_modulus_degree // 2
+        sizes = [min(slots, s.dim - i) for i in range(0, s.dim, slots)]
+        if len(res.chunks) != len(sizes):
+            self._fail(client, f"{len(res.chunks)} ciphertexts, expected {len(sizes)}")
+            return None
+        try:
+            cts = [ts.ckks_vector_from(self.context, b) for b in res.chunks]
+        except Exception as exc:  # TenSEAL raises several unrelated types for garbage bytes
+            self._fail(client, f"undecodable ciphertext ({type(exc).__name__})")
+            return None
+        if [v.size() for v in cts] != sizes:
+            self._fail(client, "ciphertexts of the wrong length")
+            return None
+        return cts
+
+    def _keygen(self, backend: Backend, pks: dict[str, bytes], timeout: float | None) -> tuple[str, CKKSKeygenRes]:
+        s = self.setup
+        for leader in pks:  # the first responder generates the key; if it vanishes or misbehaves, the next one does
+            got = backend.exchange({leader: CKKSKeygenIns(s.round, pks)}, timeout=timeout)[leader]
+            keygen = self._reply(leader, got, CKKSKeygenRes)
+            if keygen is None:
+                continue
+            try:
+                self.context = public_context(keygen.public_context)
+            except ProtocolError as exc:
+                self._fail(leader, str(exc))
+                continue
+            return leader, keygen
+        raise RoundFailed(f"round {s.round}: the CKKS key ceremony failed (no key leader answered)")
 
     def run(self, backend: Backend, fit: dict[str, FitIns], *, timeout: float | None) -> tuple[np.ndarray, float]:
         s = self.setup
         replies = backend.exchange({c: s for c in s.clients}, timeout=timeout)
         pks = {c: r.pk for c, r in replies.items() if self._reply(c, r, CKKSKeyRes) is not None}
-        keygen: CKKSKeygenRes | None = None
-        for leader in pks:  # the first responder generates the key; if it vanishes, the next one does
-            got = backend.exchange({leader: CKKSKeygenIns(s.round, pks)}, timeout=timeout)[leader]
-            keygen = self._reply(leader, got, CKKSKeygenRes)
-            if keygen is not None:
-                break
-        if keygen is None or len(pks) < 2:
-            raise RoundFailed(f"round {s.round}: the CKKS key ceremony failed (no key leader answered)")
-        self.context = public_context(keygen.public_context)
+        if len(pks) < 2:
+            raise RoundFailed(f"round {s.round}: {len(pks)} client(s) advertised a key; a sum needs 2")
+        leader, keygen = self._keygen(backend, pks, timeout)
         asked = {c: CKKSFitIns(s.round, fit[c].params, dict(fit[c].config), leader, keygen.sealed.get(c, b""),
                                pks[leader]) for c in pks}
         total: list[Any] | None = None
         for c, r in backend.exchange(asked, timeout=timeout).items():
             res = self._reply(c, r, CKKSFitRes)
-            if res is None:
+            cts = None if res is None else self._ciphertexts(c, res)
+            if res is None or cts is None:
                 continue
-            cts = [ts.ckks_vector_from(self.context, b) for b in res.chunks]
-            if total is not None and len(cts) != len(total):
-                raise ProtocolError(f"{c!r} sent {len(cts)} ciphertexts, expected {len(total)}")
-            total = cts if total is None else [a + b for a, b in zip(total, cts, strict=True)]
+            try:
+                total = cts if total is None else [a + b for a, b in zip(total, cts, strict=True)]
+            except Exception as exc:  # a ciphertext at another scale or level
+                self._fail(c, f"ciphertext does not add up ({type(exc).__name__})")
+                continue
             self.meta[c] = (res.num_examples, dict(res.metrics))
         if total is None or len(self.meta) < 2:
             raise RoundFailed(f"round {s.round}: {len(self.meta)} encrypted update(s) arrived; a sum needs 2")
@@ -126,9 +161,13 @@ class CKKSServer:
         for c in self.meta:  # any survivor can decrypt the sum; try them in turn
             dec = self._reply(c, backend.exchange({c: CKKSDecryptIns(s.round, blobs)}, timeout=timeout)[c],
                               CKKSDecryptRes)
-            if dec is not None and tuple(dec.values.shape) == (s.dim,):
-                vals = dec.values.double().numpy()
-                return vals[:-1], float(vals[-1])
+            if dec is None:
+                continue
+            if tuple(dec.values.shape) != (s.dim,) or not bool(dec.values.isfinite().all()):
+                self._fail(c, f"decryption of shape {tuple(dec.values.shape)}, expected ({s.dim},) finite values")
+                continue
+            vals = dec.values.double().numpy()
+            return vals[:-1], float(vals[-1])
         raise RoundFailed(f"round {s.round}: no surviving client decrypted the sum")
 
 
@@ -150,7 +189,7 @@ class CKKSAggregation:
         self.last = server
         values, weight = server.run(backend, dict(plan), timeout=timeout)
         results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
-        failures = [ClientFailure(c, r) for c, r in server.failures.items() if c not in server.meta]
+        failures = [f for c, f in server.failures.items() if c not in server.meta]
         require_quorum(rnd, len(results), failures, strategy)
         if weight <= 1e-12:
             raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")

@@ -176,7 +176,8 @@ def client_step(state: CKKSClientState | None, msg: Any, me: str, train: TrainFn
     if isinstance(msg, CKKSFitIns):
         st = state if state is not None and state.stage == "fit" else _expect(state, "keys", msg)
         s = _setup(st)
-        secret = st.secret_context or crypto.open_sealed(
+        # A client that led an abandoned key ceremony (the server replaced it) takes the new leader's key too.
+        secret = st.secret_context if msg.leader == me and st.secret_context else crypto.open_sealed(
             crypto.agree(st.sk, msg.leader_pk, info=CKKS_INFO), msg.sealed_key, aad=_aad(s.round, msg.leader, me))
         vector, n, metrics = train(msg)
         w = min(float(n), s.max_weight) / s.max_weight

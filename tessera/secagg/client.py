@@ -3,6 +3,12 @@
 A message is accepted only in its stage and for the round the client is in; anything else (out of stage, a replay,
 another round's share, a server that asks for both secrets of one client) raises ProtocolError and the client
 leaves the round, which the server sees as a dropout.
+
+Against a malicious coordinator (Bell et al. 2020) a client also refuses: a neighbour key without its party's
+signature (the coordinator could substitute its own), fewer than t - 1 neighbours' shares (the coordinator could
+leave it masked by b_u alone), and an unmask request whose survivor story differs from the one it signed, or
+that fewer than t share holders of its own neighbourhood signed (the coordinator could tell neighbours different
+stories and collect shares of a client's self mask from some and of its neighbours' mask keys from others).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from tessera.secagg import crypto, shamir
 from tessera.secagg.graph import neighbours
 from tessera.secagg.messages import (
     ClientState,
+    ConsistencyIns,
+    ConsistencyRes,
     KeysRes,
     MaskedInputIns,
     MaskedInputRes,
@@ -32,7 +40,10 @@ from tessera.secagg.messages import (
     Stage,
     UnmaskIns,
     UnmaskRes,
+    keys_statement,
+    survivors_statement,
 )
+from tessera.secagg.pki import PKI
 from tessera.secagg.prg import SEED_BYTES, add_mask, reduce, to_wire, to_words
 from tessera.secagg.quantize import quantize, quantize_unit
 
@@ -58,7 +69,7 @@ def aad(rnd: int, sender: str, receiver: str) -> bytes:
     return serde.dumps(["tessera-secagg-share", rnd, sender, receiver])
 
 
-def on_setup(state: ClientState | None, msg: SetupIns, me: str) -> tuple[ClientState, KeysRes]:
+def on_setup(state: ClientState | None, msg: SetupIns, me: str, pki: PKI) -> tuple[ClientState, KeysRes]:
     if state is not None:
         last = state.setup
         # A new attempt at an unfinished round is allowed (the coordinator restarted it; fresh keys, so nothing
@@ -76,10 +87,11 @@ def on_setup(state: ClientState | None, msg: SetupIns, me: str) -> tuple[ClientS
     c_sk, c_pk = crypto.keypair()
     s_sk, s_pk = crypto.keypair()
     new = ClientState(stage=Stage.SHARE_KEYS.value, setup_blob=serde.encode_message(msg), c_sk=c_sk, s_sk=s_sk)
-    return new, KeysRes(round=msg.round, c_pk=c_pk, s_pk=s_pk)
+    return new, KeysRes(round=msg.round, c_pk=c_pk, s_pk=s_pk, sig=pki.sign(me, keys_statement(msg, me, c_pk, s_pk)))
 
 
-def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str) -> tuple[ClientState, ShareKeysRes]:
+def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
+                  pki: PKI) -> tuple[ClientState, ShareKeysRes]:
     st = _expect(state, Stage.SHARE_KEYS, msg)
     setup = st.setup
     if msg.c_pks.get(me) != crypto.public_of(st.c_sk) or msg.s_pks.get(me) != crypto.public_of(st.s_sk):
@@ -91,6 +103,10 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str) -> tupl
     keys = list(msg.c_pks.values()) + list(msg.s_pks.values())
     if len(set(keys)) != len(keys):
         raise ProtocolError("ShareKeysIns repeats a public key; refusing to share secrets")
+    for c in holders:
+        if c != me and not pki.verify(c, keys_statement(setup, c, msg.c_pks[c], msg.s_pks[c]), msg.sigs.get(c, b"")):
+            raise ProtocolError(f"the keys forwarded for {c!r} are not signed by {c!r}; the coordinator may have "
+                                "substituted them; refusing to share secrets")
     if len(holders) < setup.threshold:
         raise ProtocolError(f"only {len(holders)} share holders for threshold {setup.threshold}; leaving the round")
     b_seed = os.urandom(SEED_BYTES)
@@ -128,6 +144,14 @@ def _open_shares(st: ClientState, msg: MaskedInputIns, me: str) -> tuple[dict[st
     return held_b, held_sk
 
 
+def check_enough_shares(received: int, threshold: int) -> None:
+    """Masked by b_u and fewer than t - 1 pairwise masks, honest unmasking would hand the coordinator this update
+    (it withheld the other shares): leave the round before masking (Bonawitz et al.: abort when |U2| < t)."""
+    if received + 1 < threshold:
+        raise ProtocolError(f"only {received} neighbours' shares arrived (threshold {threshold} holders including "
+                            "this client); leaving the round before masking")
+
+
 def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
     """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after), as
     the wire tensor (int32 for bits <= 32, else int64)."""
@@ -161,39 +185,84 @@ def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
 def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
                     train: TrainFn) -> tuple[ClientState, MaskedInputRes]:
     st = _expect(state, Stage.COLLECT, msg)
+    check_enough_shares(len(msg.shares), st.setup.threshold)
     held_b, held_sk = _open_shares(st, msg, me)
     index = st.setup.clients.index
     partners = tuple(sorted(msg.shares, key=index))  # neighbours that shared keys: their masks are recoverable
     vector, n, metrics = train(msg)
     q = encode_input(vector, n, st.setup, msg.config.get("seed"))
     wire = mask_vector(q, st=st, me=me, partners=partners)  # int32 (two's complement view) or int64
-    new = dataclasses.replace(st, stage=Stage.UNMASK.value, held_b=held_b, held_sk=held_sk, masked_with=partners)
+    new = dataclasses.replace(st, stage=Stage.CONSISTENCY.value, held_b=held_b, held_sk=held_sk,
+                              masked_with=partners)
     return new, MaskedInputRes(round=st.setup.round, masked=wire, num_examples=n, metrics=metrics)
 
 
-def on_unmask(state: ClientState | None, msg: UnmaskIns, me: str) -> UnmaskRes:
-    st = _expect(state, Stage.UNMASK, msg)
+def check_neighbourhood(setup: SetupIns, me: str, survivors: set[str]) -> None:
+    """At least t of this client's share holders (itself and its neighbours) survived: counted in its own
+    neighbourhood, never over the whole round (a coordinator could pad the list with far-away clients)."""
+    near = set(neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)[me]) | {me}
+    alive = len(near & survivors)
+    if alive < setup.threshold:
+        raise ProtocolError(f"only {alive} of this client's share holders survived (threshold {setup.threshold}); "
+                            "refusing to reveal shares")
+
+
+def check_confirmations(st: ClientState, msg: UnmaskIns, me: str, pki: PKI) -> None:
+    """Every neighbour's signature forwarded is over the very story this client signed, and at least t holders of
+    its neighbourhood (itself included) signed it: the coordinator told them all the same story."""
+    setup = st.setup
+    near = set(neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)[me])
+    for v, sig in msg.sigs.items():
+        if v not in near or v not in msg.survivors or not pki.verify(v, st.statement, sig):
+            raise ProtocolError(f"{v!r} did not sign the survivor story this client was told: the coordinator tells "
+                                "clients different stories; refusing to reveal shares")
+    if len(msg.sigs) + 1 < setup.threshold:
+        raise ProtocolError(f"only {len(msg.sigs)} neighbours confirmed the survivor story (threshold "
+                            f"{setup.threshold} holders including this client); refusing to reveal shares")
+
+
+def on_consistency(state: ClientState | None, msg: ConsistencyIns, me: str,
+                   pki: PKI) -> tuple[ClientState, ConsistencyRes]:
+    """Check the survivor story against this client's own neighbourhood, then sign it (once per round)."""
+    st = _expect(state, Stage.CONSISTENCY, msg)
+    setup = st.setup
     surv, drop = set(msg.survivors), set(msg.dropped)
-    if surv & drop:
-        raise ProtocolError("UnmaskIns names a client as both survivor and dropout: the server would learn its "
-                            "update; refusing")
-    if me not in surv or len(surv) < st.setup.threshold:
-        raise ProtocolError(f"UnmaskIns lists {len(surv)} survivors (threshold {st.setup.threshold}) or omits "
-                            "this client; refusing to reveal shares")
-    return UnmaskRes(round=st.setup.round, b_shares={u: s for u, s in st.held_b.items() if u in surv},
+    if surv & drop or len(surv) != len(msg.survivors) or len(drop) != len(msg.dropped):
+        raise ProtocolError("the survivor story names a client twice or as both survivor and dropout: the server "
+                            "would learn its update; refusing")
+    if not (surv | drop) <= set(setup.clients) or me not in surv:
+        raise ProtocolError("the survivor story omits this client or names clients outside the round; refusing")
+    check_neighbourhood(setup, me, surv)
+    statement = survivors_statement(setup, msg.survivors, msg.dropped)
+    new = dataclasses.replace(st, stage=Stage.UNMASK.value, statement=statement)
+    return new, ConsistencyRes(round=setup.round, sig=pki.sign(me, statement))
+
+
+def on_unmask(state: ClientState | None, msg: UnmaskIns, me: str, pki: PKI) -> UnmaskRes:
+    st = _expect(state, Stage.UNMASK, msg)
+    setup = st.setup
+    if survivors_statement(setup, msg.survivors, msg.dropped) != st.statement:
+        raise ProtocolError("UnmaskIns tells another survivor story than the one this client signed; refusing")
+    check_confirmations(st, msg, me, pki)
+    surv, drop = set(msg.survivors), set(msg.dropped)
+    # surv and drop are disjoint (checked when signed): never both secrets of one client.
+    return UnmaskRes(round=setup.round, b_shares={u: s for u, s in st.held_b.items() if u in surv},
                      sk_shares={u: s for u, s in st.held_sk.items() if u in drop})
 
 
-def step(state: ClientState | None, msg: Any, me: str, train: TrainFn) -> tuple[ClientState, Any]:
-    """One transition of the client's stage machine; secrets are wiped once the round is over."""
+def step(state: ClientState | None, msg: Any, me: str, train: TrainFn, pki: PKI) -> tuple[ClientState, Any]:
+    """One transition of the client's stage machine (`pki` signs as `me` and checks the neighbours' signatures);
+    secrets are wiped once the round is over."""
     if isinstance(msg, SetupIns):
-        return on_setup(state, msg, me)
+        return on_setup(state, msg, me, pki)
     if isinstance(msg, ShareKeysIns):
-        return on_share_keys(state, msg, me)
+        return on_share_keys(state, msg, me, pki)
     if isinstance(msg, MaskedInputIns):
         return on_masked_input(state, msg, me, train)
+    if isinstance(msg, ConsistencyIns):
+        return on_consistency(state, msg, me, pki)
     if isinstance(msg, UnmaskIns):
-        reply = on_unmask(state, msg, me)
+        reply = on_unmask(state, msg, me, pki)
         assert state is not None
         # Keep only the round number (to refuse replays); every secret of the round is dropped here.
         return ClientState(stage=Stage.DONE.value, setup_blob=state.setup_blob, c_sk=b"", s_sk=b""), reply

@@ -30,6 +30,20 @@ def public_of(secret: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def valid_public(public: bytes) -> bool:
+    """A 32-byte X25519 public key that is not a low-order point (those make every agreed key the same)."""
+    if not (isinstance(public, bytes) and len(public) == KEY_BYTES):
+        return False
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(secret: bytes, peer_public: bytes, *, info: bytes) -> bytes:
     """A 32-byte key both sides derive: HKDF-SHA256(X25519(secret, peer_public), info)."""
     return agree_many(secret, {"": peer_public}, info=info)[""]

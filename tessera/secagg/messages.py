@@ -1,10 +1,13 @@
 """The SecAgg+ wire messages and the client's per-round state: frozen dataclasses registered with `@message`.
 
-Stages (Bonawitz et al. 2017, with Bell et al. 2020's sparse graph), one `backend.exchange` each:
-    SETUP       server -> SetupIns (public round config)       client -> KeysRes (two X25519 public keys)
-    SHARE_KEYS  server -> ShareKeysIns (neighbours' keys)       client -> ShareKeysRes (sealed Shamir shares)
-    COLLECT     server -> MaskedInputIns (FitIns + its shares)  client -> MaskedInputRes (masked update)
-    UNMASK      server -> UnmaskIns (survivors, dropped)        client -> UnmaskRes (shares of b_u / of s_u^SK)
+Stages (Bonawitz et al. 2017, with Bell et al. 2020's sparse graph and malicious-server variant), one
+`backend.exchange` each:
+    SETUP        server -> SetupIns (public round config)       client -> KeysRes (two X25519 keys, signed)
+    SHARE_KEYS   server -> ShareKeysIns (neighbours' signed keys) client -> ShareKeysRes (sealed Shamir shares)
+    COLLECT      server -> MaskedInputIns (FitIns + its shares)  client -> MaskedInputRes (masked update)
+    CONSISTENCY  server -> ConsistencyIns (survivors, dropped)   client -> ConsistencyRes (its signature on them)
+    UNMASK       server -> UnmaskIns (the same + neighbours' signatures)
+                                                                client -> UnmaskRes (shares of b_u / of s_u^SK)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from enum import StrEnum
 
 import torch
 
+from tessera.core import serde
 from tessera.core.serde import decode_message, message
 from tessera.core.types import Params, Scalar
 
@@ -23,11 +27,12 @@ class Stage(StrEnum):
     SETUP = "setup"
     SHARE_KEYS = "share_keys"
     COLLECT = "collect"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
 
-STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.UNMASK)
+STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.CONSISTENCY, Stage.UNMASK)
 
 
 @message
@@ -55,6 +60,7 @@ class KeysRes:
     round: int
     c_pk: bytes  # X25519 public key for share encryption
     s_pk: bytes  # X25519 public key for pairwise mask agreement
+    sig: bytes = b""  # the party's signature over `keys_statement` (the coordinator cannot swap the keys)
 
 
 @message
@@ -65,6 +71,7 @@ class ShareKeysIns:
     round: int
     c_pks: dict[str, bytes]
     s_pks: dict[str, bytes]
+    sigs: dict[str, bytes] = field(default_factory=dict)  # each neighbour's KeysRes.sig
 
 
 @message
@@ -96,10 +103,28 @@ class MaskedInputRes:
 
 @message
 @dataclass(frozen=True)
-class UnmaskIns:
+class ConsistencyIns:
+    """The survivor story: every client is told the same one, signs it, and checks its neighbours signed it too."""
+
     round: int
     survivors: tuple[str, ...]  # sent a masked input: reveal shares of their self-mask seeds
     dropped: tuple[str, ...]  # shared keys but sent no masked input: reveal shares of their mask keys
+
+
+@message
+@dataclass(frozen=True)
+class ConsistencyRes:
+    round: int
+    sig: bytes  # over `survivors_statement`
+
+
+@message
+@dataclass(frozen=True)
+class UnmaskIns:
+    round: int
+    survivors: tuple[str, ...]  # must be exactly the signed ConsistencyIns story
+    dropped: tuple[str, ...]
+    sigs: dict[str, bytes] = field(default_factory=dict)  # neighbours' ConsistencyRes.sig
 
 
 @message
@@ -125,6 +150,7 @@ class ClientState:
     held_b: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) b_u, by owner
     held_sk: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) s_u^SK, by owner
     masked_with: tuple[str, ...] = ()
+    statement: bytes = b""  # the survivor statement this client signed (consistency stage)
 
     @functools.cached_property
     def setup(self) -> SetupIns:
@@ -133,7 +159,17 @@ class ClientState:
         return out
 
 
+def keys_statement(setup: SetupIns, party: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs in the setup stage: its two round keys, bound to the round, attempt and its name."""
+    return serde.dumps(["tessera-secagg-keys", setup.round, setup.session, party, c_pk, s_pk])
+
+
+def survivors_statement(setup: SetupIns, survivors: tuple[str, ...], dropped: tuple[str, ...]) -> bytes:
+    """What a client signs in the consistency stage: the survivor story it was told, for this round and attempt."""
+    return serde.dumps(["tessera-secagg-survivors", setup.round, setup.session, list(survivors), list(dropped)])
+
+
 REQUESTS = {Stage.SETUP: SetupIns, Stage.SHARE_KEYS: ShareKeysIns, Stage.COLLECT: MaskedInputIns,
-            Stage.UNMASK: UnmaskIns}
+            Stage.CONSISTENCY: ConsistencyIns, Stage.UNMASK: UnmaskIns}
 REPLIES = {Stage.SETUP: KeysRes, Stage.SHARE_KEYS: ShareKeysRes, Stage.COLLECT: MaskedInputRes,
-           Stage.UNMASK: UnmaskRes}
+           Stage.CONSISTENCY: ConsistencyRes, Stage.UNMASK: UnmaskRes}

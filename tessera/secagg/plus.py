@@ -8,11 +8,12 @@ FedYogi, FedAdagrad and client-level DP (distributed) all aggregate this way.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,11 +24,12 @@ from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, check_compatible, is_finite
 from tessera.horizontal.aggregation import FitOutcome, require_quorum
-from tessera.runtime.backend import Backend, ClientFailure
+from tessera.runtime.backend import Backend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
 from tessera.secagg.graph import default_degree, share_threshold
 from tessera.secagg.messages import STAGES, ClientState, SetupIns, Stage
+from tessera.secagg.pki import PKI, SimulatedPKI
 from tessera.secagg.quantize import check_bits, levels_for
 from tessera.secagg.server import SecAggServer
 
@@ -65,7 +67,9 @@ class SecAggPlus:
     clip: per-coordinate range [-clip, clip] of an update delta before quantisation; bits: ring Z_{2^bits};
     max_weight: num_examples at which the FedAvg weight saturates (w = min(n, max_weight) / max_weight);
     dropout: fraction of clients the round is sized to survive (picks the neighbour degree); degree: override;
-    l2_clip: if set, clients scale their update delta to at most this L2 norm before quantising.
+    l2_clip: if set, clients scale their update delta to at most this L2 norm before quantising;
+    pki: the party keys clients sign their round keys and the survivor story with (default: a simulated PKI
+    shared by every party of this in-process or Ray job; a deployment passes `PartyKeys` bound to its certificates).
 
     >>> simulate(parts, rounds=10, plugins=[SecAggPlus(threshold=0.6, clip=8.0, bits=32)])
     """
@@ -77,6 +81,7 @@ class SecAggPlus:
     dropout: float = 0.3
     degree: int | None = None
     l2_clip: float | None = None
+    pki: PKI = field(default_factory=SimulatedPKI, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
@@ -115,7 +120,7 @@ class SecAggPlus:
         check_strategy(parts.strategy)
         agg = SecAggPlusAggregation(self)
         parts.aggregation = agg
-        parts.mods.insert(0, secagg_mod)  # outermost: it masks what every other mod produced
+        parts.mods.insert(0, SecAggMod(self.pki))  # outermost: it masks what every other mod produced
         parts.extensions.append(RoundInfo(agg))
 
 
@@ -161,15 +166,23 @@ def run_stage(msg: Any, ctx: ClientContext, call_next: CallNext, *, protocol: st
     return reply
 
 
-def secagg_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+@dataclass(frozen=True)
+class SecAggMod:
     """Client mod: runs the SecAgg+ stages; in the collect stage trains through the inner mods and masks."""
-    return run_stage(msg, ctx, call_next, protocol="tessera.secagg.messages", state_key=STATE_KEY,
-                     state_type=ClientState, transition=step, protect="masking")
+
+    pki: PKI
+    __name__ = "secagg_mod"
+
+    def __call__(self, msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:
+        return run_stage(msg, ctx, call_next, protocol="tessera.secagg.messages", state_key=STATE_KEY,
+                         state_type=ClientState, transition=functools.partial(step, pki=self.pki),
+                         protect="masking")
 
 
 def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns], *,
                timeout: float | None) -> None:
-    """Drive the four stages over `backend.exchange`; raises RoundFailed/ProtocolError before any unmasking."""
+    """Drive the five stages over `backend.exchange`; raises RoundFailed before any unmasking when too few clients
+    remain (a malformed reply is that client's dropout)."""
     for stage in STAGES:
         requests = server.requests(fit if stage == Stage.COLLECT else None)
         for client, reply in backend.exchange(requests, timeout=timeout).items():
@@ -207,13 +220,13 @@ class SecAggPlusAggregation:
         clients = [c for c, _ in plan]
         dim = sum(t.numel() for t in current.values()) + 1
         server = SecAggServer(self.config.setup(rnd, clients, dim=dim, graph_seed=graph_seed(rnd, clients)),
-                              min_survivors=strategy.min_available)
+                              pki=self.config.pki, min_survivors=strategy.min_available)
         self.last = server
         run_stages(server, backend, dict(plan), timeout=timeout)
         res = server.result
         assert res is not None
         results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
-        failures = [ClientFailure(c, r) for c, r in server.state.failures.items() if c not in server.meta]
+        failures = [f for c, f in server.state.failures.items() if c not in server.meta]
         require_quorum(rnd, len(results), failures, strategy)
         if res.weight <= 0:
             raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")

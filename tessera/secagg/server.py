@@ -4,7 +4,10 @@ Per stage: `requests()` -> one message per client, `receive(client, reply)` for 
 dropout), `advance()` checks the survivors against the threshold and moves on. The server adds masked inputs into
 a running sum as they arrive; it never holds an unmasked update, and it reconstructs the self-mask seed b_u only
 for clients whose input arrived and the mask key s_u^SK only for clients whose input did not, never both for one
-client. Below the threshold, or on any protocol violation, it raises before anything is unmasked.
+client. Below the threshold it raises before anything is unmasked.
+
+A malformed reply (wrong type or round, wrong shape, garbage keys, a bad signature, shares not addressed to exactly
+the client's neighbours) is that client's failure (FailureKind.MALFORMED), handled as a dropout at that stage.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import numpy as np
 import torch
 
 from tessera.core.errors import ProtocolError, RoundFailed
-from tessera.runtime.backend import ClientFailure
+from tessera.runtime.backend import ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns
 from tessera.secagg import crypto, shamir
 from tessera.secagg.graph import neighbours
 from tessera.secagg.messages import (
     REPLIES,
+    ConsistencyIns,
+    ConsistencyRes,
     KeysRes,
     MaskedInputIns,
     MaskedInputRes,
@@ -33,7 +38,10 @@ from tessera.secagg.messages import (
     Stage,
     UnmaskIns,
     UnmaskRes,
+    keys_statement,
+    survivors_statement,
 )
+from tessera.secagg.pki import PKI
 from tessera.secagg.prg import add_mask, reduce, to_int64, to_words
 from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum
 
@@ -48,8 +56,9 @@ class ServerState:
     inbox: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)  # receiver -> sender -> sealed share
     shared: tuple[str, ...] = ()  # U2: sent shares
     survivors: tuple[str, ...] = ()  # U3: sent a masked input
+    signed: Mapping[str, bytes] = field(default_factory=dict)  # U4: signed the survivor story (client -> sig)
     masked_sum: np.ndarray | None = None  # running sum of masked inputs (unsigned words)
-    failures: Mapping[str, str] = field(default_factory=dict)
+    failures: Mapping[str, ClientFailure] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,9 @@ class SumResult:
 
 
 class SecAggServer:
-    def __init__(self, setup: SetupIns, *, min_survivors: int = 1) -> None:
+    def __init__(self, setup: SetupIns, *, pki: PKI, min_survivors: int = 1) -> None:
         self.state = ServerState(stage=Stage.SETUP, setup=setup)
+        self.pki = pki  # checks clients' signatures (it signs nothing)
         self.min_survivors = min_survivors  # e.g. the strategy's min_available, checked before unmasking
         self.graph = neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)
         self.index = {c: i for i, c in enumerate(setup.clients)}
@@ -84,15 +94,19 @@ class SecAggServer:
             for u in st.keys:
                 near = [v for v in (u, *self.graph[u]) if v in st.keys]
                 out[u] = ShareKeysIns(round=s.round, c_pks={v: st.keys[v].c_pk for v in near},
-                                      s_pks={v: st.keys[v].s_pk for v in near})
+                                      s_pks={v: st.keys[v].s_pk for v in near},
+                                      sigs={v: st.keys[v].sig for v in near if v != u})
         elif st.stage == Stage.COLLECT:
             if fit is None:
                 raise ValueError("the collect stage needs each client's FitIns")
             out = {u: MaskedInputIns(round=s.round, params=fit[u].params, config=dict(fit[u].config),
                                      shares=dict(st.inbox.get(u, {}))) for u in st.shared}
+        elif st.stage == Stage.CONSISTENCY:
+            story = ConsistencyIns(round=s.round, survivors=st.survivors, dropped=self.dropped)
+            out = {u: story for u in st.survivors}
         elif st.stage == Stage.UNMASK:
-            dropped = tuple(u for u in st.shared if u not in st.survivors)
-            out = {u: UnmaskIns(round=s.round, survivors=st.survivors, dropped=dropped) for u in st.survivors}
+            out = {u: UnmaskIns(round=s.round, survivors=st.survivors, dropped=self.dropped,
+                                sigs={v: st.signed[v] for v in self.graph[u] if v in st.signed}) for u in st.signed}
         else:
             raise ProtocolError(f"the round is over (stage {st.stage.value}); start a new SecAggServer")
         self.state = dataclasses.replace(st, asked=tuple(out), pending={})
@@ -106,25 +120,61 @@ class SecAggServer:
         if client in st.pending or client in st.failures:
             raise ProtocolError(f"a second reply from {client!r} in stage {st.stage.value}: duplicate or replay")
         if isinstance(reply, ClientFailure):
-            self.state = dataclasses.replace(st, failures={**st.failures, client: reply.reason})
+            self.state = dataclasses.replace(st, failures={**st.failures, client: reply})
             return
-        want = REPLIES.get(st.stage)
-        if want is None or not isinstance(reply, want):
-            raise ProtocolError(f"{type(reply).__name__} from {client!r} is out of stage {st.stage.value}")
-        if getattr(reply, "round", None) != st.setup.round:
-            raise ProtocolError(f"{type(reply).__name__} from {client!r} is for round {getattr(reply, 'round', None)}, "
-                                f"not {st.setup.round}")
+        problem = self._check(client, reply)
+        if problem:  # this client's failure at this stage, never the end of the round
+            failure = ClientFailure(client, f"{st.stage.value}: {problem}", FailureKind.MALFORMED)
+            self.state = dataclasses.replace(st, failures={**st.failures, client: failure})
+            return
         stored: Any = reply
         if isinstance(reply, MaskedInputRes):
             stored = (reply.num_examples, dict(reply.metrics))  # the masked vector goes into the sum only
-            self._add(client, reply)
+            self._add(reply)
+        elif isinstance(reply, ConsistencyRes):
+            stored = reply.sig
         self.state = dataclasses.replace(self.state, pending={**st.pending, client: stored})
 
-    def _add(self, client: str, reply: MaskedInputRes) -> None:
-        s, m = self.state.setup, reply.masked
-        if m.dtype not in (torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
-            raise ProtocolError(f"masked input from {client!r} is {m.dtype}{tuple(m.shape)}, expected ({s.dim},)")
-        x = to_words(m, bits=s.bits)
+    def _check(self, client: str, reply: Any) -> str:
+        """What is wrong with a reply ('' if nothing): type, round, and each stage's own checks."""
+        st, s = self.state, self.state.setup
+        want = REPLIES.get(st.stage)
+        if want is None or not isinstance(reply, want):
+            return f"{type(reply).__name__} is not a {want.__name__ if want else 'reply'}"
+        rnd = getattr(reply, "round", None)
+        if rnd != s.round:
+            return f"{type(reply).__name__} is for round {rnd}, not {s.round}"
+        if isinstance(reply, KeysRes):
+            if not (crypto.valid_public(reply.c_pk) and crypto.valid_public(reply.s_pk)) or reply.c_pk == reply.s_pk:
+                return "invalid X25519 public keys"
+            if not self.pki.verify(client, keys_statement(s, client, reply.c_pk, reply.s_pk), reply.sig):
+                return "keys not signed with the party's signing key"
+        elif isinstance(reply, ShareKeysRes):
+            # Exactly its advertised neighbours: a missing share would leave a pairwise mask one-sided.
+            if set(reply.shares) != {v for v in self.graph[client] if v in st.keys}:
+                return "shares not addressed to exactly its neighbours"
+            if not all(isinstance(b, bytes) and 28 <= len(b) <= 4096 for b in reply.shares.values()):
+                return "a sealed share of the wrong size"
+        elif isinstance(reply, MaskedInputRes):
+            m = reply.masked
+            if m.dtype not in (torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
+                return f"masked input is {m.dtype}{tuple(m.shape)}, expected ({s.dim},)"
+            if reply.num_examples < 0:
+                return "negative num_examples"
+        elif isinstance(reply, ConsistencyRes) and not self.pki.verify(
+                client, survivors_statement(s, st.survivors, self.dropped), reply.sig):
+            return "survivor story not signed with the party's signing key"
+        return ""
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """Shared their keys but sent no masked input (their pairwise masks are rebuilt from shares)."""
+        st = self.state
+        return tuple(u for u in st.shared if u not in st.survivors) if st.survivors else ()
+
+    def _add(self, reply: MaskedInputRes) -> None:
+        s = self.state.setup
+        x = to_words(reply.masked, bits=s.bits)
         if self.state.masked_sum is None:
             self.state = dataclasses.replace(self.state, masked_sum=x)
         else:
@@ -148,19 +198,20 @@ class SecAggServer:
             inbox: dict[str, dict[str, bytes]] = {}
             for u in ok:
                 res: ShareKeysRes = st.pending[u]
-                # Exactly its advertised neighbours: a missing share would leave a pairwise mask one-sided.
-                if set(res.shares) != {v for v in self.graph[u] if v in st.keys}:
-                    raise ProtocolError(f"{u!r} did not address shares to exactly its neighbours; round abandoned")
                 for v, blob in res.shares.items():
-                    inbox.setdefault(v, {})[u] = blob
+                    if v in ok:  # a share for a client that left now would reach no one
+                        inbox.setdefault(v, {})[u] = blob
             self.state = dataclasses.replace(st, stage=Stage.COLLECT, shared=tuple(ok), inbox=inbox)
         elif st.stage == Stage.COLLECT:
             self._quorum(ok, "sent a masked input")
             if len(ok) < self.min_survivors:
                 raise RoundFailed(f"round {st.setup.round}: only {len(ok)} masked input(s), fewer than "
                                   f"strategy.min_available={self.min_survivors}; abandoned before unmasking")
-            self.state = dataclasses.replace(st, stage=Stage.UNMASK, survivors=tuple(ok))
+            self.state = dataclasses.replace(st, stage=Stage.CONSISTENCY, survivors=tuple(ok))
             self.meta = {c: st.pending[c] for c in ok}
+        elif st.stage == Stage.CONSISTENCY:
+            self._quorum(ok, "signed the survivor story")
+            self.state = dataclasses.replace(st, stage=Stage.UNMASK, signed={c: st.pending[c] for c in ok})
         elif st.stage == Stage.UNMASK:
             self._quorum(ok, "answered the unmasking request")
             self.result = self._unmask({c: st.pending[c] for c in ok})

@@ -19,6 +19,7 @@ from tessera.runtime.backend import InProcessBackend
 from tessera.runtime.messages import FitIns
 from tessera.secagg.client import step
 from tessera.secagg.messages import REQUESTS, STAGES, ClientState, MaskedInputIns, Stage
+from tessera.secagg.pki import PKI
 from tessera.secagg.plus import SecAggPlus, flatten, run_stages, unflatten
 from tessera.secagg.server import SecAggServer
 
@@ -26,8 +27,9 @@ from tessera.secagg.server import SecAggServer
 class _Parties:
     """A Handler holding every client's SecAgg+ state; each client's 'training' returns its fixed update."""
 
-    def __init__(self, updates: Sequence[Params], drop: Set[str], drop_stage: Stage) -> None:
+    def __init__(self, updates: Sequence[Params], drop: Set[str], drop_stage: Stage, pki: PKI) -> None:
         self.updates = updates  # flattened only when a client trains (benchmarks pass a lazy sequence)
+        self.pki = pki
         self.state: dict[str, bytes] = {}
         self.drop, self.first_dropped = drop, STAGES.index(drop_stage)
 
@@ -41,7 +43,7 @@ class _Parties:
         def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
             return flatten(self.updates[int(client.removeprefix("client"))]), 1, {}
 
-        new, reply = step(state, msg, client, train)
+        new, reply = step(state, msg, client, train, self.pki)
         self.state[client] = serde.encode_message(new)
         return reply
 
@@ -70,11 +72,11 @@ def run_round(updates: Sequence[Params], *, threshold: float | int, dropouts: Se
     clients = [f"client{i}" for i in range(n)]
     setup = cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1,
                       graph_seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]), session=seed)
-    parties = _Parties(updates, {clients[i] for i in dropouts}, drop_stage)
+    parties = _Parties(updates, {clients[i] for i in dropouts}, drop_stage, cfg.pki)
     backend = InProcessBackend(parties)
     seeds = np.random.SeedSequence([seed, 2]).generate_state(n).tolist()
     fit = {c: FitIns(round=1, params={}, config={"seed": int(s)}) for c, s in zip(clients, seeds, strict=True)}
-    server = SecAggServer(setup)
+    server = SecAggServer(setup, pki=cfg.pki)
     run_stages(server, backend, fit, timeout=None)
     assert server.result is not None
     included = tuple(clients.index(c) for c in server.result.survivors)

@@ -50,10 +50,10 @@ def spied_round(updates: Sequence[Params], *, dropouts: Set[int] = frozenset(), 
     clients = [f"client{i}" for i in range(n)]
     cfg = SecAggPlus(threshold=threshold, clip=8.0, bits=bits, max_weight=1.0, degree=degree, l2_clip=l2_clip)
     setup = cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1, graph_seed=seed)
-    rec = Recorder(InProcessBackend(_Parties(updates, {clients[i] for i in dropouts}, stage)))
+    rec = Recorder(InProcessBackend(_Parties(updates, {clients[i] for i in dropouts}, stage, cfg.pki)))
     seeds = np.random.SeedSequence([seed, 2]).generate_state(n).tolist()
     fit = {c: FitIns(round=1, params={}, config={"seed": int(s)}) for c, s in zip(clients, seeds, strict=True)}
-    server = SecAggServer(setup)
+    server = SecAggServer(setup, pki=cfg.pki)
     try:
         run_stages(server, rec, fit, timeout=None)
     finally:

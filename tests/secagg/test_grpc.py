@@ -38,7 +38,8 @@ def test_secagg_round_over_grpc_with_a_mid_round_dropout(tmp_path: Path) -> None
     for n in ("server", *ROUTES.values()):
         issue(tmp_path, n)
     updates = make_updates(3, seed=5)
-    handler: Any = _Parties(updates, {"client2"}, Stage.COLLECT)  # carol vanishes after sharing her keys
+    cfg = SecAggPlus(max_weight=1.0)
+    handler: Any = _Parties(updates, {"client2"}, Stage.COLLECT, cfg.pki)  # carol vanishes after sharing her keys
     backend = GrpcBackend(_fed(tmp_path), dict(ROUTES), min_clients=3)
     fed = _fed(tmp_path, backend.listen())
     parties = [ClientParty(fed, n, handler) for n in ROUTES.values()]
@@ -47,8 +48,8 @@ def test_secagg_round_over_grpc_with_a_mid_round_dropout(tmp_path: Path) -> None
         t.start()
     try:
         assert backend.wait_for(list(ROUTES), 20) == list(ROUTES)
-        setup = SecAggPlus(max_weight=1.0).setup(1, list(ROUTES), dim=34, graph_seed=0)
-        server = SecAggServer(setup)
+        setup = cfg.setup(1, list(ROUTES), dim=34, graph_seed=0)
+        server = SecAggServer(setup, pki=cfg.pki)
         run_stages(server, backend, {c: FitIns(round=1, params={}, config={"seed": i}) for i, c in
                                      enumerate(ROUTES)}, timeout=20)
     finally:

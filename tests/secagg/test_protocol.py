@@ -8,18 +8,20 @@ import torch
 
 from tessera.core import serde
 from tessera.core.errors import ProtocolError, RoundFailed
-from tessera.runtime.backend import ClientFailure
+from tessera.runtime.backend import FailureKind
+from tessera.runtime.messages import FitIns
 from tessera.secagg import Stage, run_round, simulate_round
 from tessera.secagg.client import encode_input, step
 from tessera.secagg.messages import (
+    ConsistencyIns,
     KeysRes,
     MaskedInputIns,
     MaskedInputRes,
     ShareKeysIns,
     ShareKeysRes,
-    UnmaskIns,
     UnmaskRes,
 )
+from tessera.secagg.pki import SimulatedPKI
 from tessera.secagg.plus import flatten
 from tessera.secagg.quantize import ring_mask, sum_error_bound
 from tessera.secagg.server import SecAggServer
@@ -37,12 +39,14 @@ def max_err(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.UNMASK])
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT, Stage.CONSISTENCY, Stage.UNMASK])
 def test_a_drop_at_each_stage_still_gives_the_survivors_sum(stage: Stage) -> None:
     updates = make_updates(N)
     rep = run_round(updates, threshold=0.6, dropouts={1, 4}, clip=8.0, bits=32, seed=3, drop_stage=stage)
-    # Dropped before masking (or before sending the input): left out; dropped while unmasking: already in.
-    expected = tuple(range(N)) if stage == Stage.UNMASK else tuple(i for i in range(N) if i not in {1, 4})
+    # Dropped before masking (or before sending the input): left out; dropped after it (consistency, unmasking):
+    # already in.
+    late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+    expected = tuple(range(N)) if late else tuple(i for i in range(N) if i not in {1, 4})
     assert rep.included == expected
     bound = sum_error_bound(clients=len(expected), clip=8.0, levels=rep.server.state.setup.levels)
     assert max_err(rep.sum, plain_sum(updates, expected)) < bound
@@ -80,8 +84,8 @@ def servers(monkeypatch: pytest.MonkeyPatch) -> list[SecAggServer]:
     seen: list[SecAggServer] = []
     orig = SecAggServer.__init__
 
-    def track(self: SecAggServer, setup: object) -> None:
-        orig(self, setup)  # type: ignore[arg-type]
+    def track(self: SecAggServer, setup: object, **kw: object) -> None:
+        orig(self, setup, **kw)  # type: ignore[arg-type]
         seen.append(self)
 
     monkeypatch.setattr(SecAggServer, "__init__", track)
@@ -136,35 +140,40 @@ def _no_train(m: MaskedInputIns):  # type: ignore[no-untyped-def]
     return torch.zeros(2, dtype=torch.float64), 1, {}
 
 
+PKI = SimulatedPKI()
+
+
 def test_client_refuses_out_of_stage_replayed_and_wrong_round_messages() -> None:
     setup = _setup_msg()
     with pytest.raises(ProtocolError, match="before SetupIns"):
-        step(None, ShareKeysIns(round=1, c_pks={}, s_pks={}), "c0", _no_train)
-    st, _keys = step(None, setup, "c0", _no_train)
+        step(None, ShareKeysIns(round=1, c_pks={}, s_pks={}), "c0", _no_train, PKI)
+    st, _keys = step(None, setup, "c0", _no_train, PKI)
     with pytest.raises(ProtocolError, match="replayed or stale"):
-        step(st, setup, "c0", _no_train)
+        step(st, setup, "c0", _no_train, PKI)
     with pytest.raises(ProtocolError, match="out of stage or replayed"):
-        step(st, MaskedInputIns(round=1, params={}), "c0", _no_train)
+        step(st, MaskedInputIns(round=1, params={}), "c0", _no_train, PKI)
     with pytest.raises(ProtocolError, match="round 2"):
-        step(st, ShareKeysIns(round=2, c_pks={}, s_pks={}), "c0", _no_train)
+        step(st, ShareKeysIns(round=2, c_pks={}, s_pks={}), "c0", _no_train, PKI)
     # A coordinator that restarts the unfinished round (new session) is served with fresh keys.
-    restarted, keys2 = step(st, dataclasses.replace(setup, session=setup.session + 1), "c0", _no_train)
+    restarted, keys2 = step(st, dataclasses.replace(setup, session=setup.session + 1), "c0", _no_train, PKI)
     assert keys2.c_pk != _keys.c_pk and restarted.stage == Stage.SHARE_KEYS.value
     weak = dataclasses.replace(setup, round=5, threshold=2)  # 2 of 4 holders: two halves could unmask both secrets
     with pytest.raises(ProtocolError, match="must exceed half"):
-        step(st, weak, "c0", _no_train)
+        step(st, weak, "c0", _no_train, PKI)
 
 
 def _three_clients(rnd: int):  # type: ignore[no-untyped-def]
     setup = _setup_msg(3, rnd)
     states, keys = {}, {}
     for c in setup.clients:
-        states[c], keys[c] = step(None, setup, c, _no_train)
+        states[c], keys[c] = step(None, setup, c, _no_train, PKI)
     c_pks = {c: k.c_pk for c, k in keys.items()}
     s_pks = {c: k.s_pk for c, k in keys.items()}
+    sigs = {c: k.sig for c, k in keys.items()}
     shares = {}
     for c in setup.clients:
-        states[c], shares[c] = step(states[c], ShareKeysIns(round=rnd, c_pks=c_pks, s_pks=s_pks), c, _no_train)
+        ins = ShareKeysIns(round=rnd, c_pks=c_pks, s_pks=s_pks, sigs=sigs)
+        states[c], shares[c] = step(states[c], ins, c, _no_train, PKI)
     return states, shares
 
 
@@ -173,29 +182,31 @@ def test_share_for_the_wrong_round_is_refused() -> None:
     states, new = _three_clients(2)
     replayed = MaskedInputIns(round=2, params={}, shares={"c1": old["c1"].shares["c0"], "c2": new["c2"].shares["c0"]})
     with pytest.raises(ProtocolError):
-        step(states["c0"], replayed, "c0", _no_train)
+        step(states["c0"], replayed, "c0", _no_train, PKI)
     ok = MaskedInputIns(round=2, params={}, shares={"c1": new["c1"].shares["c0"], "c2": new["c2"].shares["c0"]})
-    st, _res = step(states["c0"], ok, "c0", _no_train)
+    st, _res = step(states["c0"], ok, "c0", _no_train, PKI)
     with pytest.raises(ProtocolError, match="out of stage or replayed"):
-        step(st, ok, "c0", _no_train)  # a replayed collect request
+        step(st, ok, "c0", _no_train, PKI)  # a replayed collect request
     with pytest.raises(ProtocolError, match="both survivor and dropout"):
-        step(st, UnmaskIns(round=2, survivors=("c0", "c1"), dropped=("c1",)), "c0", _no_train)
+        step(st, ConsistencyIns(round=2, survivors=("c0", "c1"), dropped=("c1",)), "c0", _no_train, PKI)
 
 
-def test_server_refuses_duplicates_wrong_stage_wrong_round_and_strangers() -> None:
-    server = SecAggServer(_setup_msg(4))
-    server.requests()
-    key = KeysRes(round=1, c_pk=b"x" * 32, s_pk=b"y" * 32)
+def test_server_counts_wrong_stage_wrong_round_and_forged_replies_as_that_clients_failure() -> None:
+    setup = _setup_msg(4)
+    server = SecAggServer(setup, pki=PKI)
+    requests = server.requests()
+    _, key = step(None, requests["c0"], "c0", _no_train, PKI)
     server.receive("c0", key)
     with pytest.raises(ProtocolError, match="duplicate or replay"):
-        server.receive("c0", key)
-    with pytest.raises(ProtocolError, match="out of stage"):
-        server.receive("c1", ShareKeysRes(round=1, shares={}))
-    with pytest.raises(ProtocolError, match="for round 7"):
-        server.receive("c2", KeysRes(round=7, c_pk=b"x" * 32, s_pk=b"y" * 32))
+        server.receive("c0", key)  # the backend gives one reply per client: a second one is the caller's bug
     with pytest.raises(ProtocolError, match="not asked"):
         server.receive("mallory", key)
-    server.receive("c3", ClientFailure("c3", "offline"))
+    server.receive("c1", ShareKeysRes(round=1, shares={}))  # out of stage
+    server.receive("c2", dataclasses.replace(key, round=7))  # another round
+    server.receive("c3", key)  # c0's keys and signature replayed as c3's: not signed by c3
+    assert set(server.state.failures) == {"c1", "c2", "c3"}
+    assert {f.kind for f in server.state.failures.values()} == {FailureKind.MALFORMED}
+    assert "not signed" in server.state.failures["c3"].reason
     with pytest.raises(ProtocolError, match="duplicate or replay"):
         server.receive("c3", key)
 
@@ -205,21 +216,23 @@ def test_messages_survive_the_wire_format() -> None:
     assert serde.decode_message(serde.encode_message(setup)) == setup
 
 
-def test_server_refuses_shares_not_addressed_to_exactly_the_neighbours() -> None:
-    setup = _setup_msg(3)
-    server = SecAggServer(setup)
+def test_shares_not_addressed_to_exactly_the_neighbours_make_that_client_a_dropout() -> None:
+    setup = _setup_msg(4)
+    server = SecAggServer(setup, pki=PKI)
     states = {}
     for c, msg in server.requests().items():
-        states[c], reply = step(None, msg, c, _no_train)
+        states[c], reply = step(None, msg, c, _no_train, PKI)
         server.receive(c, reply)
     server.advance()
     for c, msg in server.requests().items():
-        _, reply = step(states[c], msg, c, _no_train)
+        states[c], reply = step(states[c], msg, c, _no_train, PKI)
         if c == "c0":  # c0 withholds its share for c2: c2 would never mask with c0, c0 would with c2
-            reply = ShareKeysRes(round=1, shares={"c1": reply.shares["c1"]})
+            reply = ShareKeysRes(round=1, shares={k: v for k, v in reply.shares.items() if k != "c2"})
         server.receive(c, reply)
-    with pytest.raises(ProtocolError, match="exactly its neighbours"):
-        server.advance()
+    server.advance()
+    assert server.state.shared == ("c1", "c2", "c3") and "exactly its neighbours" in server.state.failures["c0"].reason
+    assert all("c0" not in ins.shares for ins in server.requests({c: FitIns(round=1, params={}) for c in
+                                                                   setup.clients}).values())
 
 
 def test_a_finished_round_cannot_be_run_again() -> None:
