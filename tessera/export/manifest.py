@@ -161,7 +161,7 @@ def _is_int(v: Any, low: int = 0) -> bool:
 
 def _tensor_spec(v: Any) -> bool:
     return (isinstance(v, dict) and isinstance(v.get("shape"), list) and len(v["shape"]) <= MAX_RANK
-            and all(_is_int(d) for d in v["shape"]) and v.get("dtype") in DTYPES)
+            and all(_is_int(d) for d in v["shape"]) and isinstance(v.get("dtype"), str) and v["dtype"] in DTYPES)
 
 
 def check_structure(m: Mapping[str, Any], *, where: str = MANIFEST) -> None:
@@ -201,7 +201,8 @@ def check_structure(m: Mapping[str, Any], *, where: str = MANIFEST) -> None:
     if not (isinstance(tol, dict) and all(isinstance(tol.get(k), int | float) and not isinstance(tol.get(k), bool)
                                           and 0 <= tol[k] < math.inf for k in ("rtol", "atol", "export_error"))):
         raise _bad(where, "`tolerance` needs finite, non-negative rtol, atol and export_error")
-    if m.get("weights_dtype") not in DTYPES or not (m.get("arch") is None or isinstance(m.get("arch"), dict)):
+    if not isinstance(m.get("weights_dtype"), str) or m["weights_dtype"] not in DTYPES \
+            or not (m.get("arch") is None or isinstance(m.get("arch"), dict)):
         raise _bad(where, "`weights_dtype` or `arch` is malformed")
     if not (m.get("split") is None or isinstance(m.get("split"), dict)) or not isinstance(m.get("provenance"), dict):
         raise _bad(where, "`split` or `provenance` is malformed")
