@@ -23,7 +23,6 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tessera.cli.export import export_job
     from tessera.cli.jobs import build_parts
     from tessera.horizontal.simulation import simulate
 
@@ -35,7 +34,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     toml = tmp / "job.toml"
     toml.write_text("\n".join(f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
                               for k, v in job.items()))
-    return export_job(toml, tmp / "bundle")
+    result = CliRunner().invoke(_app(), ["export", str(toml), "--out", str(tmp / "bundle")])
+    assert result.exit_code == 0, result.output
+    return tmp / "bundle"
 
 
 def test_export_writes_the_checkpointed_model_with_its_provenance(exported: Path) -> None:
@@ -70,10 +71,10 @@ def test_verify_in_a_fresh_process_is_bit_exact_and_tampering_fails(exported: Pa
 
 @pytest.mark.slow
 def test_export_demo_quick(tmp_path: Path) -> None:
-    from tessera.cli.export import demo_export
+    from tests.fixtures import run_demo
 
-    demo_export(tmp_path, quick=True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out, _ = run_demo("export", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
     rows = {r["variant"]: r for r in summary["bundles"]}
     assert rows["float32"]["bit_exact"] and rows["float32"]["max_abs_error"] == 0.0
     assert not rows["float16"]["bit_exact"] and rows["float16"]["verified"]
@@ -81,7 +82,7 @@ def test_export_demo_quick(tmp_path: Path) -> None:
     assert rows["float32 + onnx"]["onnx_error"] < 1e-4
     ho = summary["handover"]
     assert ho["interrupted"] == "TransportError" and 0 < ho["resumed_bytes"] < ho["total_bytes"] and ho["exact"]
-    assert (tmp_path / "export.png").stat().st_size > 10_000
+    assert (out / "export.png").stat().st_size > 10_000
 
 
 def _app():  # the typer app, imported late so collection stays cheap

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tessera.cli.robust import accuracy_curve, byzantine_run
 from tessera.horizontal.attacks import AttackKind, LabelFlipTask, UpdateAttack, corrupt
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import FedAvg, FedMedian, Krum, TrimmedMean
+from tests.fixtures import accuracy_curve, byzantine_run
 
 from .helpers import make_data, make_task, params_equal
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.cli.robust import digits_parts
 from tessera.core.errors import ConfigError
 from tessera.horizontal.async_server import simulate_async
 from tessera.horizontal.attacks import AttackKind, UpdateAttack
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import DeadlineRounds, FedAvg, FedBuff, FedNova
 from tessera.runtime.messages import FitRes
+from tests.fixtures import digits_parts
 
 from .helpers import make_data, make_task
 

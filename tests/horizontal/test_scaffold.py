@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from tessera.cli.robust import digits_parts
 from tessera.core import serde
 from tessera.core.errors import ConfigError
 from tessera.core.models import MLP
 from tessera.core.types import get_params, set_params
 from tessera.horizontal.simulation import JobParts, initial_params, simulate
 from tessera.horizontal.strategies import ClipUpdates, FedAvg, Scaffold
+from tests.fixtures import digits_parts
 
 from .helpers import make_data, make_task, params_equal
 

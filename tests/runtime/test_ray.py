@@ -1,6 +1,6 @@
 """Ray backend end to end on a real local Ray (started once for the module): same results as in-process,
 failed clients and dead actors counted while the round completes, client state that follows the client from
-actor to actor, checkpoint/resume, and the `tessera demo scale` path (job.toml -> run_job -> RayBackend)."""
+actor to actor, checkpoint/resume, and the `tessera demo scale` path (job.toml -> CLI job reader -> RayBackend)."""
 
 import json
 import os
@@ -145,10 +145,10 @@ def test_raising_client_and_dead_actor_fail_the_client_not_the_round() -> None:
 
 
 def test_demo_scale_quick_runs_the_job_path(tmp_path: Path) -> None:
-    from tessera.cli.scale import demo_scale
+    from tests.fixtures import run_demo
 
-    demo_scale(tmp_path, quick=True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out, _ = run_demo("scale", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
     for backend in ("inprocess", "ray"):
         assert summary[backend]["clients"] == 1000
         assert summary[backend]["sampled_per_round"] == [100, 100, 100]  # ceil(0.1 * 1000)
@@ -156,5 +156,5 @@ def test_demo_scale_quick_runs_the_job_path(tmp_path: Path) -> None:
     assert summary["ray"]["final_central_accuracy"] == summary["inprocess"]["final_central_accuracy"]
     assert summary["ray"]["ray"]["actors"] == 2  # job.toml [ray] num_actors reached the backend
     assert summary["ray"]["ray"]["driver_peak_rss_mb"] > 0
-    assert (tmp_path / "scale.png").stat().st_size > 10_000
-    assert (tmp_path / "ray" / "metrics.jsonl").exists()
+    assert (out / "scale.png").stat().st_size > 10_000
+    assert (out / "ray" / "metrics.jsonl").exists()

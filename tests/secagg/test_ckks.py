@@ -5,7 +5,6 @@ import pytest
 import tenseal as ts
 import torch
 
-from tessera.cli.secagg import digits_job
 from tessera.core.errors import ProtocolError
 from tessera.horizontal.simulation import simulate
 from tessera.secagg import CKKS
@@ -19,6 +18,7 @@ from tessera.secagg.ckks_protocol import (
     make_context,
     public_context,
 )
+from tests.fixtures import digits_job
 
 from .helpers import make_updates
 from .test_horizontal import fedavg

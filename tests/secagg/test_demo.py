@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from tessera.cli.secagg import demo_secagg
+from tests.fixtures import run_demo
 
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
-    demo_secagg(tmp_path, quick=True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out, _ = run_demo("secagg", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
     assert set(runs) == {"plain (no dropout)", "plain, 30% dropout", "secagg+, 30% dropout", "ckks, 30% dropout"}
     base = runs["plain, 30% dropout"]
@@ -19,4 +19,4 @@ def test_demo_quick(tmp_path: Path) -> None:
         assert abs(runs[name]["final_accuracy"] - base["final_accuracy"]) <= 0.01
         assert runs[name]["clients_succeeded"] == base["clients_succeeded"] == [7] * summary["rounds"]
     assert runs["secagg+, 30% dropout"]["bytes_up"] > base["bytes_up"]  # keys, shares and masks cost bytes
-    assert (tmp_path / "secagg.png").stat().st_size > 10_000
+    assert (out / "secagg.png").stat().st_size > 10_000

@@ -3,10 +3,10 @@ store, so the four stages run unchanged; the result is identical to the in-proce
 
 import pytest
 
-from tessera.cli.secagg import digits_job
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAvg
 from tessera.secagg import SecAggPlus
+from tests.fixtures import digits_job
 
 
 @pytest.mark.slow

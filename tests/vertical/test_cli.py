@@ -9,20 +9,20 @@ import pytest
 from typer.testing import CliRunner
 
 from tessera.cli.main import app
-from tessera.cli.split import demo_split
+from tests.fixtures import run_demo
 
 
 @pytest.mark.slow
 def test_demo_split_quick(tmp_path: Path) -> None:
-    demo_split(tmp_path, True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out, _ = run_demo("split", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
     # split learning equals centralised training epoch by epoch (same init, same batches)
     pairs = list(zip(summary["split_test_auc"], summary["centralised_test_auc"], strict=True))
     assert len(pairs) == 2 and all(abs(a - b) < 1e-6 for a, b in pairs)
     assert summary["psi"]["aligned"] == 569 - 40 - 30
     att = summary["attacks"]
     assert att["gradient noise"]["direction_attack_auc"] < att["none"]["direction_attack_auc"]
-    assert (tmp_path / "split_demo.png").stat().st_size > 10_000
+    assert (out / "split_demo.png").stat().st_size > 10_000
 
 
 def test_psi_command_writes_aligned_rows(tmp_path: Path) -> None:
