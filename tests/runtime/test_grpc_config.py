@@ -64,7 +64,7 @@ def test_issued_certificates_carry_the_name_and_keys_are_private(tmp_path: Path)
     cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "alice"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["alice", "localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["alice.party.tessera.invalid", "alice", "localhost"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     with pytest.raises(ConfigError, match="already exists"):
         issue(tmp_path, "alice")

@@ -110,7 +110,7 @@ def test_control_frames_round_trip() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=5).filter(lambda ps: any(ps)))
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=5).filter(any))
 def test_frames_from_buffers_equal_frames_from_the_joined_message(parts: list[bytes]) -> None:
     joined = b"".join(parts)
     assert list(tp.split(4, [memoryview(p) for p in parts], CHUNK)) == list(tp.split(4, joined, CHUNK))

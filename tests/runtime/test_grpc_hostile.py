@@ -20,11 +20,15 @@ import torch
 from cryptography import x509
 
 from tessera.core import serde
+from tessera.core.errors import ConfigError, TransportError
 from tessera.runtime.backend import ClientFailure
+from tessera.runtime.grpc import ClientParty, GrpcBackend
 from tessera.runtime.grpc import transport as tp
-from tessera.runtime.grpc.certs import issue
+from tessera.runtime.grpc.certs import PARTY_DOMAIN, issue
+from tessera.runtime.grpc.config import build
 from tessera.runtime.messages import FitIns, FitRes
 from tests.e2e.grpc_helpers import open_session
+from tests.runtime.test_grpc_backend import ROUTES, Echo
 from tests.runtime.test_grpc_failures import _Running, _until
 
 
@@ -92,6 +96,30 @@ def test_a_certificate_with_bob_among_its_extra_dns_names_is_not_bob(start: Any,
     assert open_session(r.fed, cert=crt, claim="bob", send=[hello]) == grpc.StatusCode.PERMISSION_DENIED
     assert r.backend.refused[-1].claimed == "bob" and "not issued to 'bob'" in r.backend.refused[-1].reason
     assert "c1" not in r.backend.connected()
+
+
+def test_a_certificate_with_server_among_its_extra_dns_names_cannot_act_as_the_coordinator(certs: Path,
+                                                                                         tmp_path: Path) -> None:
+    for f in ["ca.crt", *(f"{n}.{ext}" for n in ROUTES.values() for ext in ("crt", "key"))]:
+        (tmp_path / f).write_bytes((certs / f).read_bytes())
+    issue(tmp_path, "dave", ca_dir=certs, hosts=("server", "localhost", "127.0.0.1"))
+
+    def fed(port: int, cert: str) -> Any:
+        parties = [{"name": "server", "role": "coordinator", "address": f"127.0.0.1:{port}", "cert": f"{cert}.crt",
+                    "key": f"{cert}.key"}, *({"name": n} for n in ROUTES.values())]
+        settings = {"ca_cert": "ca.crt", "certs_dir": ".", "retry": {"initial_backoff_s": 0.01, "max_attempts": 2}}
+        return build({"federation": settings, "parties": parties}, source="test", base=tmp_path)
+
+    impostor = GrpcBackend(fed(0, "dave"), dict(ROUTES))  # genuine, and its SAN lists DNS=server
+    port = impostor.listen()
+    try:
+        with pytest.raises(TransportError, match="could not reach the coordinator"):
+            ClientParty(fed(port, "server"), "bob", Echo()).run()
+        assert impostor.connected() == [] and impostor.refused == []  # the TLS handshake failed: no stream
+    finally:
+        impostor.close()
+    with pytest.raises(ConfigError, match="identify parties"):
+        issue(tmp_path, "eve", ca_dir=certs, hosts=(f"server{PARTY_DOMAIN}",))
 
 
 def _nested(depth: int) -> object:

@@ -1,8 +1,12 @@
 """A federation CA and party certificates (EC P-256), and the identity check the coordinator runs on each peer.
 
-`init_ca` makes the CA that every party trusts; `issue` signs a party certificate whose CN and SAN DNS carry the
-party name (plus DNS=localhost and IP=127.0.0.1 so loopback tests verify). Keys are written with mode 0600 and
-never overwritten unless asked.
+`init_ca` makes the CA that every party trusts; `issue` signs a party certificate whose CN is the party name and
+whose SAN carries the party's designated name `<name>.party.tessera.invalid` (plus DNS=<name>, DNS=localhost and
+IP=127.0.0.1 for other TLS tools and loopback). Identity is read only from those designated fields: the
+coordinator checks a client's CN, a client checks the coordinator's designated SAN (gRPC verifies the server name
+against the SAN). Extra `--host` names never make a party: `issue` refuses one in the designated namespace, so a
+certificate for alice that also lists `bob` or `server` is still only alice's. Keys are written with mode 0600
+and never overwritten unless asked.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tessera.core.errors import ConfigError
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+PARTY_DOMAIN = ".party.tessera.invalid"  # RFC 6761: .invalid never resolves, so no real host can hold these names
+
+
+def designated_name(party: str) -> str:
+    """The SAN DNS name that identifies `party` as a TLS server (clients verify the coordinator against it)."""
+    return f"{party}{PARTY_DOMAIN}"
 
 
 def _write(path: Path, data: bytes, *, mode: int, force: bool) -> None:
@@ -85,12 +95,17 @@ def _load_ca(ca_cert: Path, ca_key: Path) -> tuple[x509.Certificate, ec.Elliptic
 def issue(out_dir: str | Path, name: str, *, ca_dir: str | Path | None = None, days: int = 825,
           hosts: Sequence[str] = DEFAULT_HOSTS, force: bool = False) -> tuple[Path, Path]:
     """Sign `<name>.crt` and write `<name>.key` (0600). `hosts` are extra SAN entries (DNS names or IPs). Parties
-    verify each other by party name (clients check the coordinator's certificate against its name in
-    federation.toml, whatever address they dial), so extra hosts only matter to other TLS tools."""
+    verify each other only by the designated fields (the CN, and the SAN `designated_name(name)`, checked against
+    the coordinator's name in federation.toml whatever address they dial), so extra hosts only matter to other TLS
+    tools and never let a certificate act as another party."""
     out = Path(out_dir)
+    taken = [h for h in hosts if h.lower().rstrip(".").endswith(PARTY_DOMAIN)]
+    if taken:
+        raise ConfigError(f"--host {taken[0]}: names ending in {PARTY_DOMAIN} identify parties and are set only from "
+                          "--name; pass ordinary host names or IPs")
     ca_cert, ca_key = _load_ca(Path(ca_dir or out) / "ca.crt", Path(ca_dir or out) / "ca.key")
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(name)]
+    sans: list[x509.GeneralName] = [x509.DNSName(designated_name(name)), x509.DNSName(name)]
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))

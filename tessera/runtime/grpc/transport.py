@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import grpc
 
 from tessera.core.errors import TransportError
+from tessera.runtime.grpc.certs import designated_name
 from tessera.runtime.grpc.config import FederationConfig, PartyConfig, read_pem
 
 SERVICE = "tessera.Federation"
@@ -225,7 +226,8 @@ def server_credentials(fed: FederationConfig, me: PartyConfig) -> grpc.ServerCre
 
 
 def client_channel(fed: FederationConfig, me: PartyConfig) -> grpc.Channel:
-    """A channel to the coordinator that verifies the coordinator's cert is issued to the coordinator's name."""
+    """A channel to the coordinator that verifies the coordinator's cert carries the coordinator's designated name
+    (`certs.designated_name`), never just any SAN that happens to match its party name."""
     coord = fed.coordinator
     assert coord.address is not None  # validated in config
     creds = grpc.ssl_channel_credentials(
@@ -233,5 +235,5 @@ def client_channel(fed: FederationConfig, me: PartyConfig) -> grpc.Channel:
         private_key=read_pem(me.key, f"{me.name}'s key"),
         certificate_chain=read_pem(me.cert, f"{me.name}'s certificate"),
     )
-    options = [*channel_options(fed), ("grpc.ssl_target_name_override", coord.name)]
+    options = [*channel_options(fed), ("grpc.ssl_target_name_override", designated_name(coord.name))]
     return grpc.secure_channel(coord.address, creds, options=options)
