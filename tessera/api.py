@@ -26,6 +26,7 @@ from tessera.horizontal.simulation import JobParts, Plugin, simulate
 from tessera.horizontal.strategies import FedAvg, Strategy
 from tessera.horizontal.task import LossFn, MetricFn, OptimizerFn, SupervisedTask
 from tessera.runtime.backend import Backend, Handler, InProcessBackend
+from tessera.vertical.label import LabelParty
 from tessera.vertical.metrics import plot_split
 from tessera.vertical.model import SplitModel
 from tessera.vertical.owner import DataOwner, OwnerGroup
@@ -204,6 +205,10 @@ class SLModel:
     by default `InProcessBackend(handler)` (e.g. `backend=lambda h: InProcessBackend(h, max_workers=2)`). For
     parties in separate processes use `DataOwner` at each owner and `SplitTrainer` at the label party.
 
+    With `compute_party`, the fuse model runs at that party (no labels, no base) and `label_party` holds only the
+    labels and the loss (`tessera.vertical.label.LabelParty`): it receives fused outputs and returns the loss
+    gradient. Three roles, still numerically the same as centralised training.
+
     >>> sl = SLModel(base_models={"alice": nn.Linear(10, 4), "bob": nn.Linear(20, 4)},
     ...              fuse_model=ConcatFuse(nn.Linear(8, 1)), label_party="alice",
     ...              loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1))
@@ -214,7 +219,11 @@ class SLModel:
                  loss_fn: SplitLossFn, optimizer_fn: SplitOptimizerFn, seed: int = 0,
                  protections: Protections | None = None,
                  output_dir: str | Path | None = None, backend: Callable[[Handler], Backend] | None = None,
-                 ledger: Any = None) -> None:
+                 ledger: Any = None, compute_party: str | None = None) -> None:
+        if compute_party is not None and (label_party in base_models or compute_party in base_models
+                                          or compute_party == label_party):
+            raise ConfigError(f"with a compute party, {compute_party!r} (fuse) and the label party {label_party!r} "
+                              "(labels and loss) hold no base model and have distinct names")
         self.model = SplitModel(base_models, fuse_model, label_party=label_party)
         self.protections = protections or Protections()
         self.seed = seed
@@ -223,13 +232,16 @@ class SLModel:
         self.owners = {p: DataOwner(p, self.model.bases[p], optimizer_fn, embedding_dp=dp, seed=seed, ledger=ledger,
                                     state_dir=self.output_dir / "parties" / p if self.output_dir else None)
                        for p in self.model.owners}
-        handler = OwnerGroup(self.owners.values())
+        self.label = LabelParty(label_party, loss_fn, label_dp=self.protections.label_dp, seed=seed) \
+            if compute_party is not None else None
+        handler = OwnerGroup([*self.owners.values(), *([self.label] if self.label is not None else [])])
         self.backend = backend(handler) if backend is not None else InProcessBackend(handler)
         local = dict(self.model.bases.items()).get(label_party)
-        self.trainer = SplitTrainer(fuse=self.model.fuse, loss_fn=loss_fn, optimizer_fn=optimizer_fn,
-                                    label_party=label_party, order=list(self.model.bases), backend=self.backend,
-                                    local_base=local, protections=self.protections, seed=seed,
-                                    output_dir=self.output_dir, ledger=ledger)
+        self.trainer = SplitTrainer(fuse=self.model.fuse, loss_fn=None if self.label else loss_fn,
+                                    optimizer_fn=optimizer_fn, label_party=compute_party or label_party,
+                                    order=list(self.model.bases), backend=self.backend, local_base=local,
+                                    protections=self.protections, seed=seed, output_dir=self.output_dir,
+                                    ledger=ledger, loss_party=label_party if self.label is not None else None)
 
     @property
     def base_models(self) -> dict[str, nn.Module]:
@@ -258,7 +270,10 @@ class SLModel:
                 self.trainer.add_split(split, x=xs)
         if y is not None:
             ys = as_tensor(y, what="y")
-            self.trainer.add_split(split, y=ys)
+            if self.label is not None:
+                self.label.add_split(split, ys)
+            else:
+                self.trainer.add_split(split, y=ys)
 
     def fit(self, *, x: Arrays, y: Any, epochs: int, batch_size: int = 32, shuffle: bool = True,
             validation_data: tuple[Arrays, Any] | None = None, early_stopping: EarlyStopping | None = None,

@@ -115,3 +115,30 @@ class LoadRes:
 
 
 SPLIT_MESSAGES = (InfoIns, InfoRes, ForwardIns, Forward, Backward, BackwardRes, SaveIns, SaveRes, LoadIns, LoadRes)
+
+
+@message
+@dataclass(frozen=True)
+class LossIns:
+    """Compute party -> label party: the fused outputs of `rows` (aligned positions) of `split`; the label party
+    returns the loss and, for mode "train", d(loss)/d(outputs). Labels never leave the label party."""
+
+    step: int
+    split: str
+    rows: torch.Tensor
+    output: torch.Tensor
+    mode: str = "train"
+
+
+@message
+@dataclass(frozen=True)
+class LossRes:
+    """Label party -> compute party: the loss, its gradient w.r.t. the outputs (train), metrics (eval)."""
+
+    step: int
+    loss: float
+    grad: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+COMPUTE_MESSAGES = (LossIns, LossRes)

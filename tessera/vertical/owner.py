@@ -11,7 +11,7 @@ import hashlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -198,10 +198,18 @@ class DataOwner:
         return LoadRes(tag=msg.tag, step=self.step)
 
 
-class OwnerGroup:
-    """Routes each message to the owner it is addressed to: the handler of an in-process backend."""
+class Party(Protocol):
+    """A party's message handler that knows its own name (`DataOwner`, `LabelParty`)."""
 
-    def __init__(self, owners: Iterable[DataOwner]) -> None:
+    name: str
+
+    def handle(self, party: str, msg: Any) -> Any: ...
+
+
+class OwnerGroup:
+    """Routes each message to the party it is addressed to: the handler of an in-process backend."""
+
+    def __init__(self, owners: Iterable[Party]) -> None:
         self.owners = {o.name: o for o in owners}
 
     def handle(self, party: str, msg: Any) -> Any:

@@ -23,7 +23,7 @@ from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
 from tessera.runtime.backend import Backend, ClientFailure
 from tessera.vertical import checkpoint as ckpt
-from tessera.vertical.messages import Backward, BackwardRes, Forward, ForwardIns, InfoIns, InfoRes
+from tessera.vertical.messages import Backward, BackwardRes, Forward, ForwardIns, InfoIns, InfoRes, LossIns, LossRes
 from tessera.vertical.metrics import classification_metrics
 from tessera.vertical.model import check_fuse_shapes, check_output_shape, set_mode
 from tessera.vertical.owner import OptimizerFn, party_code
@@ -58,16 +58,23 @@ def batch_order(*, seed: int, epoch: int, n: int, shuffle: bool) -> torch.Tensor
 
 
 class SplitTrainer:
-    """The label party. `order` lists every base owner in the order the fuse receives their embeddings; the label
-    party's own base (if any) is `local_base`, all other owners are reached through `backend`."""
+    """The party holding the fuse model and running the loop: the label party, or a compute party when
+    `loss_party` names the label party (which then holds only labels and loss: `tessera.vertical.label`).
+    `order` lists every base owner in the order the fuse receives their embeddings; this party's own base (if
+    any) is `local_base`, all other owners are reached through `backend`."""
 
-    def __init__(self, *, fuse: nn.Module, loss_fn: LossFn, optimizer_fn: OptimizerFn, label_party: str,
+    def __init__(self, *, fuse: nn.Module, loss_fn: LossFn | None, optimizer_fn: OptimizerFn, label_party: str,
                  order: Sequence[str], backend: Backend, local_base: nn.Module | None = None,
                  protections: Protections | None = None, seed: int = 0, output_dir: str | Path | None = None,
-                 timeout: float | None = None, ledger: Any = None) -> None:
+                 timeout: float | None = None, ledger: Any = None, loss_party: str | None = None) -> None:
         if (label_party in order) != (local_base is not None):
             raise ConfigError(f"label party {label_party!r} must be in `order` exactly when it has a local base")
-        self.fuse, self.loss_fn, self.label_party = fuse, loss_fn, label_party
+        if (loss_fn is None) == (loss_party is None):
+            raise ConfigError("give loss_fn (the labels are here) or loss_party (the party holding labels and loss)")
+        if loss_party is not None and (loss_party in order or loss_party == label_party):
+            raise ConfigError(f"the label party {loss_party!r} holds only labels and loss when a compute party runs "
+                              "the fuse model: give it no base and a name of its own")
+        self.fuse, self.loss_fn, self.label_party, self.loss_party = fuse, loss_fn, label_party, loss_party
         self.order = list(order)
         self.owners = [p for p in self.order if p != label_party]
         self.backend, self.local_base, self.seed, self.timeout = backend, local_base, seed, timeout
@@ -101,7 +108,7 @@ class SplitTrainer:
 
     def _exchange(self, requests: Mapping[str, Any], want: type) -> dict[str, Any]:
         if not self._started:
-            self.backend.start(self.owners)
+            self.backend.start(self.owners + ([self.loss_party] if self.loss_party else []))
             self._started = True
         replies = self.backend.exchange(requests, timeout=self.timeout)
         for party, rep in replies.items():
@@ -116,17 +123,23 @@ class SplitTrainer:
         """Before the first batch of `split`: every party holds the same number of rows (as many as there are
         labels), and one dry-run batch fits the fuse model and the loss. Raises ConfigError / ShapeMismatch naming
         the party. Returns the number of rows."""
-        info = self._exchange({o: InfoIns(splits=[split]) for o in self.owners}, InfoRes)
+        asked = self.owners + ([self.loss_party] if self.loss_party else [])
+        info = self._exchange({o: InfoIns(splits=[split]) for o in asked}, InfoRes)
         sizes = {o: info[o].rows.get(split, -1) for o in self.owners}
         if self.local_base is not None:
             sizes[self.label_party] = len(self.local_x[split]) if split in self.local_x else -1
-        n = len(self.labels[split]) if split in self.labels else next(iter(sizes.values()))
+        labelled = self.loss_party is not None and info[self.loss_party].rows.get(split, -1) >= 0
+        if labelled:
+            assert self.loss_party is not None
+            n = int(info[self.loss_party].rows[split])
+        else:
+            n = len(self.labels[split]) if split in self.labels else next(iter(sizes.values()))
         for party, rows in sizes.items():
             if rows < 0:
                 raise ConfigError(f"party {party} holds no {split!r} rows; every base owner must provide them")
             if rows != n:
-                has = f"the label party {self.label_party} has {n} labels" if split in self.labels else \
-                    f"{next(iter(sizes))} holds {n}"
+                has = f"the label party {self.loss_party or self.label_party} has {n} labels" if (
+                    labelled or split in self.labels) else f"{next(iter(sizes))} holds {n}"
                 raise ConfigError(f"party {party} holds {rows} {split!r} rows but {has}; align the rows first "
                                   "(tessera.vertical.psi.intersect)")
         if n == 0:
@@ -134,7 +147,7 @@ class SplitTrainer:
         rows = torch.arange(min(batch_size, n, 4))
         embs = self._embed(split, rows, mode="dry", step=0, grad=False)
         out = check_fuse_shapes(embs, self.fuse, label_party=self.label_party)
-        if split in self.labels:
+        if split in self.labels and self.loss_fn is not None:
             check_output_shape(out, self.labels[split][rows], self.loss_fn, label_party=self.label_party)
         return n
 
@@ -161,14 +174,23 @@ class SplitTrainer:
         return embs
 
     # ------------------------------------------------------------------------------------------------ train
-    def train_step(self, rows: torch.Tensor, y: torch.Tensor) -> float:
+    def train_step(self, rows: torch.Tensor, y: torch.Tensor | None) -> float:
         step = self.step
         embs = self._embed("train", rows, mode="train", step=step, grad=True)
         set_mode(self.fuse, True)
-        loss = self.loss_fn(self.fuse(list(embs.values())), y)
+        out = self.fuse(list(embs.values()))
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        if self.loss_party is not None:  # the label party computes the loss and d(loss)/d(out)
+            res = self._remote_loss(LossIns(step=step, split="train", rows=rows, output=out.detach()))
+            if res.grad is None or res.grad.shape != out.shape or not bool(torch.isfinite(res.grad).all()):
+                raise ProtocolError(f"label party {self.loss_party} sent no usable output gradient at step {step}")
+            out.backward(res.grad)
+            loss = torch.tensor(res.loss)
+        else:
+            assert self.loss_fn is not None and y is not None
+            loss = self.loss_fn(out, y)
+            loss.backward()  # type: ignore[no-untyped-call]
         if self.optimizer is not None:
             self.optimizer.step()
         grads = {}
@@ -203,14 +225,14 @@ class SplitTrainer:
         n = self.check("train", batch_size=batch_size)
         if validation is not None:
             self.check(validation, batch_size=batch_size)
-        y = self.training_labels()
+        y = self.training_labels() if self.loss_party is None else None
         while self.epoch < epochs:
             start, t0 = time.perf_counter(), (self.backend.traffic.up, self.backend.traffic.down)
             perm = batch_order(seed=self.seed, epoch=self.epoch, n=n, shuffle=shuffle)
             total = 0.0
             for i in range(0, n, batch_size):
                 rows = perm[i : i + batch_size]
-                total += self.train_step(rows, y[rows]) * len(rows)
+                total += self.train_step(rows, y[rows] if y is not None else None) * len(rows)
             self.epoch += 1
             record: dict[str, Any] = {"round": self.epoch, "epoch": self.epoch, "steps": self.step,
                                       "train_loss": total / n}
@@ -264,9 +286,21 @@ class SplitTrainer:
             outs.append(self.fuse(list(self._embed(split, rows, mode="eval", step=b, grad=False).values())))
         return torch.cat(outs)
 
+    def _remote_loss(self, msg: LossIns) -> LossRes:
+        assert self.loss_party is not None
+        res: LossRes = self._exchange({self.loss_party: msg}, LossRes)[self.loss_party]
+        if res.step != msg.step:
+            raise ProtocolError(f"label party {self.loss_party} answered step {res.step} for step {msg.step}")
+        return res
+
     def evaluate(self, split: str, *, batch_size: int = 256) -> dict[str, float]:
         """Loss and metrics (accuracy, AUC for binary tasks) on the labelled split `split`."""
-        if split not in self.labels:
+        if self.loss_party is not None:
+            out = self.outputs(split, batch_size=batch_size)
+            res = self._remote_loss(LossIns(step=self.step, split=split, rows=torch.arange(len(out)), output=out,
+                                            mode="eval"))
+            return {"loss": res.loss, **res.metrics}
+        if split not in self.labels or self.loss_fn is None:
             raise ConfigError(f"the label party has no labels for split {split!r}")
         out, y = self.outputs(split, batch_size=batch_size), self.labels[split]
         return {"loss": float(self.loss_fn(out, y)), **classification_metrics(out, y)}
