@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,11 +86,33 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-        parts.append(f"{source}: {key}: {msg}")
+        head, sep, rest = msg.partition(": ")
+        if not err["loc"] and sep and head.isidentifier():  # a check across keys that names the key to fix
+            parts.append(f"{source}.{head}: {rest}")
+        elif not err["loc"]:
+            parts.append(f"{source}: {msg}")
+        else:
+            parts.append(f"{source}: {key}: {msg}")
     return "; ".join(parts)
+
+
+class PluginConfig(BaseModel):
+    """The one config model of a plugin: the same object validates a job.toml section and Python keyword
+    arguments (`DPConfig(noise_multiplier=1.1)`), and either way a bad value is a one-line ConfigError naming the
+    section and key. Subclasses set `SECTION` and declare fields with their bounds; checks across fields go in a
+    pydantic `model_validator` raising ValueError with the fix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    SECTION: ClassVar[str] = "plugin"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source=self.SECTION)) from None
 
 
 def validate(model: type[S], data: dict[str, Any], *, source: str) -> S:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import AliasChoices, Field, model_validator
 
+from tessera.core.config import PluginConfig
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, Scalar
@@ -148,6 +150,26 @@ class ClientDPRecorder(Extension):
         self.strategy.ledger.load_state_dict(state["ledger"])
 
 
+class ClientDPConfig(PluginConfig):
+    """Client-level DP settings (job.toml `[dp] mode = "client"`, where `mode` here is spelled `kind`)."""
+
+    SECTION: ClassVar[str] = "dp"
+
+    clip: float = Field(gt=0, allow_inf_nan=False)
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False)
+    mode: Literal["central", "distributed"] = Field("central", validation_alias=AliasChoices("mode", "kind"))
+    delta: float = Field(1e-5, gt=0, lt=1)
+    budget: float | None = Field(None, gt=0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientDPConfig:
+        if self.noise_multiplier == 0 and self.budget is not None:
+            raise ValueError("budget: a noise multiplier of 0 gives no privacy, so no budget can hold")
+        return self
+
+
 class ClientLevelDP(Plugin):
     """Plugin: client-level DP of updates, central (server noises) or distributed (clients noise, SecAgg sums).
 
@@ -156,21 +178,15 @@ class ClientLevelDP(Plugin):
 
     name = "client_dp"
 
-    def __init__(self, *, clip: float, noise_multiplier: float, mode: Literal["central", "distributed"] = "central",
-                 delta: float = 1e-5, budget: float | None = None, accountant: str = "rdp",
-                 seed: int | None = None) -> None:
-        if not clip > 0:
-            raise ConfigError(f"dp.clip: must be positive, got {clip}")
-        if not noise_multiplier >= 0:
-            raise ConfigError(f"dp.noise_multiplier: must be >= 0, got {noise_multiplier}")
-        if mode not in ("central", "distributed"):
-            raise ConfigError(f"dp.kind: unknown mode {mode!r}; use 'central' or 'distributed'")
-        if noise_multiplier == 0:
-            if budget is not None:
-                raise ConfigError("dp.budget: a noise multiplier of 0 gives no privacy, so no budget can hold")
+    def __init__(self, config: ClientDPConfig | None = None, **settings: Any) -> None:
+        """`ClientLevelDP(clip=..., noise_multiplier=..., mode=...)` or `ClientLevelDP(ClientDPConfig(...))`."""
+        if config is not None and settings:
+            raise ConfigError("ClientLevelDP: give a ClientDPConfig or keyword settings, not both")
+        self.config = cfg = config if config is not None else ClientDPConfig(**settings)
+        if cfg.noise_multiplier == 0:
             log.warning("client-level DP with noise_multiplier=0 clips updates but gives no privacy (epsilon=inf)")
-        self.clip, self.z, self.mode, self.seed = clip, noise_multiplier, mode, seed
-        self.ledger = PrivacyLedger(accountant, delta=delta, budget=budget)
+        self.clip, self.z, self.mode, self.seed = cfg.clip, cfg.noise_multiplier, cfg.mode, cfg.seed
+        self.ledger = PrivacyLedger(cfg.accountant, delta=cfg.delta, budget=cfg.budget)
         self.strategy: ClientDPStrategy | None = None
 
     def contribute(self, parts: JobParts) -> Contribution:

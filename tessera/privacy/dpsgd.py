@@ -284,14 +284,12 @@ class DPSGD(Plugin):
     ...                                           budget=3.0)])
     """
 
-    def __init__(self, *, noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
-                 target_epsilon: float | None = None, planned_rounds: int | None = None, delta: float = 1e-5,
-                 budget: float | None = None, accountant: str = "rdp", clipping: str = "flat",
-                 reproducible: bool = False) -> None:
-        self.config = DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                               target_epsilon=target_epsilon, planned_rounds=planned_rounds, delta=delta,
-                               budget=budget, accountant=accountant, clipping=clipping,  # type: ignore[arg-type]
-                               reproducible=reproducible)
+    def __init__(self, config: DPConfig | None = None, **settings: Any) -> None:
+        """`DPSGD(noise_multiplier=1.1, ...)` or `DPSGD(DPConfig(...))`: the settings are DPConfig's (the same
+        model validates job.toml's [dp] section)."""
+        if config is not None and settings:
+            raise ConfigError("DPSGD: give a DPConfig or keyword settings, not both")
+        self.config = config if config is not None else DPConfig(**settings)
         self.ledger = self.config.new_ledger()  # validates accountant, delta and budget now
         self.mod = DPSGDMod()
         self.recorder: DPRecorder | None = None

@@ -24,8 +24,7 @@ import functools
 import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from opacus.accountants.utils import get_noise_multiplier
@@ -33,9 +32,11 @@ from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.validators import ModuleValidator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tessera.core.config import PluginConfig
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, get_params, set_params
@@ -46,8 +47,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-@dataclass(frozen=True)
-class DPConfig:
+class DPConfig(PluginConfig):
     """Sample-level DP-SGD settings. Give `noise_multiplier`, or `target_epsilon` with `planned_rounds`.
 
     `budget` (an epsilon) is enforced by the ledger; it defaults to `target_epsilon` when that is given.
@@ -58,35 +58,29 @@ class DPConfig:
     `noise_multiplier=0` trains with clipping only and no privacy (epsilon is reported as inf; no budget allowed).
     """
 
-    noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
-    target_epsilon: float | None = None
-    planned_rounds: int | None = None
-    delta: float = 1e-5
-    budget: float | None = None
+    SECTION: ClassVar[str] = "dp"
+
+    noise_multiplier: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    planned_rounds: int | None = Field(None, ge=1)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    budget: float | None = Field(None, gt=0)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     clipping: Literal["flat", "per_layer"] = "flat"
     reproducible: bool = False
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> DPConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("dp: give exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None:
-            if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-                raise ConfigError(f"dp.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
-            if self.noise_multiplier == 0 and self.budget is not None:
-                raise ConfigError("dp.budget: noise_multiplier=0 gives no privacy, so no budget can hold; "
-                                  "set a positive noise_multiplier or drop the budget")
-        if self.target_epsilon is not None:
-            if not self.target_epsilon > 0:
-                raise ConfigError(f"dp.target_epsilon: must be positive, got {self.target_epsilon}")
-            if self.planned_rounds is None or self.planned_rounds < 1:
-                raise ConfigError("dp.planned_rounds: a target_epsilon needs the number of rounds it must last "
-                                  "(e.g. planned_rounds = job.rounds)")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"dp.max_grad_norm: must be positive, got {self.max_grad_norm}")
-        if self.clipping not in ("flat", "per_layer"):
-            raise ConfigError(f"dp.clipping: unknown clipping {self.clipping!r}; use 'flat' or 'per_layer'")
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier == 0 and self.budget is not None:
+            raise ValueError("budget: noise_multiplier=0 gives no privacy, so no budget can hold; set a positive "
+                             "noise_multiplier or drop the budget")
+        if self.target_epsilon is not None and self.planned_rounds is None:
+            raise ValueError("planned_rounds: a target_epsilon needs the number of rounds it must last (e.g. "
+                             "planned_rounds = job.rounds)")
+        return self
 
     @property
     def effective_budget(self) -> float | None:
