@@ -104,12 +104,12 @@ def build_parts(cfg: JobConfig) -> JobParts:
     return parts
 
 
-def build_plugins(cfg: JobConfig) -> list[Plugin]:
+def build_plugins(cfg: JobConfig, *, secagg_pki: Any = None) -> list[Plugin]:
     plugins: list[Plugin] = []
     if cfg.secagg is not None:
         from tessera.secagg import plugin as secagg_plugin
 
-        plugins.append(secagg_plugin(cfg.secagg))
+        plugins.append(secagg_plugin(cfg.secagg, pki=secagg_pki))
     if cfg.dp is not None:
         from tessera.privacy import plugin as dp_plugin
 

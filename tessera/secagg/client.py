@@ -87,7 +87,8 @@ def on_setup(state: ClientState | None, msg: SetupIns, me: str, pki: PKI) -> tup
     c_sk, c_pk = crypto.keypair()
     s_sk, s_pk = crypto.keypair()
     new = ClientState(stage=Stage.SHARE_KEYS.value, setup_blob=serde.encode_message(msg), c_sk=c_sk, s_sk=s_sk)
-    return new, KeysRes(round=msg.round, c_pk=c_pk, s_pk=s_pk, sig=pki.sign(me, keys_statement(msg, me, c_pk, s_pk)))
+    sig = pki.sign(me, keys_statement(msg, me, c_pk, s_pk))
+    return new, KeysRes(round=msg.round, c_pk=c_pk, s_pk=s_pk, sig=sig, cert=pki.credential(me))
 
 
 def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
@@ -104,7 +105,8 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
     if len(set(keys)) != len(keys):
         raise ProtocolError("ShareKeysIns repeats a public key; refusing to share secrets")
     for c in holders:
-        if c != me and not pki.verify(c, keys_statement(setup, c, msg.c_pks[c], msg.s_pks[c]), msg.sigs.get(c, b"")):
+        statement = keys_statement(setup, c, msg.c_pks[c], msg.s_pks[c])
+        if c != me and not pki.verify(c, statement, msg.sigs.get(c, b""), msg.certs.get(c, b"")):
             raise ProtocolError(f"the keys forwarded for {c!r} are not signed by {c!r}; the coordinator may have "
                                 "substituted them; refusing to share secrets")
     if len(holders) < setup.threshold:
@@ -123,7 +125,8 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
         sealed[c] = crypto.seal(key, body, aad=aad(setup.round, me, c))
     x_me = setup.clients.index(me) + 1
     new = dataclasses.replace(st, stage=Stage.COLLECT.value, b_seed=b_seed, c_pks=dict(msg.c_pks),
-                              s_pks=dict(msg.s_pks), held_b={me: b_sh[x_me]}, held_sk={me: sk_sh[x_me]})
+                              s_pks=dict(msg.s_pks), held_b={me: b_sh[x_me]}, held_sk={me: sk_sh[x_me]},
+                              certs={c: msg.certs.get(c, b"") for c in holders if c != me})
     return new, ShareKeysRes(round=setup.round, shares=sealed)
 
 
@@ -213,7 +216,7 @@ def check_confirmations(st: ClientState, msg: UnmaskIns, me: str, pki: PKI) -> N
     setup = st.setup
     near = set(neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)[me])
     for v, sig in msg.sigs.items():
-        if v not in near or v not in msg.survivors or not pki.verify(v, st.statement, sig):
+        if v not in near or v not in msg.survivors or not pki.verify(v, st.statement, sig, st.certs.get(v, b"")):
             raise ProtocolError(f"{v!r} did not sign the survivor story this client was told: the coordinator tells "
                                 "clients different stories; refusing to reveal shares")
     if len(msg.sigs) + 1 < setup.threshold:

@@ -61,6 +61,7 @@ class KeysRes:
     c_pk: bytes  # X25519 public key for share encryption
     s_pk: bytes  # X25519 public key for pairwise mask agreement
     sig: bytes = b""  # the party's signature over `keys_statement` (the coordinator cannot swap the keys)
+    cert: bytes = b""  # what proves the signing key is the party's (its certificate in deployments; PKI.credential)
 
 
 @message
@@ -72,6 +73,7 @@ class ShareKeysIns:
     c_pks: dict[str, bytes]
     s_pks: dict[str, bytes]
     sigs: dict[str, bytes] = field(default_factory=dict)  # each neighbour's KeysRes.sig
+    certs: dict[str, bytes] = field(default_factory=dict)  # each neighbour's KeysRes.cert
 
 
 @message
@@ -151,6 +153,7 @@ class ClientState:
     held_sk: dict[str, bytes] = field(default_factory=dict)  # shares of others' (and own) s_u^SK, by owner
     masked_with: tuple[str, ...] = ()
     statement: bytes = b""  # the survivor statement this client signed (consistency stage)
+    certs: dict[str, bytes] = field(default_factory=dict)  # neighbours' credentials, to check their signatures
 
     @functools.cached_property
     def setup(self) -> SetupIns:

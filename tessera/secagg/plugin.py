@@ -13,6 +13,7 @@ kind = "ckks"
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tessera.core.config import validate
 from tessera.core.errors import ConfigError
 from tessera.horizontal.job import Plugin
+from tessera.secagg.pki import PKI
 from tessera.secagg.plus import SecAggPlus
 
 _PLUS_NAMES = ("secagg+", "secagg", "secaggplus", "secagg_plus")
@@ -47,8 +49,10 @@ class _CKKSSpec(BaseModel):
     scale_bits: int = Field(40, ge=20, le=50)
 
 
-def plugin(spec: Any) -> Plugin:
-    """A secure-aggregation plugin from "secagg+" | "ckks" | a `[secagg]` dict | a SecAggPlus/CKKS object."""
+def plugin(spec: Any, *, pki: PKI | None = None) -> Plugin:
+    """A secure-aggregation plugin from "secagg+" | "ckks" | a `[secagg]` dict | a SecAggPlus/CKKS object.
+
+    `pki`: the party keys SecAgg+ signs with (a deployed party passes `CertPKI`; default: a simulated PKI)."""
     from tessera.secagg.ckks import CKKS
 
     if isinstance(spec, Plugin):
@@ -56,7 +60,7 @@ def plugin(spec: Any) -> Plugin:
     if isinstance(spec, str):
         name = spec.strip().lower()
         if name in _PLUS_NAMES:
-            return SecAggPlus()
+            return SecAggPlus() if pki is None else SecAggPlus(pki=pki)
         if name == "ckks":
             return CKKS()
         raise ConfigError(f"secure_aggregation: unknown kind {spec!r}; use 'secagg+' or 'ckks'")
@@ -68,6 +72,7 @@ def plugin(spec: Any) -> Plugin:
         if kind not in _PLUS_NAMES:
             raise ConfigError(f"secagg.kind: unknown kind {kind!r}; use 'secagg+' or 'ckks'")
         p = validate(_PlusSpec, dict(spec), source="secagg")
-        return SecAggPlus(**p.model_dump(exclude={"kind"}))
+        plus = SecAggPlus(**p.model_dump(exclude={"kind"}))
+        return plus if pki is None else dataclasses.replace(plus, pki=pki)
     raise ConfigError(f"secure_aggregation: expected 'secagg+', 'ckks', a dict or a plugin object, "
                       f"got {type(spec).__name__}")

@@ -95,7 +95,8 @@ class SecAggServer:
                 near = [v for v in (u, *self.graph[u]) if v in st.keys]
                 out[u] = ShareKeysIns(round=s.round, c_pks={v: st.keys[v].c_pk for v in near},
                                       s_pks={v: st.keys[v].s_pk for v in near},
-                                      sigs={v: st.keys[v].sig for v in near if v != u})
+                                      sigs={v: st.keys[v].sig for v in near if v != u},
+                                      certs={v: st.keys[v].cert for v in near if v != u})
         elif st.stage == Stage.COLLECT:
             if fit is None:
                 raise ValueError("the collect stage needs each client's FitIns")
@@ -147,7 +148,7 @@ class SecAggServer:
         if isinstance(reply, KeysRes):
             if not (crypto.valid_public(reply.c_pk) and crypto.valid_public(reply.s_pk)) or reply.c_pk == reply.s_pk:
                 return "invalid X25519 public keys"
-            if not self.pki.verify(client, keys_statement(s, client, reply.c_pk, reply.s_pk), reply.sig):
+            if not self.pki.verify(client, keys_statement(s, client, reply.c_pk, reply.s_pk), reply.sig, reply.cert):
                 return "keys not signed with the party's signing key"
         elif isinstance(reply, ShareKeysRes):
             # Exactly its advertised neighbours: a missing share would leave a pairwise mask one-sided.
@@ -162,7 +163,7 @@ class SecAggServer:
             if reply.num_examples < 0:
                 return "negative num_examples"
         elif isinstance(reply, ConsistencyRes) and not self.pki.verify(
-                client, survivors_statement(s, st.survivors, self.dropped), reply.sig):
+                client, survivors_statement(s, st.survivors, self.dropped), reply.sig, st.keys[client].cert):
             return "survivor story not signed with the party's signing key"
         return ""
 
