@@ -16,7 +16,7 @@ from tessera.core.errors import ConfigError, RoundFailed, ShapeMismatch
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, check_compatible, is_finite
 from tessera.horizontal.strategies.base import FitResults, MeanStrategy, Strategy
-from tessera.runtime.backend import Backend, ClientFailure, FailureKind
+from tessera.runtime.backend import Backend, ClientFailure, FailureKind, exchange_each
 from tessera.runtime.messages import FitIns, FitRes
 
 log = get_logger(__name__)
@@ -26,7 +26,7 @@ CentralEval = Callable[[Params], tuple[float, Metrics]]  # server-side evaluatio
 @dataclass
 class FitOutcome:
     params: Params
-    results: FitResults
+    results: FitResults  # replies of a streamed aggregation keep their counts and metrics, not their tensors
     failures: list[ClientFailure] = field(default_factory=list)
 
 
@@ -35,32 +35,37 @@ class Aggregation(Protocol):
             current: Params, *, timeout: float | None) -> FitOutcome: ...
 
 
+def check_fit(cid: str, rep: Any, current: Params) -> ClientFailure | None:
+    """Why one reply cannot be aggregated (None when it can): wrong-shape or non-finite updates never pass."""
+    if isinstance(rep, ClientFailure):
+        return rep
+    failure = None
+    if not isinstance(rep, FitRes):
+        failure = ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}", FailureKind.MALFORMED)
+    elif rep.num_examples < 0:
+        failure = ClientFailure(cid, "rejected: negative num_examples", FailureKind.REJECTED)
+    else:
+        try:
+            check_compatible(current, rep.params, who=f"update from {cid}")
+        except ShapeMismatch as exc:
+            failure = ClientFailure(cid, f"rejected: {exc}", FailureKind.REJECTED)
+        else:
+            if not is_finite(rep.params):
+                failure = ClientFailure(cid, "rejected: update contains NaN or Inf", FailureKind.REJECTED)
+    if failure is not None:
+        log.warning("client %s: update rejected before aggregation", cid)
+    return failure
+
+
 def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, list[ClientFailure]]:
     """Split replies into usable results and failures; wrong-shape or non-finite updates never pass."""
-    ok: FitResults = []
-    failed: list[ClientFailure] = []
-    for cid, rep in replies.items():
-        if isinstance(rep, ClientFailure):
-            failed.append(rep)
-        elif not isinstance(rep, FitRes):
-            failed.append(ClientFailure(cid, f"rejected: expected FitRes, got {type(rep).__name__}",
-                                        FailureKind.MALFORMED))
-        elif rep.num_examples < 0:
-            failed.append(ClientFailure(cid, "rejected: negative num_examples", FailureKind.REJECTED))
-        else:
-            try:
-                check_compatible(current, rep.params, who=f"update from {cid}")
-            except ShapeMismatch as exc:
-                failed.append(ClientFailure(cid, f"rejected: {exc}", FailureKind.REJECTED))
-                continue
-            if not is_finite(rep.params):
-                failed.append(ClientFailure(cid, "rejected: update contains NaN or Inf", FailureKind.REJECTED))
-                continue
-            ok.append((cid, rep))
-    for f in failed:
-        if f.kind in (FailureKind.REJECTED, FailureKind.MALFORMED):
-            log.warning("client %s: update rejected before aggregation", f.client)
-    return ok, failed
+    checked = {cid: check_fit(cid, rep, current) or rep for cid, rep in replies.items()}
+    return _split(checked)
+
+
+def _split(replies: dict[str, Any]) -> tuple[FitResults, list[ClientFailure]]:
+    ok = [(c, r) for c, r in replies.items() if not isinstance(r, ClientFailure)]
+    return ok, [r for r in replies.values() if isinstance(r, ClientFailure)]
 
 
 def require_quorum(rnd: int, ok: int, failed: list[ClientFailure], strategy: Strategy) -> None:
@@ -80,11 +85,30 @@ def mean_strategy(strategy: Strategy) -> MeanStrategy:
 
 
 class PlainAggregation:
-    """Clients send their params in the clear; the strategy aggregates them."""
+    """Clients send their params in the clear; the strategy aggregates them.
+
+    A strategy with an `accumulator` (the FedAvg family, client-level DP) folds each reply into its running sum as
+    it arrives and the reply's tensors are dropped at once: the coordinator holds the global params, one float64
+    accumulator and the replies in flight, never all updates. Other strategies (robust aggregators, SCAFFOLD,
+    FedNova) get every validated reply at the end, as `aggregate_fit` needs them.
+    """
 
     def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
             current: Params, *, timeout: float | None) -> FitOutcome:
-        replies = backend.exchange(dict(plan), timeout=timeout)
-        ok, failed = validate_fit(replies, current)
+        acc = strategy.accumulator(rnd, current)
+        if acc is None:
+            replies = backend.exchange(dict(plan), timeout=timeout)
+            ok, failed = validate_fit(replies, current)
+            require_quorum(rnd, len(ok), failed, strategy)
+            return FitOutcome(strategy.aggregate_fit(rnd, ok, current), ok, failed)
+
+        def fold(cid: str, rep: Any) -> Any:
+            failure = check_fit(cid, rep, current)
+            if failure is not None:
+                return failure
+            acc.fold(cid, rep)
+            return FitRes(params={}, num_examples=rep.num_examples, metrics=rep.metrics)  # tensors dropped
+
+        ok, failed = _split(exchange_each(backend, dict(plan), fold, timeout=timeout))
         require_quorum(rnd, len(ok), failed, strategy)
-        return FitOutcome(strategy.aggregate_fit(rnd, ok, current), ok, failed)
+        return FitOutcome(acc.finish(), ok, failed)

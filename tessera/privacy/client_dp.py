@@ -28,8 +28,14 @@ from tessera.core.logging import get_logger
 from tessera.core.types import Params, Scalar
 from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.job import Contribution, Extension, JobParts, Plugin
-from tessera.horizontal.strategies.aggregate import weighted_mean
-from tessera.horizontal.strategies.base import FitResults, MeanStrategy, Strategy, StrategyWrapper
+from tessera.horizontal.strategies.base import (
+    FitAccumulator,
+    FitResults,
+    MeanStrategy,
+    RunningMean,
+    Strategy,
+    StrategyWrapper,
+)
 from tessera.horizontal.strategies.clipping import clip_update
 from tessera.privacy.ledger import PrivacyLedger
 from tessera.runtime.messages import FitIns, FitRes
@@ -81,27 +87,60 @@ class ClientDPStrategy(StrategyWrapper, MeanStrategy):
         return plan
 
     def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
-        return self.mean_inner.apply(rnd, current, self.noisy_mean(rnd, results, current))
+        fold = self.accumulator(rnd, current)
+        for cid, res in results:
+            fold.fold(cid, res)
+        return fold.finish()
+
+    def accumulator(self, rnd: int, current: Params) -> FitAccumulator:
+        """Each reply's (clipped) delta folded into a uniform running mean as it arrives; noise added once."""
+        return _NoisyMean(self, rnd, current)
 
     def apply(self, rnd: int, current: Params, delta: Params) -> Params:
         """The inner server update from an already-private mean (secure aggregation of noised updates)."""
         return self.mean_inner.apply(rnd, current, delta)
 
     def noisy_mean(self, rnd: int, results: FitResults, current: Params) -> Params:
-        n = len(results)
-        if self.mode == "distributed":  # clients clipped and noised: the server only averages
-            deltas = [{k: r.params[k].double() - c.double() for k, c in current.items()} for _, r in results]
-            return weighted_mean(deltas, [1.0] * n)
-        mean = weighted_mean([clipped_delta(r.params, current, clip=self.clip) for _, r in results], [1.0] * n)
-        if self.z == 0:
-            return mean
+        fold = _NoisyMean(self, rnd, current)
+        for cid, res in results:
+            fold.fold(cid, res)
+        return fold.mean()
+
+    def noise(self, rnd: int, current: Params, n: int) -> Params:
+        """N(0, (zC)^2) / n per floating coordinate (zeros elsewhere)."""
         # Anyone who could regenerate this noise could subtract it from the released model: OS entropy unless a
         # seed was given explicitly for a reproducible simulation.
         seed = secrets.randbits(63) if self.seed is None else \
             int(np.random.SeedSequence([self.seed, rnd]).generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed)
-        noise = gaussian_like(current, self.z * self.clip, gen)
-        return {k: m + noise[k] / n if current[k].is_floating_point() else m for k, m in mean.items()}
+        return {k: v.div_(n) for k, v in gaussian_like(current, self.z * self.clip, gen).items()}
+
+
+class _NoisyMean(FitAccumulator):
+    """Uniform mean of the clients' deltas (clipped by the server in central mode; already clipped and noised by
+    the clients in distributed mode), plus the central noise / n, then the inner strategy's server update."""
+
+    def __init__(self, dp: ClientDPStrategy, rnd: int, current: Params) -> None:
+        self.dp, self.rnd, self.current = dp, rnd, current
+        self.running = RunningMean()
+
+    def fold(self, cid: str, res: FitRes) -> None:
+        if self.dp.mode == "distributed":  # clients clipped and noised: the server only averages
+            delta = {k: res.params[k].double() - c for k, c in self.current.items()}
+        else:
+            delta = clipped_delta(res.params, self.current, clip=self.dp.clip)
+        self.running.add(delta, 1.0)
+
+    def mean(self) -> Params:
+        n = self.running.count
+        mean = self.running.mean()
+        if self.dp.mode == "distributed" or self.dp.z == 0:
+            return mean
+        noise = self.dp.noise(self.rnd, self.current, n)
+        return {k: m.add_(noise[k]) if self.current[k].is_floating_point() else m for k, m in mean.items()}
+
+    def finish(self) -> Params:
+        return self.dp.mean_inner.apply(self.rnd, self.current, self.mean())
 
 
 def distributed_noise_mod(msg: Any, ctx: ClientContext, call_next: CallNext) -> Any:

@@ -7,9 +7,10 @@ here; Ray (`tessera.runtime.ray`) and gRPC (`tessera.runtime.grpc`) implement th
 
 from __future__ import annotations
 
-import time
+import os
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 from tessera.core.errors import PrivacyBudgetExceeded, SerdeError, TesseraError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message
+from tessera.runtime.handover import hand_over, wire_size
 from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
@@ -85,6 +87,11 @@ class ClientStateHandler(Handler, Protocol):
 Reply = Any  # a message dataclass, or ClientFailure
 
 
+OnReply = Callable[[str, Reply], Reply]
+"""Called with each reply as it arrives (one call at a time); returns what the exchange keeps for that client, so
+a caller that folds replies into a running sum keeps only a small summary (see `exchange_each`)."""
+
+
 class Backend(Protocol):
     traffic: Traffic
 
@@ -95,19 +102,45 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    """A backend that hands each reply to `on_reply` as it arrives instead of holding all of them."""
+
+    def exchange_each(self, requests: Mapping[str, Any], on_reply: OnReply, *,
+                      timeout: float | None = None) -> dict[str, Reply]: ...
+
+
+def exchange_each(backend: Backend, requests: Mapping[str, Any], on_reply: OnReply, *,
+                  timeout: float | None = None) -> dict[str, Reply]:
+    """`backend.exchange`, with every reply passed through `on_reply` as it arrives where the backend streams
+    (the coordinator then holds one reply at a time, not all of them), and after the exchange where it does not."""
+    if isinstance(backend, StreamingBackend):
+        return backend.exchange_each(requests, on_reply, timeout=timeout)
+    return {c: on_reply(c, r) for c, r in backend.exchange(requests, timeout=timeout).items()}
+
+
+WIRE_ENV = "TESSERA_INPROCESS_WIRE"
+
+
 class InProcessBackend:
     """Runs every client's handler in this process.
 
-    Each request and reply is encoded and decoded exactly as it would be on the network, so byte counts are real,
-    a client can never alias the server's tensors, and anything that would not survive the wire fails here too.
+    By default a message is handed over without encoding its tensors (`runtime.handover`): the receiver gets new
+    containers and detached CPU tensors sharing the sender's memory, and tensors sent to a client are read-only
+    (`FrozenTensor`), so a client can never change the coordinator's params. Bytes up and down are still counted
+    exactly: the size of the encoded message, computed from its envelope and tensor sizes. `wire=True` (or the
+    environment variable TESSERA_INPROCESS_WIRE=1) encodes and decodes every message as on the network instead;
+    both paths train bit-identically (tests/runtime/test_inprocess_zero_copy.py).
     `max_workers=1` (default) runs clients one after another: deterministic and fastest for small models on few
     cores. `timeout` is enforced only with `max_workers > 1` (a sequential client cannot be interrupted).
     """
 
-    def __init__(self, handler: Handler, *, max_workers: int = 1, max_message_bytes: int | None = None) -> None:
+    def __init__(self, handler: Handler, *, max_workers: int = 1, max_message_bytes: int | None = None,
+                 wire: bool | None = None) -> None:
         self.handler = handler
         self.max_workers = max_workers
         self.max_message_bytes = max_message_bytes or 2 * 1024**3
+        self.wire = os.environ.get(WIRE_ENV, "") not in ("", "0") if wire is None else wire
         self.traffic = Traffic()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -115,39 +148,62 @@ class InProcessBackend:
         if self.max_workers > 1:
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="tessera-client")
 
+    def _send(self, msg: Any, *, down: bool) -> tuple[Any, int]:
+        """(what the receiver gets, bytes on the wire)."""
+        if self.wire:
+            blob = encode_message(msg)
+            return decode_message(blob, max_bytes=self.max_message_bytes), len(blob)
+        size = wire_size(msg)
+        if size > self.max_message_bytes:
+            raise SerdeError(f"message of {size} bytes exceeds the limit of {self.max_message_bytes}; "
+                             "raise max_message_bytes")
+        return hand_over(msg, frozen=down), size
+
     def _call(self, client: str, request: Any) -> Reply:
-        wire_down = encode_message(request)
+        received, down = self._send(request, down=True)
         try:
-            reply = self.handler.handle(client, decode_message(wire_down, max_bytes=self.max_message_bytes))
-            wire_up = encode_message(reply)
-            decoded = decode_message(wire_up, max_bytes=self.max_message_bytes)
+            reply, up = self._send(self.handler.handle(client, received), down=False)
         except (TesseraError, Exception) as exc:  # a client's failure must not take the round down
             log.warning("client %s failed: %s", client, type(exc).__name__)
-            self.traffic.add(client, down=len(wire_down), up=0)
+            self.traffic.add(client, down=down, up=0)
             return failure_from_error(client, type(exc).__name__, _short(exc))
-        self.traffic.add(client, down=len(wire_down), up=len(wire_up))
-        if isinstance(decoded, ErrorRes):
-            return failure_from_error(client, decoded.kind, decoded.reason)
-        return decoded
+        self.traffic.add(client, down=down, up=up)
+        if isinstance(reply, ErrorRes):
+            return failure_from_error(client, reply.kind, reply.reason)
+        return reply
 
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        return self.exchange_each(requests, _keep, timeout=timeout)
+
+    def exchange_each(self, requests: Mapping[str, Any], on_reply: OnReply, *,
+                      timeout: float | None = None) -> dict[str, Reply]:
         if self._pool is None:
-            return {c: self._call(c, r) for c, r in requests.items()}
-        futures = {c: self._pool.submit(self._call, c, r) for c, r in requests.items()}
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out: dict[str, Reply] = {}
-        for c, fut in futures.items():
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                out[c] = fut.result(timeout=left)
-            except TimeoutError:
-                out[c] = ClientFailure(c, f"timed out after {timeout} s", FailureKind.TIMEOUT)
-        return out
+            return {c: on_reply(c, self._call(c, r)) for c, r in requests.items()}
+        lock = threading.Lock()
+        got: dict[str, Reply] = {}
+        closed = False
+
+        def run(c: str, r: Any) -> None:
+            reply = self._call(c, r)
+            with lock:  # one on_reply at a time, and none once the exchange has timed out
+                if not closed:
+                    got[c] = on_reply(c, reply)
+
+        futures = [self._pool.submit(run, c, r) for c, r in requests.items()]
+        wait(futures, timeout=timeout)
+        with lock:
+            closed = True
+            return {c: got[c] if c in got else
+                    ClientFailure(c, f"timed out after {timeout} s", FailureKind.TIMEOUT) for c in requests}
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _keep(client: str, reply: Reply) -> Reply:
+    return reply
 
 
 def _short(exc: BaseException) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Metrics, Params, Scalar
@@ -23,6 +24,44 @@ from tessera.horizontal.client import Mod
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 FitResults = list[tuple[str, FitRes]]
+
+
+class FitAccumulator(Protocol):
+    """This round's aggregate, built one reply at a time: the coordinator folds each validated reply as it arrives
+    and drops it, so it never holds all clients' updates."""
+
+    def fold(self, cid: str, res: FitRes) -> None: ...
+
+    def finish(self) -> Params:
+        """The next global params (what `aggregate_fit` would return for the folded replies)."""
+        ...
+
+
+class RunningMean:
+    """sum_i w_i x_i / sum_i w_i, folded one term at a time into float64 sums (each term can be dropped after).
+
+    Memory: one float64 copy of the params, however many terms are folded."""
+
+    def __init__(self) -> None:
+        self.sums: Params = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, values: Mapping[str, torch.Tensor], weight: float) -> None:
+        for k, v in values.items():
+            acc = self.sums.get(k)
+            if acc is None:
+                acc = self.sums[k] = torch.zeros(v.shape, dtype=torch.float64)
+            acc.add_(v, alpha=float(weight))  # promotes to float64 inside the kernel, no temporaries
+        self.total += float(weight)
+        self.count += 1
+
+    def mean(self) -> Params:
+        """The weighted mean (float64); consumes the sums."""
+        if self.count == 0 or self.total <= 0:
+            raise ValueError("cannot average: no update was folded, or the weights sum to zero")
+        out, self.sums = self.sums, {}
+        return {k: s.div_(self.total) for k, s in out.items()}
 
 
 class Strategy(ABC):
@@ -95,6 +134,11 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
         """The next global params from the successful replies (already validated for shape and finiteness)."""
+
+    def accumulator(self, rnd: int, current: Params) -> FitAccumulator | None:
+        """A streaming form of `aggregate_fit` for this round, or None when it needs all replies at once (robust
+        aggregators, and wrappers unless they define their own)."""
+        return None
 
     def aggregate_evaluate(self, rnd: int, results: list[tuple[str, EvaluateRes]]) -> tuple[float, Metrics]:
         """Example-weighted mean of the clients' losses and metrics."""

@@ -21,15 +21,37 @@ import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params, Scalar
-from tessera.horizontal.strategies.aggregate import weighted_mean
-from tessera.horizontal.strategies.base import FitResults, MeanStrategy
+from tessera.horizontal.strategies.base import FitAccumulator, FitResults, MeanStrategy, RunningMean
+from tessera.runtime.messages import FitRes
+
+
+class MeanDelta(FitAccumulator):
+    """FedAvg's aggregate folded per reply: sum_i n_i y_i / sum_i n_i - x, then the strategy's `apply`.
+
+    (sum_i n_i y_i / N - x equals the mean of the deltas, without materialising one float64 delta per client.)"""
+
+    def __init__(self, strategy: MeanStrategy, rnd: int, current: Params) -> None:
+        self.strategy, self.rnd, self.current = strategy, rnd, current
+        self.running = RunningMean()
+
+    def fold(self, cid: str, res: FitRes) -> None:
+        self.running.add(res.params, res.num_examples)
+
+    def delta(self) -> Params:
+        mean = self.running.mean()
+        return {k: mean[k].sub_(c) for k, c in self.current.items()}  # float64 - float32: exact widening
+
+    def finish(self) -> Params:
+        return self.strategy.apply(self.rnd, self.current, self.delta())
 
 
 def mean_delta(results: FitResults, current: Params) -> Params:
-    """Example-weighted mean of (client params - current params), in float64 accuracy."""
-    # Streamed: sum_i w_i y_i / W - x equals the mean of the deltas, without materialising n float64 deltas.
-    mean = weighted_mean([r.params for _, r in results], [r.num_examples for _, r in results], dtype=torch.float64)
-    return {k: mean[k].sub_(c.double()) for k, c in current.items()}
+    """Example-weighted mean of (client params - current params), in float64 accuracy (folded in list order, so
+    it equals the streamed aggregate of the same replies bit for bit)."""
+    fold = MeanDelta(FedAvg(), 0, current)
+    for cid, res in results:
+        fold.fold(cid, res)
+    return fold.delta()
 
 
 class FedAvg(MeanStrategy):
@@ -44,10 +66,18 @@ class FedAvg(MeanStrategy):
         self.server_lr = server_lr
 
     def aggregate_fit(self, rnd: int, results: FitResults, current: Params) -> Params:
-        return self.apply(rnd, current, mean_delta(results, current))
+        fold = MeanDelta(self, rnd, current)
+        for cid, res in results:
+            fold.fold(cid, res)
+        return fold.finish()
+
+    def accumulator(self, rnd: int, current: Params) -> FitAccumulator:
+        return MeanDelta(self, rnd, current)
 
     def apply(self, rnd: int, current: Params, delta: Params) -> Params:
         """The server update from the mean delta (float64 tensors)."""
+        if self.server_lr == 1.0:  # d * 1.0 == d exactly: skip a float64 copy of the model
+            return _step(current, delta)
         return _step(current, {k: d * self.server_lr if _fl(current[k]) else d for k, d in delta.items()})
 
 
@@ -157,6 +187,6 @@ def _fl(t: torch.Tensor) -> bool:
 def _step(current: Params, step: Params) -> Params:
     out: Params = {}
     for k, x in current.items():
-        new = x.double() + step[k].double()
-        out[k] = new.to(x.dtype) if x.is_floating_point() else new.round().to(x.dtype)
+        new = step[k].double().add(x)  # x widened inside the kernel: the same value as x.double() + step
+        out[k] = new.to(x.dtype) if x.is_floating_point() else new.round_().to(x.dtype)
     return out

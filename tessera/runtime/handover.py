@@ -1,0 +1,122 @@
+"""Handing a message to a party in the same process without encoding its tensors.
+
+`hand_over(msg, frozen=...)` rebuilds the message's containers (a receiver can never change the sender's dicts or
+lists) and passes every tensor as a detached, contiguous CPU tensor that shares the sender's memory: the same
+values the wire would deliver, without the two copies of an encode and a decode. Tensors a coordinator sends down
+are `FrozenTensor`s: views of the coordinator's storage that refuse in-place writes (`add_`, `t[0] = 1`,
+`out=`, `.data = ...`), and whose `numpy()` arrays are read-only, so a client cannot change the global model
+(it loads them into its own model with `copy_`, which reads them). Whatever a frozen tensor yields without sharing
+its memory (`t * 2`, `t.clone()`) is a plain tensor again.
+
+`wire_size(msg)` is the exact number of bytes the encoded message would take (the envelope is encoded with the
+tensors' memory referenced, not copied), so traffic counts do not depend on whether the wire was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from tessera.core.errors import ProtocolError
+from tessera.core.serde import encode_message_parts, parts_size
+
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__set__", "__delitem__", "__iadd__", "__isub__", "__imul__",
+                               "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
+                               "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"})
+_ALLOWED = frozenset({"requires_grad_", "retain_grad", "share_memory_"})  # no change to the values
+
+
+def _writes(name: str) -> bool:
+    if name in _ALLOWED:
+        return False
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+class FrozenTensor(torch.Tensor):
+    """A tensor that shares a sender's memory and refuses every in-place write (see module docstring)."""
+    def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.clone().as_subclass(torch.Tensor)
+
+    @classmethod
+    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        out = kwargs.get("out")
+        writes = _writes(name) or kwargs.get("inplace") is True  # F.relu(t, inplace=True) and the like
+        if (args and isinstance(args[0], FrozenTensor) and writes) or _any_frozen(out):
+            raise ProtocolError(
+                f"a received tensor is read-only (it is the sender's memory): '{name}' would change it; "
+                "copy it first (t.clone()) or load it into your model with copy_")
+        with torch._C.DisableTorchFunctionSubclass():
+            ret = func(*args, **kwargs)
+            ptrs = {a.untyped_storage().data_ptr() for a in _tensors(args, kwargs) if isinstance(a, FrozenTensor)}
+            return _rewrap(ret, ptrs)
+
+
+def _any_frozen(x: Any) -> bool:
+    if isinstance(x, FrozenTensor):
+        return True
+    return isinstance(x, (list, tuple)) and any(isinstance(t, FrozenTensor) for t in x)
+
+
+def _tensors(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    out = [a for a in args if isinstance(a, torch.Tensor)]
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += [t for t in a if isinstance(t, torch.Tensor)]
+    return out + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+
+
+def _rewrap(ret: Any, ptrs: set[int]) -> Any:
+    """Results that share a frozen input's memory stay frozen; every other result is a plain tensor."""
+    if isinstance(ret, torch.Tensor):
+        shares = ret.device.type != "meta" and ret.untyped_storage().data_ptr() in ptrs
+        if shares and not isinstance(ret, FrozenTensor):
+            return ret.as_subclass(FrozenTensor)
+        if not shares and isinstance(ret, FrozenTensor):
+            return ret.as_subclass(torch.Tensor)
+        return ret
+    if isinstance(ret, np.ndarray) and ptrs:
+        ret.flags.writeable = False
+        return ret
+    if isinstance(ret, (list, tuple)) and any(isinstance(r, torch.Tensor) for r in ret):
+        return type(ret)(_rewrap(r, ptrs) for r in ret)
+    return ret
+
+
+def _tensor(t: torch.Tensor, frozen: bool) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        plain = t.detach().to("cpu").contiguous()  # what the wire delivers: CPU, contiguous, no autograd history
+    return plain.as_subclass(FrozenTensor) if frozen else plain.as_subclass(torch.Tensor)
+
+
+def _value(v: Any, frozen: bool) -> Any:
+    if isinstance(v, torch.Tensor):
+        return _tensor(v, frozen)
+    if isinstance(v, Mapping):
+        return {k: _value(x, frozen) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_value(x, frozen) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_value(x, frozen) for x in v)
+    if isinstance(v, bytearray):
+        return bytes(v)
+    return v
+
+
+def hand_over(msg: Any, *, frozen: bool) -> Any:
+    """A copy of message `msg` whose containers are new and whose tensors share `msg`'s memory (frozen: read-only).
+    """
+    values = {f.name: _value(getattr(msg, f.name), frozen) for f in dataclasses.fields(msg)}
+    return type(msg)(**values)
+
+
+def wire_size(msg: Any) -> int:
+    """Bytes of `encode_message(msg)`, without copying a tensor (raises SerdeError where encoding would)."""
+    return parts_size(encode_message_parts(msg))
