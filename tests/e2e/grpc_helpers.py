@@ -102,12 +102,49 @@ def _forkserver() -> Any:
     return ctx
 
 
+# Fault injection, so failure tests are deterministic instead of racing a signal against the protocol: a party
+# started with env {FAULT_ENV: "kill:FitIns:2"} SIGKILLs itself on receiving the FitIns of round 2;
+# "stop:ForwardIns:5" makes it SIGSTOP itself (silent, connection open) on the ForwardIns of step 5.
+FAULT_ENV = "TESSERA_TEST_FAULT"
+
+
+class Faulty:
+    """Wraps a party's handler: kills or freezes this process on the request named by `spec` (see FAULT_ENV)."""
+
+    def __init__(self, handler: Any, spec: str) -> None:
+        self.handler, self.spec = handler, spec
+        action, self.kind, at = spec.split(":")
+        self.at = int(at)
+        self.sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action]
+
+    def handle(self, client: str, msg: Any) -> Any:
+        if type(msg).__name__ == self.kind and getattr(msg, "round", getattr(msg, "step", None)) == self.at:
+            print(f"fault {self.spec}: signalling this process", flush=True)
+            os.kill(os.getpid(), self.sig)
+        return self.handler.handle(client, msg)
+
+
+def install_fault(spec: str) -> None:
+    """Every ClientParty this process creates serves its handler through `Faulty(handler, spec)`."""
+    from tessera.runtime.grpc.party import ClientParty
+
+    init = ClientParty.__init__
+
+    def faulty_init(self: ClientParty, fed: FederationConfig, name: str, handler: Any, **kw: Any) -> None:
+        init(self, fed, name, Faulty(handler, spec), **kw)
+
+    ClientParty.__init__ = faulty_init  # type: ignore[method-assign]
+
+
 def _run_cli(argv: list[str], env: dict[str, str], out: Any) -> None:
-    """Child of the fork server: the `tessera` CLI with stdout/stderr going to the test's pipe."""
+    """Child of the fork server: the `tessera` CLI with stdout/stderr going to the test's pipe (and the fault of
+    `env[FAULT_ENV]` installed, if any)."""
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
     os.environ.update(env)
+    if env.get(FAULT_ENV):
+        install_fault(env[FAULT_ENV])
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)
@@ -170,6 +207,7 @@ class Party:
         self.name = name
         self.proc: Any
         if exec_cli:
+            assert FAULT_ENV not in env, "faults are installed by the fork-server entry (_run_cli), not exec_cli"
             self.proc = subprocess.Popen([PYTHON, "-m", "tessera", *argv], cwd=ROOT, env={**os.environ, **env},
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             stream = self.proc.stdout

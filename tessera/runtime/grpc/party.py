@@ -7,9 +7,7 @@ message id. A handler error travels back as `ErrorRes`, so the coordinator recor
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +26,6 @@ from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
 
-# Test-only fault injection, so failure tests are deterministic instead of racing a signal against the protocol:
-# "kill:FitIns:2" makes this process SIGKILL itself on receiving the FitIns of round 2; "stop:ForwardIns:5"
-# makes it SIGSTOP itself (silent, connection open) on the ForwardIns of step 5. Never set in production.
-FAULT_ENV = "TESSERA_TEST_FAULT"
 _FATAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
 
@@ -62,16 +56,6 @@ def backoff_delays(retry: RetrySection) -> Iterator[float]:
     while True:
         yield min(delay, retry.max_backoff_s)
         delay = min(delay * retry.multiplier, retry.max_backoff_s)
-
-
-def _test_hook(msg: Any) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    action, kind, at = spec.split(":")
-    if type(msg).__name__ == kind and getattr(msg, "round", getattr(msg, "step", None)) == int(at):
-        log.warning("test hook %s=%s: %s this process", FAULT_ENV, spec, action)
-        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
 
 
 class ClientParty:
@@ -172,7 +156,6 @@ class ClientParty:
         assert client_id is not None  # requests come only after WELCOME
         try:
             msg = decode_message(blob, take=True)  # the reassembly buffer is ours; its size was checked on arrival
-            _test_hook(msg)
             reply = encode_message_parts(self.handler.handle(client_id, msg))
             self.stats.requests += 1
         except (TesseraError, Exception) as exc:  # any failure goes back as ErrorRes; the party keeps serving
