@@ -108,7 +108,8 @@ class FLModel:
 
     def _task(self, train: dict[str, TensorDataset], test: dict[str, TensorDataset] | None, batch_size: int,
               shuffle: bool) -> SupervisedTask:
-        template = copy.deepcopy(self.model)
+        # In-process clients copy the global model itself (it does not change during fit): no extra model in memory.
+        template = self.model if self.backend == "inprocess" else copy.deepcopy(self.model)
 
         def data_fn(cid: str, rnd: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
             tl = DataLoader(train[cid], batch_size=batch_size, shuffle=shuffle)
@@ -152,7 +153,8 @@ class FLModel:
             servers.append(server)
 
         history, params = simulate(parts, rounds=start + rounds, seed=self.seed, output_dir=self.output_dir,
-                                   backend=self.backend, params=get_params(self.model), plugins=self.plugins,
+                                   backend=self.backend, params=get_params(self.model, copy=False),
+                                   plugins=self.plugins,
                                    progress=progress, on_server=continue_from,
                                    loggers=self.loggers)
         set_params(self.model, params)
@@ -230,7 +232,8 @@ class SLModel:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         dp = self.protections.embedding_dp
         self.owners = {p: DataOwner(p, self.model.bases[p], optimizer_fn, embedding_dp=dp, seed=seed, ledger=ledger,
-                                    state_dir=self.output_dir / "parties" / p if self.output_dir else None)
+                                    state_dir=self.output_dir / "parties" / p if self.output_dir else None,
+                                    decorrelation=self.protections.decorrelation)
                        for p in self.model.owners}
         self.label = LabelParty(label_party, loss_fn, label_dp=self.protections.label_dp, seed=seed) \
             if compute_party is not None else None

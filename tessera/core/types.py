@@ -17,9 +17,12 @@ Scalar: TypeAlias = bool | int | float | str
 Metrics: TypeAlias = dict[str, float]
 
 
-def get_params(model: nn.Module) -> Params:
-    """A detached CPU copy of the model's state dict (parameters and buffers), in module order."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def get_params(model: nn.Module, *, copy: bool = True) -> Params:
+    """A detached CPU copy of the model's state dict (parameters and buffers), in module order.
+
+    `copy=False` returns the model's own CPU tensors (detached, no copy) for a caller that reads them before the
+    model changes and keeps none of them (a clone, a checkpoint write, a hand-over that copies)."""
+    return {k: v.detach().to("cpu", copy=copy) for k, v in model.state_dict().items()}
 
 
 def set_params(model: nn.Module, params: Mapping[str, torch.Tensor], *, who: str = "global params") -> None:

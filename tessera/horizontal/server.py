@@ -19,7 +19,7 @@ import numpy as np
 
 from tessera.core import serde
 from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError
-from tessera.core.io import atomic_write_bytes
+from tessera.core.io import atomic_write_parts, read_into
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
 from tessera.core.tracking import RecordLogger
@@ -96,15 +96,17 @@ class Server:
                 e.load_state_dict(state["extensions"][e.name])
 
     def save_checkpoint(self) -> None:
+        """Write the state atomically, tensor by tensor from their own memory (the model is never copied into one
+        blob first: a checkpoint costs the envelope, not another model size)."""
         if self.out is not None:
-            atomic_write_bytes(self.out / CHECKPOINT, serde.dumps(self.state_dict()))
+            atomic_write_parts(self.out / CHECKPOINT, serde.encode_parts(self.state_dict()))
 
     def resume(self) -> bool:
         """Load the checkpoint in output_dir if there is one; returns whether it did."""
         if self.out is None or not (self.out / CHECKPOINT).exists():
             return False
         try:
-            state = serde.loads((self.out / CHECKPOINT).read_bytes())
+            state = serde.loads(read_into(self.out / CHECKPOINT), take=True)  # tensors are views: one copy
         except SerdeError as exc:
             raise ConfigError(f"{self.out / CHECKPOINT} is not a valid checkpoint ({exc}); move it away") from None
         self.load_state_dict(state)
