@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, report
 
-from tessera.cli.grpc import client_routes, run_client
-from tessera.cli.jobs import build_parts
+from tessera.cli.jobs import build_parts, job_parts
 from tessera.core.config import load_job
+from tessera.horizontal.deploy import client_routes, run_client
 from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.simulation import initial_params, simulate
 from tessera.runtime.backend import InProcessBackend
@@ -95,7 +95,7 @@ def _ack_party(fed_path: str) -> None:
 def _job_party(fed_path: str, name: str, job_path: str) -> None:
     torch.set_num_threads(1)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        run_client(load_federation(fed_path), name, load_job(job_path))
+        run_client(load_federation(fed_path), name, job_parts(load_job(job_path)))
 
 
 def throughput(fed_path: Path, sizes_mb: list[int], repeats: int) -> list[list[Any]]:

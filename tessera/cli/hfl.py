@@ -1,19 +1,16 @@
-"""`tessera simulate`, `tessera plot` and the default demo (FedAvg vs FedProx on non-IID digits)."""
+"""`tessera simulate` (a job.toml in one process or on Ray) and `tessera plot` (PNG curves from metrics.jsonl)."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from tessera.core.config import JobConfig, load_job, validate
 from tessera.core.metrics import History, plot_history
+from tessera.demos.hfl import rounds_table
 from tessera.horizontal.simulation import simulate
 
 console = Console()
@@ -31,55 +28,7 @@ def run_job(cfg: JobConfig, *, resume: bool = False, progress: bool = True) -> H
     return history
 
 
-def rounds_table(runs: dict[str, History], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("round", justify="right")
-    for name in runs:
-        table.add_column(f"{name} loss", justify="right")
-        table.add_column(f"{name} acc", justify="right")
-    n = max(len(h) for h in runs.values())
-    for i in range(n):
-        row = [str(i + 1)]
-        for h in runs.values():
-            r = h.records[i] if i < len(h.records) else {}
-            acc = r.get("eval_metrics", {}).get("accuracy")
-            row += [f"{r.get('train_loss', float('nan')):.4f}", "-" if acc is None else f"{acc:.3f}"]
-        table.add_row(*row)
-    return table
-
-
-def demo_hfl(out: Path, quick: bool = False) -> None:
-    """Digits across 10 Dirichlet(0.5) clients, an MLP, FedAvg vs FedProx; a table, plots and JSON."""
-    rounds = 3 if quick else 20
-    runs: dict[str, History] = {}
-    t0 = time.perf_counter()
-    for name, strategy in (("fedavg", {"name": "fedavg"}), ("fedprox", {"name": "fedprox", "proximal_mu": 0.1})):
-        cfg = validate(JobConfig, {
-            "job": {"name": f"demo-{name}", "rounds": rounds, "seed": 0, "output_dir": str(out / name)},
-            "data": {"dataset": "digits", "num_clients": 10, "partition": "dirichlet", "alpha": 0.5,
-                     "central_test_fraction": 0.2},
-            "model": {"name": "mlp", "hidden": [64]},
-            # several local epochs on skewed data: client drift is what FedProx's proximal term counters
-            "train": {"local_epochs": 5, "batch_size": 16, "lr": 0.05},
-            "strategy": strategy,
-        }, source="demo")
-        console.print(f"[bold]{name}[/bold]: 10 clients, Dirichlet(0.5) label skew, {rounds} rounds")
-        runs[name] = run_job(cfg)
-    console.print(rounds_table(runs, "digits, 10 non-IID clients"))
-    summary = {n: {"final_eval_accuracy": h.last.get("eval_metrics", {}).get("accuracy"),
-                   "final_central_accuracy": h.last.get("central_metrics", {}).get("accuracy"),
-                   "bytes_per_round": h.last.get("bytes_up", 0) + h.last.get("bytes_down", 0)} for n, h in runs.items()}
-    plots = plot_history(runs, out, prefix="compare_")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for n, s in summary.items():
-        console.print(f"{n}: final accuracy {s['final_central_accuracy']:.3f} (central test set), "
-                      f"{s['final_eval_accuracy']:.3f} (clients' test sets)")
-    console.print(f"done in {time.perf_counter() - t0:.0f} s; plots: {', '.join(str(p) for p in plots)}")
-
-
-def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
-    demos["hfl"] = demo_hfl
-
+def register(app: typer.Typer) -> None:
     @app.command()
     def simulate_cmd(
         job: Annotated[Path, typer.Argument(help="job.toml")],
@@ -115,3 +64,29 @@ def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -
         paths = plot_history(History.from_jsonl(metrics), out or metrics.parent)
         for p in paths:
             console.print(str(p))
+
+    @app.command(name="dp-plot")
+    def dp_plot(
+        metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run with [dp]")],
+        baseline: Annotated[Path | None, typer.Option(help="metrics.jsonl of a non-private run to compare")] = None,
+        budget: Annotated[float | None, typer.Option(help="epsilon budget line to draw")] = None,
+        out: Annotated[Path | None, typer.Option(help="PNG path (default: dp.png next to metrics)")] = None,
+    ) -> None:
+        """Plot accuracy and each party's cumulative epsilon against round from a run's metrics.jsonl."""
+        from tessera.core.errors import ConfigError
+        from tessera.demos.dp import plot_dp
+
+        private = History.from_jsonl(metrics)
+        if not private["epsilon"]:
+            raise ConfigError(f"{metrics}: no round has an 'epsilon' record; was the run made with a [dp] section?")
+        plain = History.from_jsonl(baseline) if baseline is not None else History()
+        path = plot_dp(plain, private, out or metrics.parent / "dp.png", budget=budget,
+                       rounds=max(len(private), len(plain)))
+        typer.echo(str(path))
+
+    @app.command(name="scale-report")
+    def scale_report(metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run")]) -> None:
+        """Per-round time, clients and peak memory (driver and Ray actors) of a run, from its metrics.jsonl."""
+        from tessera.demos.scale import report_table
+
+        console.print(report_table({metrics.parent.name or "run": History.from_jsonl(metrics)}))

@@ -1,9 +1,8 @@
-"""The `tessera` command. Each area registers its commands and demos from its own module."""
+"""The `tessera` command: each area's module registers its commands; `tessera demo NAME` runs a demo."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,37 +13,32 @@ from tessera.core.logging import setup_logging
 
 app = typer.Typer(help="tessera: privacy-preserving federated learning for PyTorch", pretty_exceptions_enable=False,
                   no_args_is_help=True)
-DEMOS: dict[str, Callable[[Path, bool], None]] = {}
 
 
 def _register_all() -> None:
-    from tessera.cli import hfl
+    from tessera.cli import export, grpc, hfl, llm, split
 
-    hfl.register(app, DEMOS)
-    import importlib
+    for area in (hfl, export, split, grpc, llm):
+        area.register(app)
 
-    # Areas built on the foundation register their commands the same way; a missing module is skipped so the
-    # core CLI works while an area is being built.
-    for area in ("robust", "secagg", "dp", "split", "export", "grpc", "llm", "scale"):
-        try:
-            mod = importlib.import_module(f"tessera.cli.{area}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"tessera.cli.{area}":
-                raise
-            continue
-        mod.register(app, DEMOS)
+
+def _demo_help() -> str:
+    from tessera.demos import DEMOS
+
+    return "which demo: " + "; ".join(f"{name} ({d.help})" for name, d in DEMOS.items())
 
 
 @app.command()
 def demo(
-    name: Annotated[str, typer.Argument(help="which demo: hfl (default), robust, dp, split, llm, ...")] = "hfl",
+    name: Annotated[str, typer.Argument(help=_demo_help())] = "hfl",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="fewer rounds, for a smoke test")] = False,
 ) -> None:
-    """Run a self-contained demo on data that ships with the packages (no download)."""
-    if name not in DEMOS:
-        raise TesseraError(f"unknown demo {name!r}; choose one of {sorted(DEMOS)}")
-    DEMOS[name](out / name, quick)
+    """Run a self-contained demo on data that ships with the packages or is generated (no download)."""
+    from tessera import demos
+    from tessera.cli.jobs import build_parts
+
+    demos.run(name, out / name, quick=quick, build_parts=build_parts)
 
 
 _register_all()

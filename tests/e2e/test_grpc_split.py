@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.cli.grpc import load_split_app, run_split_inprocess
 from tessera.core import serde
 from tessera.core.errors import ConfigError
 from tessera.core.types import get_params
 from tessera.runtime.grpc import load_federation
+from tessera.vertical.deploy import load_split_app, run_split_inprocess
 from tests.e2e.grpc_helpers import Party, SplitApp, free_port, make_certs, parties, write_federation
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,6 @@
 """`tessera demo robust`: Byzantine clients vs FedAvg and the robust aggregators, on digits.
 
-`digits_parts` also builds the federations the robustness tests and the benchmark run, so the demo and the
-asserted results come from the same code.
+The robustness tests assert the same runs through their own fixture (tests/fixtures.py).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import typer
 
 from tessera.core.metrics import History, plot_curves
 from tessera.horizontal.client import Mod
@@ -133,6 +131,3 @@ def demo_robust(out: Path, quick: bool = False) -> None:
     console.print("Krum keeps one client's update per round; median and trimmed mean drop the outliers per "
                   "coordinate. FedAvg follows the sign-flipped x10 updates and collapses to a constant prediction.")
 
-
-def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
-    demos["robust"] = demo_robust

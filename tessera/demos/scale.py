@@ -1,98 +1,24 @@
 """`tessera demo scale`: 1,000 virtual clients on the Ray backend, 10% sampled per round, digits MLP.
 
-The demo runs the same path as `tessera simulate job.toml --backend ray` (a job config through `run_job`) and
-shows round time and memory per round. `virtual_digits_parts` builds the lazily materialised federations the
-benchmark (benchmarks/scale.py) runs with up to 10,000 clients.
+The demo runs the same path as `tessera simulate job.toml --backend ray` (a job config built by the CLI's job
+reader) and shows round time and memory per round. `report_table` also serves `tessera scale-report`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from tessera.core.config import JobConfig, validate
-from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
-from tessera.horizontal.simulation import JobParts
+from tessera.demos import JobBuilder
 
 console = Console()
-
-
-@functools.cache
-def _digits() -> tuple[Any, Any]:
-    import torch
-
-    from tessera.core.datasets import digits
-
-    x, y = digits()
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def shifted_digits() -> tuple[np.ndarray, np.ndarray]:
-    """Digits and its 8 one-pixel shifts (16,173 rows, 64 features, 10 classes): enough rows for 1,000 clients.
-
-    Use it from job.toml as `data.dataset = "tessera.cli.scale:shifted_digits"`.
-    """
-    from tessera.core.datasets import digits
-
-    x, y = digits()
-    padded = np.pad(x.reshape(-1, 8, 8), ((0, 0), (1, 1), (1, 1)))
-    views = [padded[:, 1 + dy : 9 + dy, 1 + dx : 9 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    return np.concatenate(views).reshape(-1, 64).astype(np.float32), np.tile(y, len(views))
-
-
-class VirtualDigits:
-    """data_fn of `num_clients` virtual clients whose rows are drawn from digits only when a client runs.
-
-    Client `v<i>` gets `rows` training and `test_rows` test rows chosen by a generator seeded with (seed, i), so
-    no per-client data exists until the client is sampled, on whichever process runs it.
-    """
-
-    def __init__(self, num_clients: int, *, rows: int = 32, test_rows: int = 8, batch_size: int = 32,
-                 seed: int = 0) -> None:
-        self.num_clients, self.rows, self.test_rows = num_clients, rows, test_rows
-        self.batch_size, self.seed = batch_size, seed
-
-    def clients(self) -> list[str]:
-        width = len(str(self.num_clients - 1))
-        return [f"v{i:0{width}d}" for i in range(self.num_clients)]
-
-    def __call__(self, cid: str) -> tuple[Any, Any]:
-        from torch.utils.data import DataLoader, TensorDataset
-
-        if not (cid.startswith("v") and cid[1:].isdigit() and int(cid[1:]) < self.num_clients):
-            raise ConfigError(f"unknown virtual client {cid!r}; ids are v0..v{self.num_clients - 1}")
-        x, y = _digits()
-        pick = np.random.default_rng([self.seed, int(cid[1:])]).choice(len(y), self.rows + self.test_rows)
-        tr, te = pick[: self.rows], pick[self.rows :]
-        train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=self.batch_size, shuffle=True)
-        return train, DataLoader(TensorDataset(x[te], y[te]), batch_size=256)
-
-
-def virtual_digits_parts(num_clients: int, *, sampled: int = 10, seed: int = 0, hidden: tuple[int, ...] = (64,),
-                         lr: float = 0.1) -> JobParts:
-    """FedAvg over `num_clients` virtual digits clients, exactly `sampled` of them per round, no evaluation."""
-    import torch
-    from torch import nn
-
-    from tessera.core.models import MLP
-    from tessera.horizontal.strategies import FedAvg
-    from tessera.horizontal.task import SupervisedTask
-
-    data = VirtualDigits(num_clients, seed=seed)
-    task = SupervisedTask(model_fn=functools.partial(MLP, 64, 10, hidden), loss_fn=nn.CrossEntropyLoss(),
-                          optimizer_fn=functools.partial(torch.optim.SGD, lr=lr), data_fn=data)
-    strategy = FedAvg(fraction_fit=0.0, min_fit_clients=sampled, fraction_evaluate=0.0)
-    return JobParts(task=task, strategy=strategy, clients=data.clients())
 
 
 def scale_job(num_clients: int, *, rounds: int, out: Path, backend: str, fraction: float = 0.1,
@@ -102,7 +28,7 @@ def scale_job(num_clients: int, *, rounds: int, out: Path, backend: str, fractio
     return validate(JobConfig, {
         "job": {"name": f"scale-{backend}", "rounds": rounds, "seed": 0, "output_dir": str(out / backend),
                 "backend": backend},
-        "data": {"dataset": "tessera.cli.scale:shifted_digits", "num_clients": num_clients, "partition": "iid",
+        "data": {"dataset": "shifted_digits", "num_clients": num_clients, "partition": "iid",
                  "central_test_fraction": 0.2},
         "model": {"name": "mlp", "hidden": [64]},
         "train": {"local_epochs": 10, "batch_size": 16, "lr": 0.5},
@@ -111,7 +37,7 @@ def scale_job(num_clients: int, *, rounds: int, out: Path, backend: str, fractio
     }, source="demo scale")
 
 
-def _table(runs: dict[str, History]) -> Table:
+def report_table(runs: dict[str, History]) -> Table:
     table = Table(title="round time and peak RSS (acc: central test set; MiB: peak RSS of the Ray driver, the "
                         "largest actor, all actors)")
     for col in ("run", "round", "sampled", "ok", "failed", "s", "acc", "driver MiB", "actor MiB", "pool MiB"):
@@ -156,9 +82,9 @@ def _plot(runs: dict[str, History], path: Path) -> None:
     plt.close(fig)
 
 
-def demo_scale(out: Path, quick: bool = False) -> None:
+def demo_scale(out: Path, quick: bool, build_parts: JobBuilder) -> None:
     """1,000 digits clients, 10% sampled per round, on Ray (2 actors) and in-process; table, PNG, summary.json."""
-    from tessera.cli.hfl import run_job
+    from tessera.demos.hfl import run_config
 
     num_clients, rounds = 1000, (3 if quick else 5)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,9 +92,10 @@ def demo_scale(out: Path, quick: bool = False) -> None:
     for backend in ("ray", "inprocess"):  # Ray first: the driver's peak RSS is then the Ray run's own
         console.print(f"[bold]{backend}[/bold]: {num_clients} clients, 10% sampled per round, {rounds} rounds")
         t0 = time.perf_counter()
-        runs[backend] = run_job(scale_job(num_clients, rounds=rounds, out=out, backend=backend), progress=False)
+        cfg = scale_job(num_clients, rounds=rounds, out=out, backend=backend)
+        runs[backend] = run_config(cfg, build_parts, progress=False)
         console.print(f"  {time.perf_counter() - t0:.1f} s including start-up")
-    console.print(_table(runs))
+    console.print(report_table(runs))
     _plot(runs, out / "scale.png")
     summary = {name: {"clients": num_clients, "rounds": len(h),
                       "sampled_per_round": [r["clients_sampled"] for r in h],
@@ -179,11 +106,3 @@ def demo_scale(out: Path, quick: bool = False) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"plot: {out / 'scale.png'}; summary: {out / 'summary.json'}")
 
-
-def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
-    demos["scale"] = demo_scale
-
-    @app.command(name="scale-report")
-    def scale_report(metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run")]) -> None:
-        """Per-round time, clients and peak memory (driver and Ray actors) of a run, from its metrics.jsonl."""
-        console.print(_table({metrics.parent.name or "run": History.from_jsonl(metrics)}))

@@ -1,5 +1,5 @@
 """`tessera demo secagg`: FedAvg on digits in the clear, with SecAgg+ and with CKKS, 30% of clients dropping out
-mid-round (after the others masked against them). `digits_job` and `DropOut` also serve the tests and benchmark.
+mid-round (after the others masked against them).
 """
 
 from __future__ import annotations
@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import typer
 
 from tessera.core.metrics import History
 from tessera.horizontal.client import CallNext, ClientContext
@@ -165,6 +164,3 @@ def plot(summary: dict[str, Any], path: Path, *, rounds: int) -> Path:
     plt.close(fig)
     return path
 
-
-def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
-    demos["secagg"] = demo_secagg

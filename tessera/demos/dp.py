@@ -3,19 +3,17 @@
 The data is SYNTHETIC network traffic (generated here, no download): 12 flow features, 4 classes (normal, port
 scan, DoS flood, brute force), 5 IoT devices with their own traffic mix. Every round each device sees a new
 window of traffic of a different size, so each client's Poisson sampling rate changes between rounds.
-`intrusion_parts` builds that federation; the benchmark reuses it.
+`intrusion_parts` builds that federation. `plot_dp` also draws `tessera dp-plot`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
 DEVICES = ("camera", "thermostat", "doorbell", "hub", "plug")
 CLASSES = ("normal", "port scan", "DoS flood", "brute force")
@@ -206,25 +204,3 @@ def plot_dp(plain: Any, private: Any, path: Path, *, budget: float | None, round
     plt.close(fig)
     return path
 
-
-def register(app: typer.Typer, demos: dict[str, Callable[[Path, bool], None]]) -> None:
-    demos["dp"] = demo_dp
-
-    @app.command(name="dp-plot")
-    def dp_plot(
-        metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of a run with [dp]")],
-        baseline: Annotated[Path | None, typer.Option(help="metrics.jsonl of a non-private run to compare")] = None,
-        budget: Annotated[float | None, typer.Option(help="epsilon budget line to draw")] = None,
-        out: Annotated[Path | None, typer.Option(help="PNG path (default: dp.png next to metrics)")] = None,
-    ) -> None:
-        """Plot accuracy and each party's cumulative epsilon against round from a run's metrics.jsonl."""
-        from tessera.core.errors import ConfigError
-        from tessera.core.metrics import History
-
-        private = History.from_jsonl(metrics)
-        if not private["epsilon"]:
-            raise ConfigError(f"{metrics}: no round has an 'epsilon' record; was the run made with a [dp] section?")
-        plain = History.from_jsonl(baseline) if baseline is not None else History()
-        path = plot_dp(plain, private, out or metrics.parent / "dp.png", budget=budget,
-                       rounds=max(len(private), len(plain)))
-        typer.echo(str(path))

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tessera.cli.grpc import client_routes, console, job_parts
+from rich.console import Console
+
 from tessera.core.errors import TransportError
+from tessera.demos import JobBuilder
+from tessera.horizontal.deploy import client_routes
 from tessera.runtime.grpc.config import FederationConfig
 
+console = Console()
 DEMO_JOB: dict[str, dict[str, Any]] = {
     "job": {"name": "grpc-demo", "seed": 0}, "data": {"dataset": "digits", "num_clients": 3},
     "model": {"name": "mlp", "hidden": [32]}, "train": {"batch_size": 32, "lr": 0.1},
@@ -28,7 +32,7 @@ class _OneAtATime:
             return self.handler.handle(client, msg)
 
 
-def demo_grpc(out: Path, quick: bool = False) -> None:
+def demo_grpc(out: Path, quick: bool, job_parts: JobBuilder) -> None:
     """3 clients and a coordinator over real loopback gRPC + mTLS (parties as threads of this process; `tessera
     party` runs each in its own process), two impostors refused, and the final params compared with simulation."""
     import threading
