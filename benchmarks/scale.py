@@ -13,6 +13,7 @@ not the clients that exist).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -21,9 +22,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report
+
+from tessera.core.errors import ConfigError
+from tessera.horizontal.simulation import JobParts
 
 os.environ.setdefault("COLUMNS", "160")  # a wide table even when stdout is not a terminal
 CLIENTS = (100, 1_000, 10_000)
@@ -55,11 +62,65 @@ class TreeMemory:
         self.peak_mb = max(self.peak_mb, total / 1024**2)
 
 
+@functools.cache
+def _digits() -> tuple[Any, Any]:
+    import torch
+
+    from tessera.core.datasets import digits
+
+    x, y = digits()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class VirtualDigits:
+    """data_fn of `num_clients` virtual clients whose rows are drawn from digits only when a client runs.
+
+    Client `v<i>` gets `rows` training and `test_rows` test rows chosen by a generator seeded with (seed, i), so
+    no per-client data exists until the client is sampled, on whichever process runs it.
+    """
+
+    def __init__(self, num_clients: int, *, rows: int = 32, test_rows: int = 8, batch_size: int = 32,
+                 seed: int = 0) -> None:
+        self.num_clients, self.rows, self.test_rows = num_clients, rows, test_rows
+        self.batch_size, self.seed = batch_size, seed
+
+    def clients(self) -> list[str]:
+        width = len(str(self.num_clients - 1))
+        return [f"v{i:0{width}d}" for i in range(self.num_clients)]
+
+    def __call__(self, cid: str) -> tuple[Any, Any]:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        if not (cid.startswith("v") and cid[1:].isdigit() and int(cid[1:]) < self.num_clients):
+            raise ConfigError(f"unknown virtual client {cid!r}; ids are v0..v{self.num_clients - 1}")
+        x, y = _digits()
+        pick = np.random.default_rng([self.seed, int(cid[1:])]).choice(len(y), self.rows + self.test_rows)
+        tr, te = pick[: self.rows], pick[self.rows :]
+        train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=self.batch_size, shuffle=True)
+        return train, DataLoader(TensorDataset(x[te], y[te]), batch_size=256)
+
+
+def virtual_digits_parts(num_clients: int, *, sampled: int = 10, seed: int = 0, hidden: tuple[int, ...] = (64,),
+                         lr: float = 0.1) -> JobParts:
+    """FedAvg over `num_clients` virtual digits clients, exactly `sampled` of them per round, no evaluation."""
+    import torch
+    from torch import nn
+
+    from tessera.core.models import MLP
+    from tessera.horizontal.strategies import FedAvg
+    from tessera.horizontal.task import SupervisedTask
+
+    data = VirtualDigits(num_clients, seed=seed)
+    task = SupervisedTask(model_fn=functools.partial(MLP, 64, 10, hidden), loss_fn=nn.CrossEntropyLoss(),
+                          optimizer_fn=functools.partial(torch.optim.SGD, lr=lr), data_fn=data)
+    strategy = FedAvg(fraction_fit=0.0, min_fit_clients=sampled, fraction_evaluate=0.0)
+    return JobParts(task=task, strategy=strategy, clients=data.clients())
+
+
 def one(backend: str, clients: int, sampled: int, rounds: int) -> dict[str, object]:
     """Run one configuration in this process and return its measurements."""
     import torch
 
-    from tessera.cli.scale import virtual_digits_parts
     from tessera.horizontal.simulation import simulate
 
     torch.set_num_threads(1)
