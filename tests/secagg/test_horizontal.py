@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.horizontal.job import compose
 from tessera.api import FLModel
 from tessera.core.errors import ConfigError, RoundFailed
+from tessera.horizontal.job import compose
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAdam, FedAvg, Krum
