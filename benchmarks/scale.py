@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report
 
 from tessera.core.errors import ConfigError
+from tessera.horizontal.job import Extension
 from tessera.horizontal.simulation import JobParts
 
 os.environ.setdefault("COLUMNS", "160")  # a wide table even when stdout is not a terminal
@@ -39,7 +40,7 @@ MORE_SAMPLED = 100  # one more point per backend: 10,000 clients with 100 sample
 RAY = {"num_cpus": 2, "num_actors": 2, "object_store_memory": "128MiB"}
 
 
-class TreeMemory:
+class TreeMemory(Extension):
     """Extension measuring, after each round, the summed RSS of this process and every process it started (Ray's
     GCS, raylet, agents and actors). RSS, unlike PSS/USS, does not depend on what else runs on the machine;
     library pages shared by these processes count once per process."""
@@ -49,7 +50,7 @@ class TreeMemory:
     def __init__(self) -> None:
         self.peak_mb = 0.0
 
-    def on_round_end(self, rnd: int, record: dict[str, object]) -> None:
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
         import psutil
 
         me = psutil.Process()

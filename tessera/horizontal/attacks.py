@@ -119,8 +119,8 @@ class LabelFlipTask:
     def model_fn(self) -> nn.Module:
         return self.task.model_fn()
 
-    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
-        train, test = self.task.data_fn(client_id)
+    def data_fn(self, client_id: str, round: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        train, test = self.task.data_fn(client_id, round)
         if client_id not in self.clients:
             return train, test
         flipped = DataLoader(_FlippedLabels(train.dataset, self.num_classes), batch_size=train.batch_size,

@@ -21,7 +21,8 @@ __all__ = ["JobParts", "Plugin", "initial_params", "make_backend", "simulate"]  
 
 
 class _StoredStates(Extension):
-    """A backend that keeps client state itself (Ray's driver or disk store) carries it into checkpoints."""
+    """A backend that keeps client state itself (Ray's driver or disk store) carries it into checkpoints, and
+    adds what it did this round to the record (Ray: pool size, restarts, peak memory)."""
 
     name = "clients"
 
@@ -33,6 +34,9 @@ class _StoredStates(Extension):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.backend.load_state_dict(state)
+
+    def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+        self.backend.on_round_end(rnd, record)
 
 
 def initial_params(task: Task, seed: int) -> Params:

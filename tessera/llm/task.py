@@ -96,7 +96,8 @@ class LoRATask:
         pad = int(self.tokenizer.pad_token_id)
         return (ids != pad).long()
 
-    def data_fn(self, client_id: str) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+    def data_fn(self, client_id: str, round: int = 0) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+        """The client's tokenised text; the same every round (`text_fn(client_id)` takes no round)."""
         text = self.text_fn(client_id)
         train = self.tokenize(text.train, text.train_labels)
         test = self.tokenize(text.test, text.test_labels) if text.test else None

@@ -46,7 +46,7 @@ def test_invalid_update_never_reaches_the_global_params(kind: AttackKind) -> Non
 def test_label_flip_flips_only_the_named_clients_training_labels() -> None:
     data = make_data(num_clients=2)
     task = LabelFlipTask(make_task(data, shuffle=False), clients={"c0"}, num_classes=3)
-    (train0, test0), (train1, _) = task.data_fn("c0"), task.data_fn("c1")
+    (train0, test0), (train1, _) = task.data_fn("c0", 1), task.data_fn("c1", 1)
     y0 = torch.cat([yb for _, yb in train0])
     assert torch.equal(y0, 2 - data["c0"][1])
     assert torch.equal(torch.cat([yb for _, yb in train1]), data["c1"][1])
