@@ -44,6 +44,10 @@ class FLModel:
     >>> fl = FLModel(parties=["alice", "bob"], model=net, loss_fn=nn.CrossEntropyLoss(),
     ...              optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1))
     >>> history = fl.fit(x=[x_alice, x_bob], y=[y_alice, y_bob], rounds=10, batch_size=32)
+
+    Metrics follow the loss (accuracy for classification, mse/mae/r2 for regression; `metrics=` overrides), `fit`
+    dry-runs one batch per party first, and `loggers=["tensorboard", "mlflow"]` also writes every round's record
+    under `output_dir` (docs/migration.md).
     """
 
     def __init__(

@@ -1,7 +1,9 @@
 """Migration rough edges: metrics chosen from the loss, the dry run before round 1, foreign argument spellings."""
 
 import functools
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +190,18 @@ def test_fit_without_rounds_says_so() -> None:
     (xa, ya), (xb, yb) = regression(8), regression(8, seed=1)
     with pytest.raises(ConfigError, match="fit needs rounds="):
         fl(nn.Linear(3, 1), nn.MSELoss()).fit(x=[xa, xb], y=[ya, yb])
+
+
+@pytest.mark.slow
+def test_migration_doc_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = Path(__file__).resolve().parents[1] / "docs" / "migration.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) == 4
+    namespace: dict[str, object] = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)  # our own documentation
+    printed = capsys.readouterr().out
+    assert "['mae', 'mse', 'r2']" in printed
+    assert "party 'alice': model output [32, 1] vs y [32]" in printed
+    assert "epochs=: did you mean rounds=" in printed
+    assert namespace["history"].last["eval_metrics"]["r2"] > 0.9  # type: ignore[attr-defined]
