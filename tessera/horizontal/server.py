@@ -5,6 +5,8 @@ Two extension points keep cross-cutting features out of this loop:
   `PlainAggregation` is the default; secure aggregation supplies one that never sees single updates.
 - `Extension`s (job.py) carry state into checkpoints and add keys to each round's record (a privacy ledger,
   client state).
+A `Scheduling` policy (scheduling.py) decides what each server step dispatches: `Synchronous` rounds by default,
+or `Buffered` (asynchronous FedBuff on a simulated clock); either way one record and one checkpoint per step.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from tessera.core.metrics import History, MetricsWriter
 from tessera.core.tracking import RecordLogger
 from tessera.core.types import Params, check_compatible, clone
 from tessera.horizontal.aggregation import Aggregation, CentralEval, PlainAggregation
-from tessera.horizontal.client import client_seed
 from tessera.horizontal.job import Extension
+from tessera.horizontal.scheduling import Scheduling, Synchronous
 from tessera.horizontal.strategies.base import FitResults, Strategy
 from tessera.runtime.backend import Backend
-from tessera.runtime.messages import EvaluateRes, FitIns
+from tessera.runtime.messages import EvaluateRes
 
 log = get_logger(__name__)
 CHECKPOINT = "checkpoint.tsr"
@@ -58,6 +60,7 @@ class Server:
         aggregation: Aggregation | None = None,
         central_eval: CentralEval | None = None,
         extensions: Sequence[Extension] = (),
+        scheduling: Scheduling | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("a federation needs at least one client")
@@ -69,6 +72,7 @@ class Server:
         self.aggregation = aggregation or PlainAggregation()
         self.central_eval = central_eval
         self.extensions = list(extensions)
+        self.scheduling = scheduling or Synchronous()
         self.history = History()
         self.round = 0
         self.stopped: str | None = None  # why the run ended early (a spent privacy budget), if it did
@@ -80,7 +84,8 @@ class Server:
     def state_dict(self) -> dict[str, Any]:
         ext = {e.name: e.state_dict() for e in self.extensions}
         return {"format": 1, "round": self.round, "seed": self.config.seed, "params": self.params,
-                "strategy": self.strategy.state_dict(), "history": self.history.records, "extensions": ext}
+                "strategy": self.strategy.state_dict(), "history": self.history.records, "extensions": ext,
+                "scheduling": self.scheduling.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != 1 or state.get("seed") != self.config.seed:
@@ -91,6 +96,7 @@ class Server:
         self.params = state["params"]
         self.strategy.load_state_dict(state["strategy"])
         self.history = History(state["history"])
+        self.scheduling.load_state_dict(state.get("scheduling", {}))
         for e in self.extensions:
             if e.name in state["extensions"]:
                 e.load_state_dict(state["extensions"][e.name])
@@ -123,18 +129,17 @@ class Server:
     def run_round(self, rnd: int) -> dict[str, Any]:
         start = time.perf_counter()
         traffic0 = (self.backend.traffic.up, self.backend.traffic.down)
-        plan = self.strategy.configure_fit(rnd, self.params, self.clients, self.rng(rnd, 0))
-        plan = [(c, _with_seed(ins, client_seed(self.config.seed, rnd, c))) for c, ins in plan]
-        outcome = self.aggregation.run(rnd, plan, self.backend, self.strategy, self.params,
-                                       timeout=self.config.fit_timeout)
+        step = self.scheduling.step(self, rnd)
+        outcome = step.outcome
         self.params = outcome.params
         record: dict[str, Any] = {
             "round": rnd,
-            "clients_sampled": len(plan),
+            "clients_sampled": step.sampled,
             "clients_succeeded": len(outcome.results),
             "clients_failed": len(outcome.failures),
             "failures": [{"client": f.client, "kind": f.kind.value, "reason": f.reason} for f in outcome.failures],
         }
+        record.update(step.record)
         record.update(_weighted_train_metrics(outcome.results))
         record.update(self._evaluate(rnd))
         record["bytes_up"] = self.backend.traffic.up - traffic0[0]
@@ -186,10 +191,6 @@ class Server:
             if self.writer is not None:
                 self.writer.close()
         return self.history
-
-
-def _with_seed(ins: FitIns, seed: int) -> FitIns:
-    return FitIns(round=ins.round, params=ins.params, config={**ins.config, "seed": seed}, extras=ins.extras)
 
 
 def _weighted_train_metrics(results: FitResults) -> dict[str, Any]:
