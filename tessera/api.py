@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
 from tessera.core.tracking import RecordLogger, check_specs
-from tessera.core.types import as_tensor, get_params, set_params
+from tessera.core.types import ModuleFactory, as_tensor, get_params, set_params
 from tessera.horizontal.checks import dry_run, refuse_unknown
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import JobParts, Plugin, simulate
@@ -112,14 +112,16 @@ class FLModel:
 
     def _task(self, train: dict[str, TensorDataset], test: dict[str, TensorDataset] | None, batch_size: int,
               shuffle: bool) -> SupervisedTask:
-        # In-process clients copy the global model itself (it does not change during fit): no extra model in memory.
-        template = self.model if self.backend == "inprocess" else copy.deepcopy(self.model)
+        # In-process clients copy the global model itself (it does not change during fit); other backends ship only
+        # its structure (ModuleFactory, no weights): every client loads the global params before using its model.
+        model_fn: Callable[[], nn.Module] = (
+            (lambda: copy.deepcopy(self.model)) if self.backend == "inprocess" else ModuleFactory(self.model))
 
         def data_fn(cid: str, rnd: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
             tl = DataLoader(train[cid], batch_size=batch_size, shuffle=shuffle)
             return tl, (DataLoader(test[cid], batch_size=256) if test else None)
 
-        return SupervisedTask(model_fn=lambda: copy.deepcopy(template), loss_fn=self.loss_fn,
+        return SupervisedTask(model_fn=model_fn, loss_fn=self.loss_fn,
                               optimizer_fn=self.optimizer_fn, data_fn=data_fn, metrics=self.metrics)
 
     def fit(self, *, x: Sequence[Any], y: Sequence[Any], rounds: int | None = None, local_epochs: int = 1,
@@ -158,7 +160,7 @@ class FLModel:
 
         history, params = simulate(parts, rounds=start + rounds, seed=self.seed, output_dir=self.output_dir,
                                    backend=self.backend, params=get_params(self.model, copy=False),
-                                   plugins=self.plugins,
+                                   plugins=self.plugins, backend_options=self._backend_options(),
                                    progress=progress, on_server=continue_from,
                                    loggers=self.loggers)
         set_params(self.model, params)
@@ -166,6 +168,12 @@ class FLModel:
         self.rounds_done = servers[0].round
         self.stopped = servers[0].stopped
         return history
+
+    def _backend_options(self) -> dict[str, Any] | None:
+        """Ray sizes its object store for the model (one exchange must never spill)."""
+        if self.backend != "ray":
+            return None
+        return {"model_bytes": sum(t.numel() * t.element_size() for t in self.model.state_dict().values())}
 
     def _dry_run(self, data: dict[str, TensorDataset], batch_size: int, what: str = "") -> None:
         for name, ds in data.items():

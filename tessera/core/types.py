@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
@@ -44,6 +45,37 @@ def set_params(model: nn.Module, params: Mapping[str, torch.Tensor], *, who: str
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(params[k])
+
+
+class ModuleFactory:
+    """A picklable `model_fn` that rebuilds `model`'s structure without carrying its weights.
+
+    Every tensor of the state dict is a meta tensor here (nothing to copy or ship: a Ray actor receives a few KB,
+    not the model) and zeros in each module built; non-persistent buffers keep their values. For clients that load
+    the global params into the model before using it, as `TaskClient` always does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+        memo: dict[int, Any] = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if id(b) in persistent:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+        self.skeleton = copy.deepcopy(model, memo)
+        self.extra = {n: b.detach().clone() for n, b in model.named_buffers() if id(b) not in persistent}
+        first = next(iter(model.state_dict().values()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+    def __call__(self) -> nn.Module:
+        model = copy.deepcopy(self.skeleton).to_empty(device=self.device)
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.zero_()
+            for name, b in self.extra.items():
+                model.get_buffer(name).copy_(b)
+        return model
 
 
 def check_compatible(

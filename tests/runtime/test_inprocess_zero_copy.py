@@ -102,3 +102,30 @@ def test_replies_are_detached_cpu_tensors_and_not_frozen() -> None:
     t = torch.ones(3, requires_grad=True) * 2  # a non-leaf with autograd history
     res = hand_over(FitRes(params={"x": t}, num_examples=1), frozen=False)
     assert not res.params["x"].requires_grad and type(res.params["x"]) is torch.Tensor
+
+
+# ----------------------------------------------------------------------- what travels to Ray actors, and how big
+def test_module_factory_ships_the_structure_without_the_weights() -> None:
+    from tessera.core.types import ModuleFactory, get_params, set_params
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+    model.register_buffer("table", torch.arange(4.0), persistent=False)  # not in the state dict: kept as is
+    factory = ModuleFactory(model)
+    assert all(t.device.type == "meta" for t in factory.skeleton.state_dict().values())
+    built = factory()
+    assert [(k, v.shape, v.dtype) for k, v in built.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in model.state_dict().items()]
+    assert all(not v.any() for v in built.state_dict().values()) and torch.equal(built.table, model.table)
+    set_params(built, get_params(model))  # what every client does before using its model
+    x = torch.randn(8, 64)
+    model.eval(), built.eval()
+    assert torch.equal(built(x), model(x))
+
+
+def test_the_object_store_is_sized_for_the_model() -> None:
+    from tessera.runtime.ray.options import RayOptions
+
+    small = RayOptions()
+    assert small.store_bytes() == small.object_store_memory
+    big = RayOptions(model_bytes=200 * 1024**2, num_actors=2, max_inflight=2)
+    assert big.store_bytes() == (1 + 2 * 2) * 200 * 1024**2 + 64 * 1024**2

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayError
 
@@ -28,7 +29,15 @@ from tessera.core.config import validate
 from tessera.core.errors import ConfigError, ProtocolError, SerdeError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message
-from tessera.runtime.backend import ClientFailure, FailureKind, Handler, Reply, Traffic, failure_from_error
+from tessera.runtime.backend import (
+    ClientFailure,
+    FailureKind,
+    Handler,
+    OnReply,
+    Reply,
+    Traffic,
+    failure_from_error,
+)
 from tessera.runtime.messages import ErrorRes
 from tessera.runtime.ray.options import RayOptions
 from tessera.runtime.ray.shared import encode_shared
@@ -66,7 +75,7 @@ def _init_local(options: RayOptions, common: dict[str, Any]) -> None:
     for attempt in (1, 2):
         try:
             ray.init(address="local", num_cpus=options.local_cpus(),
-                     object_store_memory=options.object_store_memory, **common)
+                     object_store_memory=options.store_bytes(), **common)
             return
         except Exception as exc:
             if attempt == 2 or "timed out during startup" not in str(exc):
@@ -93,8 +102,12 @@ class _Exchange:
     pending: deque[str]
     queues: dict[int, deque[tuple[Any, str]]]
     down: dict[str, int]
+    on_reply: OnReply
     owner: dict[Any, int] = field(default_factory=dict)
     out: dict[str, Reply] = field(default_factory=dict)
+
+    def done(self, client: str, reply: Reply) -> None:
+        self.out[client] = self.on_reply(client, reply)
 
 
 class RayBackend:
@@ -165,17 +178,25 @@ class RayBackend:
 
     # --------------------------------------------------------------------------------------------- exchange
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        return self.exchange_each(requests, _keep, timeout=timeout)
+
+    def exchange_each(self, requests: Mapping[str, Any], on_reply: OnReply, *,
+                      timeout: float | None = None) -> dict[str, Reply]:
         """Run every request on the pool; each actor has up to `max_inflight` requests queued (hides Ray's
-        round-trip latency) and runs them one at a time, in order."""
+        round-trip latency) and runs them one at a time, in order. Each reply goes through `on_reply` as it is
+        collected (a streaming aggregation folds it and keeps only its counts)."""
         if not self._actors:
             raise ProtocolError("RayBackend.exchange called before start(); the Server starts its backend")
         self._exchanges += 1
         shared, blobs = encode_shared(requests)
-        token, refs = (None, []) if shared is None else (f"{id(self)}:{self._exchanges}", [ray.put(shared)])
+        # Put once per exchange as a numpy array: actors read it in place from the object store (no pickle copy).
+        token, refs = (None, []) if shared is None else \
+            (f"{id(self)}:{self._exchanges}", [ray.put(np.frombuffer(shared, dtype=np.uint8))])
         down = {c: len(b) + (len(shared) if shared is not None else 0) for c, b in blobs.items()}
         n = len(self._actors)
         order = [(self._exchanges + i) % n for i in range(n)]  # rotate so clients do not stick to actors
-        ex = _Exchange(pending=deque(requests), queues={slot: deque() for slot in order}, down=down)
+        ex = _Exchange(pending=deque(requests), queues={slot: deque() for slot in order}, down=down,
+                       on_reply=on_reply)
         deadline = None if timeout is None else time.monotonic() + timeout
         while ex.pending or ex.owner:
             for depth in range(self.options.max_inflight):  # breadth first: spread the work over the pool
@@ -202,7 +223,7 @@ class RayBackend:
             ref, client = queue.popleft()
             del ex.owner[ref]
             reply, died = self._collect(ref, slot, client, down=ex.down[client])
-            ex.out[client] = reply
+            ex.done(client, reply)
             if died:  # the requests queued behind it never ran: give them to other actors
                 for r, c in reversed(queue):
                     del ex.owner[r]
@@ -213,7 +234,7 @@ class RayBackend:
             item = next(it for it in queue if it[0] is ready)
             queue.remove(item)
             del ex.owner[ready]
-            ex.out[item[1]] = self._collect(ready, slot, item[1], down=ex.down[item[1]])[0]
+            ex.done(item[1], self._collect(ready, slot, item[1], down=ex.down[item[1]])[0])
 
     def _collect(self, ref: Any, slot: int, client: str, *, down: int) -> tuple[Reply, bool]:
         """The client's reply or failure, and whether its actor died (and was replaced)."""
@@ -245,12 +266,12 @@ class RayBackend:
             self._replace(slot)  # the actor is still busy with a late client; a fresh one takes its place
             (_, running), *queued = queue
             self.traffic.add(running, down=ex.down[running], up=0)
-            ex.out[running] = ClientFailure(running, f"timed out after {timeout} s", FailureKind.TIMEOUT)
+            ex.done(running, ClientFailure(running, f"timed out after {timeout} s", FailureKind.TIMEOUT))
             ex.pending.extend(c for _, c in queued)
             queue.clear()
         for client in ex.pending:
-            ex.out[client] = ClientFailure(client, f"timed out after {timeout} s before an actor was free",
-                                           FailureKind.TIMEOUT)
+            ex.done(client, ClientFailure(client, f"timed out after {timeout} s before an actor was free",
+                                          FailureKind.TIMEOUT))
         ex.pending.clear()
         ex.owner.clear()
 
@@ -275,6 +296,10 @@ class RayBackend:
             "actor_peak_rss_mb": round(max(self._peak_kib, default=0) / 1024, 1),
             "pool_peak_rss_mb": round(sum(self._peak_kib) / 1024, 1),
         }
+
+
+def _keep(client: str, reply: Reply) -> Reply:
+    return reply
 
 
 def _cause(exc: BaseException) -> str:

@@ -40,6 +40,8 @@ class RayOptions(BaseModel):
     - `runtime_env`: Ray's runtime environment for the actors (e.g. `{"py_modules": [...]}` or `{"working_dir":
       "."}` so cluster nodes can import your task's module); passed to `ray.init`.
     - `num_cpus`, `object_store_memory`: the local Ray's CPU count and object-store cap (local start only).
+    - `model_bytes`: the size of the params an exchange carries; a local object store is then made large enough
+      to hold one exchange without spilling (`store_bytes`). FLModel sets it from its model.
     - `num_actors`: pool size; default = cluster CPUs // `actor_cpus` (at most the number of clients).
     - `actor_cpus`, `actor_gpus`, `actor_memory`, `actor_resources`: what each actor reserves from the scheduler.
     - `state_dir`: keep per-client state on disk under this folder instead of in the driver's memory.
@@ -55,6 +57,7 @@ class RayOptions(BaseModel):
     runtime_env: dict[str, Any] | None = None
     num_cpus: int | None = Field(None, ge=1)
     object_store_memory: int = 256 * MIB
+    model_bytes: int | None = Field(None, ge=0)
     num_actors: int | None = Field(None, ge=1)
     actor_cpus: float = Field(1.0, gt=0)
     actor_gpus: float = Field(0.0, ge=0)
@@ -83,6 +86,16 @@ class RayOptions(BaseModel):
     def local_cpus(self) -> int:
         """CPUs a locally started Ray gets: `num_cpus`, else min(2, this machine's CPUs)."""
         return self.num_cpus or max(1, min(2, os.cpu_count() or 1))
+
+    def store_bytes(self) -> int:
+        """A local object store's size: `object_store_memory`, or more when `model_bytes` needs it: the shared
+        params once, plus a reply (about a model) for every request in flight on every actor, plus 64 MiB for
+        Ray's own objects."""
+        if self.model_bytes is None:
+            return self.object_store_memory
+        actors = self.num_actors or max(1, int(self.local_cpus() // self.actor_cpus))
+        need = (1 + actors * self.max_inflight) * self.model_bytes + 64 * MIB
+        return max(self.object_store_memory, need)
 
     def actor_options(self) -> dict[str, Any]:
         """Keyword arguments for `ActorClass.options(...)`."""

@@ -4,7 +4,8 @@ The coordinator builds one message per client, but the global params (and e.g. S
 variate) are the same object in every one of them. `split` finds maps shared by identity across requests, at a
 message field (`FitIns.params`) or one level down (`FitIns.extras["scaffold_c"]`), encodes them once with serde
 and leaves an empty map in their place in each client's message; `join` puts them back on the actor. Both halves
-are serde blobs, so what an actor decodes is exactly what a wire would have carried.
+are serde blobs, so what an actor decodes is exactly what a wire would have carried. An actor decodes the shared
+blob once per exchange (`decode_table`) and serves every client it runs from those tensors.
 """
 
 from __future__ import annotations
@@ -78,24 +79,42 @@ def encode_shared(requests: Mapping[str, Any]) -> tuple[bytes | None, dict[str, 
     return blob, out
 
 
-def decode(request: bytes, shared: bytes | None, *, max_bytes: int) -> Any:
-    """The client's full message from its blob and the exchange's shared blob (validated by serde)."""
+Table = dict[Path, Any]  # the shared maps of one exchange, decoded
+
+
+def decode_table(shared: bytes | bytearray | memoryview, *, max_bytes: int) -> Table:
+    """The exchange's shared maps, decoded once per actor: one copy out of the (read-only) object store into a
+    buffer the tensors then view, so serving each client costs no copy of them."""
+    table = serde.loads(bytearray(shared), max_bytes=max_bytes, take=True)
+    if not (isinstance(table, dict) and set(table) == {"paths", "values"} and isinstance(table["paths"], list)
+            and isinstance(table["values"], list) and len(table["paths"]) == len(table["values"])
+            and all(isinstance(p, list) and 1 <= len(p) <= 2 and all(isinstance(x, str) for x in p)
+                    for p in table["paths"])):
+        raise SerdeError("not a shared-params table")
+    return {tuple(p): v for p, v in zip(table["paths"], table["values"], strict=True)}
+
+
+def decode(request: bytes, shared: bytes | bytearray | memoryview | Table | None, *, max_bytes: int) -> Any:
+    """The client's full message from its blob and the exchange's shared blob or decoded table (validated by
+    serde). The shared maps are the table's own objects: hand the message over read-only (`runtime.handover`)."""
     if shared is None:
         return serde.decode_message(request, max_bytes=max_bytes)
     wrapper = serde.loads(request, max_bytes=max_bytes)
-    if not (isinstance(wrapper, dict) and set(wrapper) == {"left_out", "message"}):
+    if not (isinstance(wrapper, dict) and set(wrapper) == {"left_out", "message"}
+            and isinstance(wrapper["left_out"], list) and isinstance(wrapper["message"], bytes)):
         raise SerdeError("not a shared-params request")
     msg = serde.decode_message(wrapper["message"], max_bytes=max_bytes)
-    table = serde.loads(shared, max_bytes=max_bytes)
-    values = {tuple(p): v for p, v in zip(table["paths"], table["values"], strict=True)}
+    values = shared if isinstance(shared, dict) else decode_table(shared, max_bytes=max_bytes)
     changes: dict[str, Any] = {}
     for raw in wrapper["left_out"]:
-        path = tuple(raw)
+        path = tuple(raw) if isinstance(raw, list) else ()
         if path not in values or not all(isinstance(x, str) for x in path):
             raise SerdeError("request leaves out a map the shared blob does not carry")
         if len(path) == 1:
             changes[path[0]] = values[path]
         else:
             current = changes.get(path[0], getattr(msg, path[0]))
+            if not isinstance(current, dict):
+                raise SerdeError("request leaves out a map the shared blob does not carry")
             changes[path[0]] = {k: (values[path] if k == path[1] else v) for k, v in current.items()}
     return dataclasses.replace(msg, **changes) if changes else msg

@@ -1,7 +1,8 @@
 """The Ray actor that runs virtual clients: it builds the ClientApp once and serves any client on demand.
 
 An actor holds no client state between calls. Each call brings the client's encoded request, the exchange's
-shared blob (fetched from the object store once per exchange per actor) and the client's stored state; it returns
+shared blob (fetched from the object store and decoded once per exchange per actor, then handed to each client
+read-only) and the client's stored state; it returns
 the encoded reply and the client's state afterwards. Everything crossing the actor boundary is serde bytes.
 """
 
@@ -18,8 +19,9 @@ import torch
 from tessera.core.errors import SerdeError
 from tessera.core.serde import encode_message
 from tessera.runtime.backend import ClientStateHandler, Handler, _reason, _short
+from tessera.runtime.handover import hand_over
 from tessera.runtime.messages import ErrorRes
-from tessera.runtime.ray.shared import decode
+from tessera.runtime.ray.shared import Table, decode, decode_table
 from tessera.runtime.ray.store import decode_state, encode_state
 
 OK, FAILED = "ok", "failed"
@@ -40,37 +42,42 @@ class ClientWorker:
         self.app = factory()
         self.max_message_bytes = max_message_bytes
         self._shared_token: str | None = None
-        self._shared: bytes | None = None
+        self._shared: Table | None = None
 
     def ready(self) -> int:
         return os.getpid()
 
-    def _shared_blob(self, token: str | None, refs: list[Any]) -> bytes | None:
+    def _shared_table(self, token: str | None, refs: list[Any]) -> Table | None:
+        """The exchange's shared maps, decoded once per exchange (the previous exchange's are dropped first)."""
         if token is None:
             return None
         if token != self._shared_token:
-            self._shared = ray.get(refs[0])
+            self._shared, self._shared_token = None, None
+            stored = ray.get(refs[0])  # a read-only view of the object store: no copy until decode_table's one
+            self._shared = decode_table(memoryview(stored), max_bytes=self.max_message_bytes)
             self._shared_token = token
         return self._shared
 
     def run(self, client: str, request: bytes, state: bytes | None, token: str | None, refs: list[Any]) -> Result:
         """Serve one request for `client`; a client's exception becomes a FAILED result, never an actor crash."""
         try:
-            msg = decode(request, self._shared_blob(token, refs), max_bytes=self.max_message_bytes)
+            # Read-only hand-over: the shared tensors serve every client this actor runs in the exchange.
+            msg = hand_over(decode(request, self._shared_table(token, refs), max_bytes=self.max_message_bytes),
+                            frozen=True)
             start_state = decode_state(state)
         except SerdeError as exc:
             return FAILED, _reason(exc), state, peak_rss_kib()
-        stateful = isinstance(self.app, ClientStateHandler)
-        if stateful:
-            self.app.set_client_state(client, start_state)
+        app = self.app
+        if isinstance(app, ClientStateHandler):
+            app.set_client_state(client, start_state)
         payload: bytes | str
         try:
             status, payload = OK, encode_message(self.app.handle(client, msg))
         except Exception as exc:  # a client's failure must not take the actor down; its kind travels typed
             status, payload = OK, encode_message(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
         new_state = state
-        if stateful:
-            kept = self.app.take_client_state(client)
+        if isinstance(app, ClientStateHandler):
+            kept = app.take_client_state(client)
             try:
                 new_state = encode_state(kept) if kept else None
             except SerdeError as exc:
