@@ -31,7 +31,7 @@ import struct
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import msgpack
@@ -132,7 +132,7 @@ def encode_parts(obj: Any) -> Parts:
     return parts
 
 
-def parts_size(parts: Parts) -> int:
+def parts_size(parts: Sequence[bytes | memoryview]) -> int:
     return sum(len(p) for p in parts)
 
 
