@@ -81,3 +81,34 @@ def spy_on(model: Any) -> GradientSpy:
     spy = GradientSpy(backend.handler)
     backend.handler = spy
     return spy
+
+
+def inversion_attack(emb_aux: torch.Tensor, x_aux: torch.Tensor, emb_target: torch.Tensor, x_target: torch.Tensor,
+                     *, seed: int = 0, hidden: int = 64, steps: int = 400, lr: float = 0.02) -> float:
+    """Model inversion by the party that receives embeddings: train a decoder embedding -> features on auxiliary
+    rows whose features it knows (`emb_aux`, `x_aux`), then reconstruct the target rows' features.
+
+    Returns the reconstruction R^2 on the targets, averaged over feature columns and floored at 0: 1.0 = the
+    owner's features recovered exactly, 0.0 = no better than guessing each column's auxiliary mean."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    d_in, d_out = emb_aux[0].numel(), x_aux[0].numel()
+    dec = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p.shape[-1], 1)) ** 0.5)
+    e_aux, t_aux = emb_aux.reshape(len(emb_aux), -1).float(), x_aux.reshape(len(x_aux), -1).float()
+    opt = torch.optim.Adam(dec.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = ((dec(e_aux) - t_aux) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        guess = dec(emb_target.reshape(len(emb_target), -1).float())
+        truth = x_target.reshape(len(x_target), -1).float()
+        sse = ((guess - truth) ** 2).sum(dim=0)
+        sst = ((truth - t_aux.mean(dim=0)) ** 2).sum(dim=0)
+        r2 = (1 - sse / sst.clamp_min(1e-12)).mean()
+    return max(float(r2), 0.0)

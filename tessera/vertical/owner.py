@@ -35,7 +35,7 @@ from tessera.vertical.messages import (
     SaveRes,
 )
 from tessera.vertical.model import set_mode
-from tessera.vertical.protections import EmbeddingDP, step_generator
+from tessera.vertical.protections import Decorrelation, EmbeddingDP, distance_correlation, step_generator
 
 log = get_logger(__name__)
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -66,17 +66,19 @@ class DataOwner:
 
     def __init__(self, name: str, base: nn.Module, optimizer_fn: OptimizerFn, *,
                  data: Mapping[str, torch.Tensor] | None = None, embedding_dp: EmbeddingDP | None = None,
-                 seed: int = 0, state_dir: str | Path | None = None, ledger: Any = None) -> None:
+                 seed: int = 0, state_dir: str | Path | None = None, ledger: Any = None,
+                 decorrelation: Decorrelation | None = None) -> None:
         self.name = name
         self.base = base
         self.optimizer = optimizer_fn(base.parameters())
         self.data: dict[str, torch.Tensor] = dict(data or {})
         self.embedding_dp = embedding_dp
+        self.decorrelation = decorrelation
         self.seed = seed
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.ledger = ledger  # a tessera.privacy.PrivacyLedger: embedding DP releases are accounted in it
         self.step = 0  # optimiser steps taken
-        self._pending: tuple[int, torch.Tensor] | None = None
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, embedding, features
         self._snapshots: dict[str, bytes] = {}
 
     def add_split(self, split: str, x: torch.Tensor) -> None:
@@ -121,7 +123,7 @@ class DataOwner:
                 if self.ledger is not None:
                     self.ledger.step(self.name, noise_multiplier=self.embedding_dp.noise_multiplier,
                                      sample_rate=len(x) / len(self.data[msg.split]), steps=1)
-            self._pending = (msg.step, emb)
+            self._pending = (msg.step, emb, x)
             return Forward(step=msg.step, embedding=emb.detach())
         set_mode(self.base, False)
         with torch.no_grad():
@@ -138,14 +140,18 @@ class DataOwner:
         if self._pending is None or self._pending[0] != msg.step:
             have = None if self._pending is None else self._pending[0]
             raise ProtocolError(f"{self.name}: Backward for step {msg.step} but the pending forward is {have}")
-        _, emb = self._pending
+        _, emb, x = self._pending
         if msg.grad.shape != emb.shape or msg.grad.dtype != emb.dtype:
             raise ShapeMismatch(f"{self.name}: gradient {msg.grad.dtype}{tuple(msg.grad.shape)} does not match the "
                                 f"embedding {emb.dtype}{tuple(emb.shape)} it was sent for")
         if not bool(torch.isfinite(msg.grad).all()):
             raise ProtocolError(f"{self.name}: gradient for step {msg.step} contains NaN or Inf; refusing the step")
         self.optimizer.zero_grad(set_to_none=True)
-        emb.backward(msg.grad)  # type: ignore[no-untyped-call]
+        if self.decorrelation is not None and self.decorrelation.alpha > 0:
+            penalty = self.decorrelation.alpha * distance_correlation(x, emb)
+            torch.autograd.backward([emb, penalty], [msg.grad, None])
+        else:
+            emb.backward(msg.grad)  # type: ignore[no-untyped-call]
         self.optimizer.step()
         self._pending = None
         self.step += 1

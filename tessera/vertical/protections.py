@@ -7,6 +7,9 @@
 - `GradientPerturbation` (at the label party): clip each row of d(loss)/d(embedding) to `clip_norm`, optionally
   add Gaussian noise of std `noise_multiplier * clip_norm` before it is sent back. Clipping alone hides gradient
   norms (the norm attack) but not directions; noise hides both, at a cost in accuracy.
+- `Decorrelation` (at each data owner): adds `alpha * dCor(x, embedding)` (sample distance correlation of the
+  batch's features and the embedding it releases, as in NoPeek, Vepakomma et al. 2019) to the owner's loss, so
+  the base learns embeddings that carry less of its raw features. An empirical defence: no formal guarantee.
 """
 
 from __future__ import annotations
@@ -96,6 +99,30 @@ class GradientPerturbation:
         return clipped + gaussian_like(clipped, std=self.noise_multiplier * self.clip_norm, generator=generator)
 
 
+def _centred_distances(t: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(t.reshape(len(t), -1).double(), t.reshape(len(t), -1).double())
+    return d - d.mean(dim=0, keepdim=True) - d.mean(dim=1, keepdim=True) + d.mean()
+
+
+def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sample distance correlation of the rows of `x` and `z` (Szekely et al. 2007): 0 when independent, 1 when
+    one is a similarity transform of the other. Differentiable in both; float64 scalar."""
+    a, b = _centred_distances(x), _centred_distances(z)
+    cov, vx, vz = (a * b).mean(), (a * a).mean(), (b * b).mean()
+    return torch.sqrt(torch.clamp(cov, min=0.0) / torch.sqrt(vx * vz + 1e-24) + 1e-12)
+
+
+@dataclass(frozen=True)
+class Decorrelation:
+    """An owner-side penalty `alpha * distance_correlation(features, embedding)` added to each training step."""
+
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ConfigError("Decorrelation alpha must be >= 0 (0 = off, larger = less of the features released)")
+
+
 @dataclass(frozen=True)
 class Protections:
     """Which protections a split job uses; the default (all None) is plain split learning."""
@@ -103,10 +130,11 @@ class Protections:
     embedding_dp: EmbeddingDP | None = None
     label_dp: LabelDP | None = None
     gradient: GradientPerturbation | None = None
+    decorrelation: Decorrelation | None = None
 
     @property
     def any(self) -> bool:
-        return any(p is not None for p in (self.embedding_dp, self.label_dp, self.gradient))
+        return any(p is not None for p in (self.embedding_dp, self.label_dp, self.gradient, self.decorrelation))
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
