@@ -21,7 +21,7 @@ from cryptography import x509
 
 from tessera.core import serde
 from tessera.core.errors import ConfigError, TransportError
-from tessera.runtime.backend import ClientFailure
+from tessera.runtime.backend import ClientFailure, FailureKind
 from tessera.runtime.grpc import ClientParty, GrpcBackend
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import PARTY_DOMAIN, issue
@@ -151,6 +151,7 @@ def test_a_malformed_reply_fails_that_client_and_the_others_are_served(start: An
         replies = r.backend.exchange({c: _fit(7, rnd) for c in ("c0", "c1", "c2")})
         assert _served(replies, ("c0", "c1"), 7)
         assert isinstance(replies["c2"], ClientFailure) and "undecodable" in replies["c2"].reason
+        assert replies["c2"].kind is FailureKind.MALFORMED
         assert match in replies["c2"].reason
     assert r.backend.connected() == ["c0", "c1", "c2"]
 
@@ -172,6 +173,7 @@ def test_without_max_message_bytes_the_ceiling_follows_the_model(start: Any,
     replies = r.backend.exchange({"c0": small, "c1": small})
     assert _served(replies, ("c0",), 10) and isinstance(replies["c1"], ClientFailure)
     assert "refused before allocating" in replies["c1"].reason and "follows the model" in replies["c1"].reason
+    assert replies["c1"].kind is FailureKind.MALFORMED
     _until(lambda: "bob" in r.errors)  # told why (RESOURCE_EXHAUSTED is final), bob's party stops
     assert "exceeds the ceiling" in str(r.errors["bob"])
 

@@ -27,7 +27,7 @@ import grpc
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message_parts, parts_size
-from tessera.runtime.backend import ClientFailure, Reply, Traffic
+from tessera.runtime.backend import ClientFailure, FailureKind, Reply, Traffic, failure_from_error
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
 from tessera.runtime.grpc.config import FederationConfig
@@ -100,8 +100,8 @@ class Session:
             self.closed = True
             pending, self.pending = self.pending, {}
         for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(TransportError(reason))
+            if not fut.done():  # a bad frame is the party's malformed reply; anything else, a lost connection
+                fut.set_exception(tp.FrameError(reason) if abort is not None else TransportError(reason))
         self.outbox.put(abort if abort is not None else _CLOSE)
 
 
@@ -303,13 +303,14 @@ class GrpcBackend:
             with self._cond:
                 session = None if self._stopping else self._live(self.routes[cid])
             if session is None:
-                out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected")
+                out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected", FailureKind.UNREACHABLE)
                 continue
             parts = encode_message_parts(msg)  # the envelope and views of the tensors: no copy of the model
             size = parts_size(parts)
             if s.max_message_bytes is not None and size > s.max_message_bytes:  # the peer would refuse it
                 out[cid] = ClientFailure(cid, f"{type(msg).__name__} of {size} bytes exceeds max_message_bytes="
-                                              f"{s.max_message_bytes}; raise it in federation.toml on every party")
+                                              f"{s.max_message_bytes}; raise it in federation.toml on every party",
+                                         FailureKind.MALFORMED)
                 continue
             self.traffic.add(cid, down=size, up=0)
             sent[cid] = (session, session.send(parts))
@@ -333,16 +334,18 @@ class GrpcBackend:
             blob = fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             session.forget(fut)
-            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s")
+            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
+        except tp.FrameError as exc:
+            return ClientFailure(cid, str(exc), FailureKind.MALFORMED)
         except TransportError as exc:
-            return ClientFailure(cid, str(exc))
+            return ClientFailure(cid, str(exc), FailureKind.UNREACHABLE)
         self.traffic.add(cid, down=0, up=len(blob))
         try:  # the reassembly buffer is ours: tensors become views over it (its size was checked on arrival)
             reply = decode_message(blob, take=True)
         except TesseraError as exc:
-            return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}")
+            return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}", FailureKind.MALFORMED)
         if isinstance(reply, ErrorRes):
-            return ClientFailure(cid, f"{reply.kind}: {reply.reason}")
+            return failure_from_error(cid, reply.kind, reply.reason)
         return reply
 
     def stop_waiting(self) -> None:
