@@ -63,6 +63,14 @@ def _grpc(ids: dict[str, list[str]], workers: int) -> int:
     return len(rows)
 
 
+def _peak_mib(pid: int) -> float:
+    """A live process's peak RSS (VmHWM); RUSAGE_CHILDREN would count the parent's pages copied at fork."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def one(a: int, b: int, mode: str, workers: int) -> dict[str, Any]:
     """Run one case in this process and return its figures."""
     from tessera.vertical import psi_curve
@@ -73,13 +81,14 @@ def one(a: int, b: int, mode: str, workers: int) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     got = _grpc(ids, workers) if mode == "grpc" else len(intersect(ids, workers=workers)["alice"])
     wall = time.perf_counter() - t0
-    psi_curve.shutdown()  # the workers exit, so their CPU time and peak RSS are counted below
+    worker_rss = max([_peak_mib(p.pid) for pool in psi_curve._POOLS.values() for p in pool.procs], default=0.0)
+    psi_curve.shutdown()  # the workers exit, so their CPU time is counted below
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - c0 + kids.ru_utime + kids.ru_stime
     if got != want:
         raise SystemExit(f"PSI returned {got} rows, the intersection has {want}")
     return {"seconds": wall, "cpu_seconds": cpu, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_rss_mib": kids.ru_maxrss / 1024, "intersection": got}
+            "worker_rss_mib": worker_rss, "intersection": got}
 
 
 def run_case(a: int, b: int, mode: str, workers: int) -> dict[str, Any]:
