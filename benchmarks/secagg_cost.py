@@ -5,7 +5,11 @@ decoded as on a network), one process, clients one after another, so a "round" i
 parties plus (de)serialisation; the network itself is not simulated, only counted (MB). Plain aggregation is:
 every client sends its update as a FitRes, the server sums the survivors' updates.
 
-    .venv/bin/python benchmarks/secagg_cost.py [--quick]
+    .venv/bin/python benchmarks/secagg_cost.py [--quick | --targets]
+
+Rows "complete" use the complete graph (degree n - 1, classic SecAgg), the others the SecAgg+ degree chosen from
+the dropout rate. `--targets` runs only issue 22's target rows: N=20 x 1M complete graph at 0% and 30% dropout
+and 100 clients x 1M at 30% dropout.
 
 Headline: `ratio` = SecAgg+ / plain round time at 100 clients, 1M parameters, 30% dropout after masking
 (--quick: 20 clients, 100k parameters, 30% dropout).
@@ -33,6 +37,7 @@ from tessera.runtime.backend import InProcessBackend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg import run_round
 from tessera.secagg.ckks import simulate_ckks_round
+from tessera.secagg.prg import PRG_NAME
 
 
 class Updates(Sequence[Params]):
@@ -75,9 +80,11 @@ def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:
     return seconds, backend.traffic.up // 3
 
 
-def secagg_round(updates: Updates, dropped: set[int], rate: float) -> tuple[float, int, int]:
+def secagg_round(updates: Updates, dropped: set[int], rate: float, *,
+                 complete: bool = False) -> tuple[float, int, int]:
     t0 = time.perf_counter()
-    rep = run_round(updates, threshold=0.6, dropouts=dropped, clip=8.0, bits=32, seed=0, dropout=max(rate, 0.05))
+    rep = run_round(updates, threshold=0.6, dropouts=dropped, clip=8.0, bits=32, seed=0, dropout=max(rate, 0.05),
+                    degree=len(updates) - 1 if complete else None)
     return time.perf_counter() - t0, rep.bytes_up, rep.server.state.setup.degree
 
 
@@ -87,41 +94,53 @@ def ckks_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:
     return time.perf_counter() - t0, backend.traffic.up
 
 
+def cases(args: argparse.Namespace) -> list[tuple[int, int, float, bool]]:
+    """(clients, params, dropout rate, complete graph) for each row."""
+    if args.targets:
+        return [(20, 1_000_000, 0.0, True), (20, 1_000_000, 0.3, True), (100, 1_000_000, 0.3, False)]
+    clients = (5, 10, 20) if args.quick else (10, 50, 100)
+    sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
+    out = [(n, size, rate, False) for n in clients for size in sizes for rate in (0.0, 0.3)]
+    if not args.quick:
+        out[4:4] = [(20, 1_000_000, 0.0, True), (20, 1_000_000, 0.3, True)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--targets", action="store_true", help="only the N=20 complete-graph and 100 x 1M rows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # dropouts are deliberate here
-    clients = (5, 10, 20) if args.quick else (10, 50, 100)
-    sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
     ckks_max = (20, 10_000) if args.quick else (100, 100_000)  # CKKS rows up to this many clients / params
     head = (20, 100_000, 0.3) if args.quick else (100, 1_000_000, 0.3)
+    first = 5 if args.quick else 10
     rows: list[list[Any]] = []
     headline = float("nan")
-    for n in clients:
-        for size in sizes:
-            for rate in (0.0, 0.3):
-                updates = Updates(n, size)
-                dropped = set(np.random.default_rng(n).choice(n, size=round(rate * n), replace=False).tolist())
-                plain_s, plain_b = plain_round(updates, dropped)
-                sa_s, sa_b, degree = secagg_round(updates, dropped, rate)
-                row = ["secagg", n, size, f"{rate:.0%}", degree, sa_s, plain_s, sa_s / plain_s,
-                       sa_b / n / 1e6, sa_b / plain_b]
-                rows.append(row)
-                print(row, flush=True)
-                if (n, size, rate) == head:
-                    headline = sa_s / plain_s
-                if (n <= ckks_max[0] and size <= ckks_max[1]) or (n == clients[0] and not args.quick):
-                    ck_s, ck_b = ckks_round(updates, dropped)
-                    rows.append(["ckks", n, size, f"{rate:.0%}", "-", ck_s, plain_s, ck_s / plain_s,
-                                 ck_b / n / 1e6, ck_b / plain_b])
-                    print(rows[-1], flush=True)
+    for n, size, rate, complete in cases(args):
+        updates = Updates(n, size)
+        dropped = set(np.random.default_rng(n).choice(n, size=round(rate * n), replace=False).tolist())
+        plain_s, plain_b = plain_round(updates, dropped)
+        sa_s, sa_b, degree = secagg_round(updates, dropped, rate, complete=complete)
+        row = ["secagg" + (" complete" if complete else ""), n, size, f"{rate:.0%}", degree, sa_s, plain_s,
+               sa_s / plain_s, sa_b / n / 1e6, sa_b / plain_b]
+        rows.append(row)
+        print(row, flush=True)
+        if (n, size, rate) == head and not complete:
+            headline = sa_s / plain_s
+        ckks_row = (n <= ckks_max[0] and size <= ckks_max[1]) or (n == first and not args.quick)
+        if ckks_row and not complete and not args.targets:
+            ck_s, ck_b = ckks_round(updates, dropped)
+            rows.append(["ckks", n, size, f"{rate:.0%}", "-", ck_s, plain_s, ck_s / plain_s,
+                         ck_b / n / 1e6, ck_b / plain_b])
+            print(rows[-1], flush=True)
     report("secagg_cost", ["proto", "n", "params", "drop", "deg", "round s", "plain s", "x time", "MB up/cl",
                            "x bytes"], rows, ratio=headline,
            ratio_means=f"SecAgg+ / plain round time at {head[0]} clients, {head[1]:,} params, "
                        f"{head[2]:.0%} dropout after masking (one process, all parties' compute)",
-           extra={"quick": args.quick, "threshold": 0.6, "bits": 32, "clip": 8.0})
+           extra={"quick": args.quick, "targets": args.targets, "threshold": 0.6, "bits": 32, "clip": 8.0,
+                  "prg": PRG_NAME})
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tessera.secagg.messages import (
     survivors_statement,
 )
 from tessera.secagg.pki import PKI
-from tessera.secagg.prg import SEED_BYTES, add_mask, reduce, to_wire, to_words
+from tessera.secagg.prg import SEED_BYTES, add_masks, check_prg, reduce, to_wire, to_words
 from tessera.secagg.quantize import quantize, quantize_unit
 
 log = get_logger(__name__)
@@ -84,6 +84,7 @@ def on_setup(state: ClientState | None, msg: SetupIns, me: str, pki: PKI) -> tup
         # A threshold of half the holders or less would let a server unmask b_u and s_u^SK from disjoint groups.
         raise ProtocolError(f"SetupIns threshold {msg.threshold} must exceed half of the {msg.degree + 1} share "
                             "holders and not exceed them; refusing to take part")
+    check_prg(msg.prg)
     c_sk, c_pk = crypto.keypair()
     s_sk, s_pk = crypto.keypair()
     new = ClientState(stage=Stage.SHARE_KEYS.value, setup_blob=serde.encode_message(msg), c_sk=c_sk, s_sk=s_sk)
@@ -160,12 +161,10 @@ def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[st
     the wire tensor (int32 for bits <= 32, else int64)."""
     setup = st.setup
     acc = to_words(q, bits=setup.bits)
-    add_mask(acc, st.b_seed, bits=setup.bits)
     me_i = setup.clients.index(me)
     seeds = crypto.agree_many(st.s_sk, {v: st.s_pks[v] for v in partners}, info=crypto.MASK_INFO)
-    for v in partners:
-        seed = seeds[v]
-        add_mask(acc, seed, bits=setup.bits, sign=1 if me_i < setup.clients.index(v) else -1)
+    masks = [(st.b_seed, 1)] + [(seeds[v], 1 if me_i < setup.clients.index(v) else -1) for v in partners]
+    add_masks(acc, masks, bits=setup.bits, prg=setup.prg)  # every mask at once, chunk by chunk, on a thread pool
     return to_wire(reduce(acc, bits=setup.bits), bits=setup.bits)
 
 

@@ -52,6 +52,7 @@ class SetupIns:
     dim: int  # masked vector length (update coordinates + 1 weight coordinate)
     session: int = 0  # fresh per attempt: a coordinator may restart an abandoned round, never replay one
     l2_clip: float = 0.0  # > 0: honest clients scale their update to this L2 norm first (unverifiable once masked)
+    prg: str = "chacha20"  # the mask PRG every party of the round expands ("aes-128-ctr" | "chacha20")
 
 
 @message

@@ -30,6 +30,7 @@ from tessera.secagg.client import step
 from tessera.secagg.graph import default_degree, share_threshold
 from tessera.secagg.messages import STAGES, ClientState, SetupIns, Stage
 from tessera.secagg.pki import PKI, SimulatedPKI
+from tessera.secagg.prg import PRG_NAME
 from tessera.secagg.quantize import check_bits, levels_for
 from tessera.secagg.server import SecAggServer
 
@@ -114,7 +115,7 @@ class SecAggPlus:
                         degree=min(degree, n - 1), graph_seed=graph_seed, bits=self.bits, clip=self.clip,
                         levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim,
                         session=secrets.randbits(62) if session is None else session,
-                        l2_clip=float(self.l2_clip or 0.0))
+                        l2_clip=float(self.l2_clip or 0.0), prg=PRG_NAME)
 
     def configure(self, parts: JobParts) -> None:
         check_strategy(parts.strategy)
@@ -205,7 +206,7 @@ class RoundInfo:
         s = server.state.setup
         record["secagg"] = {"protocol": "secagg+", "clients": len(s.clients), "degree": s.degree,
                             "threshold": s.threshold, "bits": s.bits, "survivors": len(server.result.survivors),
-                            "masks_rebuilt_for": len(server.revealed_sk)}
+                            "masks_rebuilt_for": len(server.revealed_sk), "prg": s.prg}
 
 
 class SecAggPlusAggregation:

@@ -56,16 +56,18 @@ def sum_error_bound(*, clients: int, clip: float, levels: int) -> float:
 
 
 def _stochastic_round(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """floor(y) + [u < y - floor(y)], u ~ U[0, 1) from `gen`; overwrites y (two temporaries, not five)."""
     low = torch.floor(y)
-    up = torch.rand(y.shape, dtype=torch.float64, generator=gen) < (y - low)
-    return low.to(torch.int64) + up.to(torch.int64)
+    frac = y.sub_(low)
+    up = torch.rand(y.shape, dtype=torch.float64, generator=gen).lt_(frac)  # 1.0 where rounded up
+    return low.add_(up).to(torch.int64)  # exact: integers below 2^53
 
 
 def quantize(x: torch.Tensor, *, clip: float, levels: int, gen: torch.Generator) -> torch.Tensor:
     """float values -> int64 in [0, levels]: clip to [-clip, clip], scale, stochastic rounding."""
     if not clip > 0:
         raise ConfigError(f"secagg.clip: must be positive, got {clip}")
-    y = (x.double().clamp(-clip, clip) + clip) * (levels / (2.0 * clip))
+    y = x.to(torch.float64, copy=True).clamp_(-clip, clip).add_(clip).mul_(levels / (2.0 * clip))
     return _stochastic_round(y, gen).clamp_(0, levels)
 
 

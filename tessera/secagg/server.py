@@ -42,7 +42,7 @@ from tessera.secagg.messages import (
     survivors_statement,
 )
 from tessera.secagg.pki import PKI
-from tessera.secagg.prg import add_mask, reduce, to_int64, to_words
+from tessera.secagg.prg import add_masks, reduce, to_int64, to_words
 from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum
 
 
@@ -242,17 +242,18 @@ class SecAggServer:
         seeds = {u: self._gather(u, replies, "b") for u in st.survivors}
         dropped = [u for u in st.shared if u not in st.survivors and any(v in st.survivors for v in self.graph[u])]
         keys = {u: self._gather(u, replies, "sk") for u in dropped}
-        # Everything needed is in hand: only now is any mask removed.
-        for u, b in seeds.items():
-            self.revealed_b.add(u)
-            add_mask(total, b, bits=s.bits, sign=-1)
         for u, sk in keys.items():
-            self.revealed_sk.add(u)
             if crypto.public_of(sk) != st.keys[u].s_pk:
                 raise ProtocolError(f"shares of {u!r}'s mask key do not match its public key; round abandoned")
-            for v in (v for v in self.graph[u] if v in st.survivors):
-                seed = crypto.agree(sk, st.keys[v].s_pk, info=crypto.MASK_INFO)
-                add_mask(total, seed, bits=s.bits, sign=-1 if self.index[v] < self.index[u] else 1)  # undo v's
+        # Everything needed is in hand: only now is any mask removed, all at once (chunks on a thread pool).
+        masks = [(b, -1) for b in seeds.values()]
+        for u, sk in keys.items():  # undo each survivor v's pairwise mask with the dropped u
+            near = {v: st.keys[v].s_pk for v in self.graph[u] if v in st.survivors}
+            for v, seed in crypto.agree_many(sk, near, info=crypto.MASK_INFO).items():
+                masks.append((seed, -1 if self.index[v] < self.index[u] else 1))
+        self.revealed_b.update(seeds)
+        self.revealed_sk.update(keys)
+        add_masks(total, masks, bits=s.bits, prg=s.prg)
         ring = to_int64(reduce(total, bits=s.bits))
         n = len(st.survivors)
         values = dequantize_sum(ring[:-1], count=n, clip=s.clip, levels=s.levels)

@@ -17,6 +17,7 @@ from tessera.secagg import CKKS, SecAggPlus, SecAggPlusAggregation, plugin
 from tessera.secagg.client import encode_input
 from tessera.secagg.messages import MaskedInputRes
 from tessera.secagg.plus import flatten
+from tessera.secagg.prg import PRG_NAME
 from tessera.secagg.quantize import ring_mask, sum_error_bound
 from tests.fixtures import digits_job
 
@@ -70,6 +71,7 @@ def test_fedavg_with_secagg_equals_the_clear_run(dropout: float) -> None:
     dropped = round(dropout * 5)
     assert [r["secagg"]["masks_rebuilt_for"] for r in h1.records] == [dropped] * ROUNDS
     assert [r["secagg"]["survivors"] for r in h1.records] == [5 - dropped] * ROUNDS
+    assert {r["secagg"]["prg"] for r in h1.records} == {PRG_NAME}  # which mask PRG the round ran
 
 
 @pytest.mark.slow

@@ -133,7 +133,7 @@ class Coordinator:
         if victim not in self.masked or b is None:
             return None
         acc = to_words(self.masked[victim], bits=s.bits)
-        add_mask(acc, b, bits=s.bits, sign=-1)
+        add_mask(acc, b, bits=s.bits, sign=-1, prg=s.prg)
         for w in self.partners[victim]:
             sk_w, sk_v = self.secret(w, "sk"), self.secret(victim, "sk")
             if sk_w is not None:
@@ -142,7 +142,7 @@ class Coordinator:
                 seed = crypto.agree(sk_v, self.keys[w].s_pk, info=crypto.MASK_INFO)
             else:
                 return None
-            add_mask(acc, seed, bits=s.bits, sign=-1 if index(victim) < index(w) else 1)
+            add_mask(acc, seed, bits=s.bits, sign=-1 if index(victim) < index(w) else 1, prg=s.prg)
         return to_int64(reduce(acc, bits=s.bits))
 
     def truth(self, victim: str) -> torch.Tensor:

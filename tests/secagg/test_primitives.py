@@ -1,17 +1,24 @@
 """Property tests for the SecAgg+ building blocks: Shamir, quantisation, PRG masks, AEAD, neighbour graph."""
 
+import dataclasses
+import hashlib
 import math
+import os
 import random
 
+import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tessera.core.errors import ConfigError, ProtocolError
 from tessera.secagg import crypto, shamir
 from tessera.secagg.graph import default_degree, neighbours, share_threshold
-from tessera.secagg.prg import expand
+from tessera.secagg.prg import CHUNK, PRG_NAME, add_masks, cpu_has_aes, expand, keystream, word
 from tessera.secagg.quantize import (
     dequantize_sum,
     levels_for,
@@ -131,3 +138,62 @@ def test_neighbour_graph_is_symmetric_and_logarithmic(n: int) -> None:
         assert k <= 8 * math.ceil(math.log2(n))  # O(log n), not n
         assert k < n - 1
     assert share_threshold(0.6, k) > (k + 1) / 2
+
+
+# Pinned keystreams: a change of PRG, key derivation or counter layout cannot pass silently.
+PINNED = {
+    "aes-128-ctr": ([987096055, 1313577791, 210535645, 3050287173, 2660834953, 1097601499, 2237650598, 3302729584],
+                    "ce075b12d2b08814"),
+    "chacha20": ([4053392263, 3856428543, 460952469, 2014925794, 1111904371, 2864931498, 3744176890, 3759004777],
+                 "2aea822d2cc3baea"),
+}
+
+
+@pytest.mark.parametrize("prg", list(PINNED))
+def test_prg_keystream_is_pinned(prg: str) -> None:
+    seed = bytes(range(32))
+    head, digest = PINNED[prg]
+    assert expand(seed, 8, bits=32, prg=prg).tolist() == head
+    long = expand(seed, 300_000, bits=62, prg=prg)  # crosses chunk boundaries (chunks are expanded in parallel)
+    assert hashlib.sha256(long.numpy().tobytes()).hexdigest()[:16] == digest
+
+
+def test_prg_constructions_match_their_definitions() -> None:
+    """AES-128-CTR keyed by HKDF-SHA256(seed), counter blocks 0, 1, ...; ChaCha20 keyed by the seed (the stream
+    tessera used before, so ChaCha20 rounds are unchanged)."""
+    seed = bytes(range(32))
+    key = HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=b"tessera/secagg/prg/aes-128-ctr").derive(seed)
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    blocks = ecb.update((0).to_bytes(16, "big") + (1).to_bytes(16, "big"))
+    assert keystream(seed, 8, bits=32, prg="aes-128-ctr").tobytes() == blocks
+    old = Cipher(algorithms.ChaCha20(seed, b"\x00" * 4 + b"tessera-mask"), mode=None).encryptor().update(bytes(4096))
+    assert keystream(seed, 1024, bits=32, prg="chacha20").tobytes() == old
+
+
+@pytest.mark.parametrize("bits", [32, 62])
+@pytest.mark.parametrize("prg", list(PINNED))
+def test_chunked_masks_equal_the_whole_keystream(prg: str, bits: int) -> None:
+    n = 2 * CHUNK + 1234
+    a, b = os.urandom(32), os.urandom(32)
+    acc = np.zeros(n, dtype=word(bits))
+    add_masks(acc, [(a, 1), (b, -1)], bits=bits, prg=prg)
+    want = keystream(a, n, bits=bits, prg=prg) - keystream(b, n, bits=bits, prg=prg)  # wraps in the word
+    assert np.array_equal(acc, want)
+
+
+def test_aes_prg_output_is_uniform_bytes() -> None:
+    raw = expand(bytes(32), 50_000, bits=32, prg="aes-128-ctr").to(torch.int64)
+    counts = torch.bincount((raw & 0xFF).reshape(-1), minlength=256).double()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 330  # 255 degrees of freedom: p ~ 0.001 at 330
+
+
+def test_the_round_names_its_prg_and_clients_refuse_an_unknown_one() -> None:
+    from tessera.secagg.client import step
+    from tessera.secagg.pki import SimulatedPKI
+    from tessera.secagg.plus import SecAggPlus
+
+    setup = SecAggPlus().setup(1, ["a", "b", "c"], dim=3, graph_seed=0)
+    assert setup.prg == PRG_NAME == ("aes-128-ctr" if cpu_has_aes() else "chacha20")
+    with pytest.raises(ProtocolError, match="unknown mask PRG"):
+        step(None, dataclasses.replace(setup, prg="rc4"), "a", lambda m: (torch.zeros(2), 1, {}), SimulatedPKI())
