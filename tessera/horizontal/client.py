@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from tessera.core.errors import ProtocolError
 from tessera.core.types import Params
-from tessera.horizontal.task import Task, task_get_params, task_set_params
+from tessera.horizontal.checks import dry_run
+from tessera.horizontal.task import HasLoss, Task, task_get_params, task_set_params
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 
@@ -66,6 +67,8 @@ class TaskClient:
     def __init__(self, task: Task) -> None:
         self.task = task
         self._local = threading.local()
+        self._checked: set[str] = set()  # clients whose first batch passed the dry run
+        self._lock = threading.Lock()
 
     def model(self) -> nn.Module:
         m = getattr(self._local, "model", None)
@@ -86,11 +89,22 @@ class TaskClient:
         model = self.model()
         self._set(model, ins.params)
         train, _ = self.data(ctx.client, ins.round)
+        self._dry_run(model, train, ctx.client)
         config: dict[str, Any] = dict(ins.config)
         config.update(ctx.train_config)
         with seeded(int(config.get("seed", 0))):
             metrics = self.task.train(model, train, config)
         return FitRes(params=self._get(model), num_examples=_size(train), metrics=dict(metrics))
+
+    def _dry_run(self, model: nn.Module, train: DataLoader[Any], client: str) -> None:
+        """Before a client's first round, one batch through the model and loss: a shape or dtype mistake is one
+        error naming the client and both shapes (ShapeMismatch/ConfigError), not a traceback from round 1."""
+        with self._lock:
+            if client in self._checked:
+                return
+        dry_run(model, train, party=client, loss_fn=self.task.loss_fn if isinstance(self.task, HasLoss) else None)
+        with self._lock:
+            self._checked.add(client)
 
     def evaluate(self, ins: EvaluateIns, ctx: ClientContext) -> EvaluateRes:
         model = self.model()

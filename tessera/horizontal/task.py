@@ -46,6 +46,14 @@ class Task(Protocol):
 
 
 @runtime_checkable
+class HasLoss(Protocol):
+    """A Task that trains with a plain `loss_fn(outputs, targets)` (SupervisedTask, DPTask): the dry run before a
+    client's first round checks that loss on one batch."""
+
+    loss_fn: LossFn
+
+
+@runtime_checkable
 class SelectsParams(Protocol):
     """A Task that chooses which tensors cross the wire (and how they load back)."""
 

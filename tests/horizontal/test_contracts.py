@@ -198,3 +198,23 @@ def test_strategy_contract_declares_what_the_loop_calls() -> None:
                  "state_dict", "load_state_dict"):
         assert callable(getattr(Strategy, name))
     assert "apply" in MeanStrategy.__abstractmethods__
+
+
+def test_a_client_dry_runs_one_batch_before_its_first_round() -> None:
+    """A job whose model does not fit the data (5 input columns, 4 in the data) fails the client with the dry
+    run's message naming the client and both shapes, not a bare RuntimeError from inside training; the run's
+    round fails before anything trains."""
+    from tessera.core.errors import ShapeMismatch
+    from tessera.horizontal.client import TaskClient
+
+    task = _round_task()
+    task._model_fn = lambda: nn.Linear(5, 3)
+    client = TaskClient(task)
+    ins = FitIns(round=1, params=dict(nn.Linear(5, 3).state_dict()))
+    with pytest.raises(ShapeMismatch, match=r"c0.*\b4\b.*\b5\b|c0.*\b5\b.*\b4\b"):
+        client.fit(ins, ClientContext("c0"))
+    parts = JobParts(task=task, strategy=FedAvg(fraction_evaluate=0.0, min_available=1), clients=sorted(ROWS))
+    from tessera.core.errors import RoundFailed
+
+    with pytest.raises(RoundFailed, match="only 0 client"):  # every client failed its dry run: no round ran
+        simulate(parts, rounds=1)
