@@ -92,15 +92,24 @@ def save(t: SplitTrainer, out: Path) -> None:
     atomic_write_bytes(out / CHECKPOINT, serde.dumps(state))
 
 
-def load(t: SplitTrainer, out: Path) -> bool:
+def load_label(t: SplitTrainer, out: Path) -> dict[str, Any] | None:
+    """Load only the label party's side of the checkpoint in `out`; returns the whole checkpoint (its `tag` and
+    the owners' `sha256`s), or None when there is none."""
     path = out / CHECKPOINT
     if not path.exists():
-        return False
+        return None
     try:
-        state = serde.loads(path.read_bytes())
+        state: dict[str, Any] = serde.loads(path.read_bytes())
     except SerdeError as exc:
         raise ConfigError(f"{path} is not a valid split checkpoint ({exc}); move it away") from None
     _load_label_state(t, state["label"])
+    return state
+
+
+def load(t: SplitTrainer, out: Path) -> bool:
+    state = load_label(t, out)
+    if state is None:
+        return False
     _load_owners(t, state["tag"], state["owners"], t.step)
     if t.writer is not None:
         t.writer.reset(t.history.records)

@@ -24,6 +24,7 @@ from torch import nn
 from tessera.core.errors import ConfigError, ProtocolError
 from tessera.core.serde import message
 from tessera.runtime.backend import Backend, ClientFailure
+from tessera.vertical.messages import InfoIns, InfoRes
 from tessera.vertical.model import set_mode
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class EmbeddingServer:
     def handle(self, party: str, msg: Any) -> Any:
         if party != self.name:
             raise ProtocolError(f"embedding request for {party!r} reached {self.name!r}; check the routing")
+        if isinstance(msg, InfoIns):  # how many aligned rows are served (under any split name asked)
+            return InfoRes(rows={s: len(self.x) for s in msg.splits})
         if not isinstance(msg, EmbedIns):
             raise ProtocolError(f"data owner {self.name} serves embeddings only; got {type(msg).__name__}")
         rows, n = msg.rows, len(self.x)
@@ -106,10 +109,25 @@ class SplitPredictor:
         if local_base is not None:
             set_mode(local_base, False)
 
-    def embed(self, rows: torch.Tensor) -> list[torch.Tensor]:
+    def start(self) -> None:
+        """Start the backend (wait for the owners); done on the first request otherwise."""
         if not self._started:
             self.backend.start(self.owners)
             self._started = True
+
+    def rows(self) -> int:
+        """How many aligned rows every owner serves (they must agree)."""
+        self.start()
+        replies = self.backend.exchange({o: InfoIns(splits=["serve"]) for o in self.owners}, timeout=self.timeout)
+        sizes = {p: (r.rows.get("serve", -1) if isinstance(r, InfoRes) else -1) for p, r in replies.items()}
+        if self.local_x is not None:
+            sizes[self.me] = len(self.local_x)
+        if len(set(sizes.values())) != 1 or -1 in sizes.values():
+            raise ConfigError(f"the parties serve different numbers of aligned rows {sizes}; align them with PSI")
+        return next(iter(sizes.values()))
+
+    def embed(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        self.start()
         self._request += 1
         replies = self.backend.exchange({o: EmbedIns(request=self._request, rows=rows) for o in self.owners},
                                         timeout=self.timeout)

@@ -112,3 +112,23 @@ def test_split_inference_over_grpc_equals_the_exported_model(tmp_path: Path) -> 
     ref = tessera.vertical.SplitModel(bases, fuse, label_party="alice")
     assert torch.equal(got, _exported(ref, x, rows, 128))
     assert [len(s.log) for s in servers.values()] == [4, 4]
+
+
+def test_serving_owner_loads_the_trained_snapshot_before_serving(tmp_path: Path) -> None:
+    from tessera.vertical.messages import LoadIns, SaveIns
+    from tessera.vertical.owner import DataOwner
+    from tessera.vertical.serve_app import ServingOwner
+
+    x = torch.randn(10, 4)
+    trained = DataOwner("bob", nn.Linear(4, 2), lambda p: torch.optim.SGD(p, lr=0.1), data={"predict": x},
+                        state_dir=tmp_path)
+    sha = trained.handle("bob", SaveIns(tag="ckpt-0", step=0)).sha256
+    fresh = DataOwner("bob", nn.Linear(4, 2), lambda p: torch.optim.SGD(p, lr=0.1), data={"predict": x},
+                      state_dir=tmp_path)
+    serving = ServingOwner(fresh, "predict", asker="alice", log_path=None)
+    with pytest.raises(ProtocolError, match="load the trained snapshot"):
+        serving.handle("bob", EmbedIns(request=1, rows=torch.arange(3)))
+    serving.handle("bob", LoadIns(tag="ckpt-0", sha256=sha))
+    got = serving.handle("bob", EmbedIns(request=2, rows=torch.arange(3))).embedding
+    with torch.no_grad():
+        assert torch.equal(got, trained.base(x[:3]))
