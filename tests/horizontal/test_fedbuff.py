@@ -3,6 +3,7 @@ checkpointed and resumable), and stragglers."""
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,12 +12,18 @@ import torch
 from tessera.core.errors import ConfigError
 from tessera.horizontal.async_server import simulate_async
 from tessera.horizontal.attacks import AttackKind, UpdateAttack
-from tessera.horizontal.simulation import JobParts, simulate
+from tessera.horizontal.client import ClientContext, client_seed, seeded
+from tessera.horizontal.job import ClientStates, Extension, compose
+from tessera.horizontal.pacing import Pacing
+from tessera.horizontal.realtime import Asynchronous
+from tessera.horizontal.server import Server, ServerConfig
+from tessera.horizontal.simulation import JobParts, initial_params, simulate
 from tessera.horizontal.strategies import DeadlineRounds, FedAvg, FedBuff, FedNova
+from tessera.runtime.backend import InProcessBackend
 from tessera.runtime.messages import FitRes
 from tests.fixtures import digits_parts
 
-from .helpers import make_data, make_task
+from .helpers import make_data, make_task, params_equal
 
 
 def res(value: float, staleness: float) -> tuple[str, FitRes]:
@@ -134,3 +141,93 @@ def test_one_client_10x_slower_deadline_and_fedbuff_beat_synchronous_fedavg_in_w
     assert acc["sync"] > 0.9
     assert abs(acc["deadline"] - acc["sync"]) <= 0.05 and abs(acc["fedbuff"] - acc["sync"]) <= 0.05, acc
     assert np.max(h_fb["staleness_max"]) >= 5  # the slow client's updates did arrive, late and down-weighted
+
+
+# ------------------------------------------------------------------------- real clock: Asynchronous (threads)
+def _async_server(parts: JobParts, *, rounds: int, out: Path | None = None, k: int = 1,
+                  central: list[dict[str, torch.Tensor]] | None = None) -> Server:
+    app = parts.client_app()
+    seen = central if central is not None else []
+
+    def keep(p: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        seen.append({n: t.clone() for n, t in p.items()})
+        return 0.0, {}
+
+    return Server(strategy=parts.strategy, backend=InProcessBackend(app), clients=parts.clients,
+                  initial_params=initial_params(parts.task, 5), central_eval=keep,
+                  config=ServerConfig(rounds=rounds, seed=5, output_dir=out), extensions=[ClientStates(app)],
+                  scheduling=Asynchronous(buffer_size=k))
+
+
+def test_real_clock_fedbuff_with_one_client_and_k1_is_sequential_sgd() -> None:
+    data = make_data(num_clients=1)
+    parts = JobParts(task=make_task(data), strategy=FedBuff(buffer_size=1, fraction_evaluate=0.0), clients=["c0"])
+    server = _async_server(parts, rounds=4)
+    hist = server.run()
+    assert hist["updates"] == [1, 2, 3, 4] and hist["staleness_max"] == [0.0] * 4
+    # Oracle: plain local SGD, 4 calls of task.train on one model, each seeded as the n-th dispatch.
+    task = make_task(data)
+    model = task.model_fn()
+    model.load_state_dict(initial_params(task, 5))
+    train, _ = task.data_fn("c0", 1)
+    for n in range(1, 5):
+        with seeded(client_seed(5, n, "c0")):
+            task.train(model, train, {})
+    assert params_equal(server.params, dict(model.state_dict()))
+
+
+def _echo_version(msg: Any, ctx: ClientContext, call_next: Any) -> Any:
+    reply = call_next(msg, ctx)
+    return FitRes(params=reply.params, num_examples=reply.num_examples,
+                  metrics={**reply.metrics, "sent_version": float(msg.round)})
+
+
+class _Checking(FedBuff):
+    """FedBuff that checks each update's staleness against the version its client was sent (echoed by a mod)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(fraction_evaluate=0.0, **kw)
+        self.stale: list[float] = []
+
+    def aggregate_fit(self, rnd: int, results: Any, current: Any) -> Any:
+        for _, r in results:
+            assert r.metrics["staleness"] == (rnd - 1) - r.metrics["sent_version"]
+            self.stale.append(r.metrics["staleness"])
+        return super().aggregate_fit(rnd, results, current)
+
+
+def test_real_clock_staleness_counts_server_steps_since_the_model_was_sent() -> None:
+    data = make_data(num_clients=3)
+    strategy = _Checking(buffer_size=1)
+    parts = JobParts(task=make_task(data), strategy=strategy, clients=list(data), mods=[_echo_version])
+    composed = compose(parts, [Pacing({"c0": 0.0, "c1": 0.0, "c2": 0.05})])
+    hist = _async_server(composed, rounds=9).run()
+    assert hist["updates"] == list(range(1, 10)) and len(strategy.stale) == 9
+    assert max(strategy.stale) >= 1  # the slow client's update arrived after others had been applied
+
+
+def test_real_clock_fedbuff_killed_mid_run_resumes_without_losing_an_applied_update(tmp_path: Path) -> None:
+    data = make_data(num_clients=3)
+
+    def parts() -> JobParts:
+        return JobParts(task=make_task(data), strategy=FedBuff(buffer_size=2, fraction_evaluate=0.0),
+                        clients=list(data))
+
+    class Kill(Extension):
+        name = "kill"
+
+        def on_round_end(self, rnd: int, record: dict[str, Any]) -> None:
+            if rnd == 3:  # dies inside step 3: its updates were never checkpointed, steps 1-2 were
+                raise KeyboardInterrupt
+
+    applied: list[dict[str, torch.Tensor]] = []
+    killed = _async_server(parts(), rounds=6, out=tmp_path, k=2, central=applied)
+    killed.extensions.append(Kill())
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    resumed = _async_server(parts(), rounds=6, out=tmp_path, k=2)
+    assert resumed.resume() and resumed.round == 2
+    assert isinstance(resumed.scheduling, Asynchronous) and resumed.scheduling.updates == 4
+    assert params_equal(resumed.params, applied[1])  # every update applied in steps 1-2 is there, once
+    hist = resumed.run()
+    assert hist["updates"] == [2, 4, 6, 8, 10, 12] and hist["round"] == [1, 2, 3, 4, 5, 6]
