@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -185,10 +186,12 @@ def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns]
     """Drive the five stages over `backend.exchange`; raises RoundFailed before any unmasking when too few clients
     remain (a malformed reply is that client's dropout)."""
     for stage in STAGES:
+        t0 = time.perf_counter()
         requests = server.requests(fit if stage == Stage.COLLECT else None)
         for client, reply in backend.exchange(requests, timeout=timeout).items():
             server.receive(client, reply)
         server.advance()
+        server.seconds[stage.value] = time.perf_counter() - t0
 
 
 class RoundInfo:

@@ -82,6 +82,7 @@ class SecAggServer:
         self.revealed_sk: set[str] = set()  # clients whose mask key the server reconstructed
         self.result: SumResult | None = None
         self.meta: dict[str, tuple[int, dict[str, float]]] = {}  # survivor -> (num_examples, metrics)
+        self.seconds: dict[str, float] = {}  # wall time of each stage (exchange + server work), by stage name
 
     # ----------------------------------------------------------------------------------------------- requests
     def requests(self, fit: Mapping[str, FitIns] | None = None) -> dict[str, Any]:
