@@ -79,3 +79,52 @@ def test_compute_party_roles_are_checked() -> None:
     with pytest.raises(ConfigError, match="hold no base model"):
         tessera.SLModel(base_models=bases, fuse_model=fuse, label_party="alice", compute_party="gpu",
                         loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=OPTIMIZERS["sgd"])
+
+
+@pytest.mark.slow
+def test_three_roles_over_grpc_equal_the_in_process_run(tmp_path: Any) -> None:
+    import threading
+
+    from tessera.runtime.grpc import ClientParty, GrpcBackend
+    from tessera.runtime.grpc.certs import init_ca, issue
+    from tessera.runtime.grpc.config import build
+    from tessera.vertical.label import LabelParty
+    from tessera.vertical.owner import DataOwner
+    from tessera.vertical.trainer import SplitTrainer
+
+    def fed(port: int) -> Any:
+        parties = [{"name": "gpu", "role": "coordinator", "address": f"127.0.0.1:{port}"},
+                   *({"name": n} for n in ("alice", "bob", "bank"))]
+        return build({"federation": {"ca_cert": "ca.crt", "certs_dir": ".", "quorum_deadline_s": 20,
+                                     "rpc_deadline_s": 20, "retry": {"initial_backoff_s": 0.05, "max_attempts": 50}},
+                      "parties": parties}, source="test", base=tmp_path)
+
+    init_ca(tmp_path)
+    for n in ("gpu", "alice", "bob", "bank"):
+        issue(tmp_path, n)
+    x, y = make_data()
+    bases, fuse = make_split()
+    oracle = tessera.SLModel(base_models=bases, fuse_model=fuse, label_party="bank", compute_party="gpu",
+                             loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=OPTIMIZERS["adam"])
+    oracle.fit(x=x, y=y, epochs=2, batch_size=16)
+    bases, fuse = make_split()  # the same initial weights again
+    backend = GrpcBackend(fed(0), {n: n for n in ("alice", "bob", "bank")}, min_clients=3)
+    port = backend.listen()
+    handlers: dict[str, Any] = {p: DataOwner(p, bases[p], OPTIMIZERS["adam"], data={"train": x[p]}) for p in bases}
+    handlers["bank"] = LabelParty("bank", nn.BCEWithLogitsLoss(), labels={"train": y})
+    clients = [ClientParty(fed(port), n, h) for n, h in handlers.items()]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    trainer = SplitTrainer(fuse=fuse, loss_fn=None, optimizer_fn=OPTIMIZERS["adam"], label_party="gpu",
+                           order=list(bases), backend=backend, loss_party="bank")
+    try:
+        trainer.fit(epochs=2, batch_size=16)
+    finally:
+        trainer.close()
+        for t in threads:
+            t.join(20)
+    assert_params_close(fuse, oracle.fuse_model, atol=0)
+    for p in bases:
+        assert_params_close(bases[p], oracle.base_models[p], atol=0)
+    assert set(handlers["bank"].received) == {InfoIns, LossIns}

@@ -15,4 +15,4 @@ BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 def test_doc_snippet_runs(index: int) -> None:
     namespace: dict[str, object] = {}
     exec(compile(BLOCKS[index], f"docs/vertical.md[{index}]", "exec"), namespace)  # the doc's own code
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 7
