@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tessera.core.errors import ProtocolError
-from tessera.core.types import Params
+from tessera.core.types import Params, get_params
 from tessera.horizontal.checks import dry_run
-from tessera.horizontal.task import HasLoss, Task, task_get_params, task_set_params
+from tessera.horizontal.task import HasLoss, SelectsParams, Task, task_set_params
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 
@@ -67,6 +67,9 @@ class TaskClient:
     def __init__(self, task: Task) -> None:
         self.task = task
         self._local = threading.local()
+        # Lent replies carry the model's own tensors (no copy): only for a transport that reads or copies them
+        # before this thread's next message (the in-process backend turns it on; see runtime.backend).
+        self.lend = False
         self._checked: set[str] = set()  # clients whose first batch passed the dry run
         self._lock = threading.Lock()
 
@@ -80,13 +83,14 @@ class TaskClient:
         return self.task.data_fn(client, rnd)
 
     def _get(self, model: nn.Module) -> Params:
-        return task_get_params(self.task, model)
+        """The model's params, sharing its memory unless the Task selects (and so builds) them itself."""
+        return self.task.get_params(model) if isinstance(self.task, SelectsParams) else get_params(model, copy=False)
 
     def _set(self, model: nn.Module, params: Params) -> None:
         task_set_params(self.task, model, params)
 
     def fit(self, ins: FitIns, ctx: ClientContext) -> FitRes:
-        model = self.model()
+        model = self.model()  # built once per thread; params are copied into it in place (copy_), never rebuilt
         self._set(model, ins.params)
         train, _ = self.data(ctx.client, ins.round)
         self._dry_run(model, train, ctx.client)
@@ -94,7 +98,13 @@ class TaskClient:
         config.update(ctx.train_config)
         with seeded(int(config.get("seed", 0))):
             metrics = self.task.train(model, train, config)
-        return FitRes(params=self._get(model), num_examples=_size(train), metrics=dict(metrics))
+        for p in model.parameters():  # the next fit starts from zero grads anyway: free them now, not later
+            p.grad = None
+        params = self._get(model)
+        if not self.lend:  # the reply must outlive this model's next round: own its memory
+            own = {v.untyped_storage().data_ptr() for v in model.state_dict().values()}
+            params = {k: v.clone() if v.untyped_storage().data_ptr() in own else v for k, v in params.items()}
+        return FitRes(params=params, num_examples=_size(train), metrics=dict(metrics))
 
     def _dry_run(self, model: nn.Module, train: DataLoader[Any], client: str) -> None:
         """Before a client's first round, one batch through the model and loss: a shape or dtype mistake is one
@@ -150,6 +160,10 @@ class ClientApp:
         for mod in reversed(self.mods):
             call = _bind(mod, call)
         return call(msg, ctx)
+
+    # runtime.LendingHandler: the in-process backend folds or copies each reply before the next message.
+    def lend_replies(self, lend: bool) -> None:
+        self.client.lend = lend
 
     # runtime.ClientStateHandler: a backend that serves any client from any worker (Ray) carries the state.
     def set_client_state(self, client: str, state: dict[str, Any]) -> None:

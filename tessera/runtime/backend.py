@@ -87,9 +87,19 @@ class ClientStateHandler(Handler, Protocol):
 Reply = Any  # a message dataclass, or ClientFailure
 
 
+@runtime_checkable
+class LendingHandler(Handler, Protocol):
+    """A handler that can reply with tensors it reuses for its next message (a client's model), when the backend
+    promises to read or copy each reply first: the in-process backend folds it at once (streaming aggregation) or
+    copies it (an exchange that keeps every reply)."""
+
+    def lend_replies(self, lend: bool) -> None: ...
+
+
 OnReply = Callable[[str, Reply], Reply]
 """Called with each reply as it arrives (one call at a time); returns what the exchange keeps for that client, so
-a caller that folds replies into a running sum keeps only a small summary (see `exchange_each`)."""
+a caller that folds replies into a running sum keeps only a small summary (see `exchange_each`). It must read or
+copy the reply's tensors, not keep them: a lending handler (`LendingHandler`) reuses them for its next message."""
 
 
 class Backend(Protocol):
@@ -143,13 +153,16 @@ class InProcessBackend:
         self.wire = os.environ.get(WIRE_ENV, "") not in ("", "0") if wire is None else wire
         self.traffic = Traffic()
         self._pool: ThreadPoolExecutor | None = None
+        self.lends = isinstance(handler, LendingHandler)
+        if isinstance(handler, LendingHandler):
+            handler.lend_replies(True)
 
     def start(self, clients: list[str]) -> None:
         if self.max_workers > 1:
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="tessera-client")
 
-    def _send(self, msg: Any, *, down: bool) -> tuple[Any, int]:
-        """(what the receiver gets, bytes on the wire)."""
+    def _send(self, msg: Any, *, down: bool, own: bool = False) -> tuple[Any, int]:
+        """(what the receiver gets, bytes on the wire); `own`: the receiver gets copies of the tensors."""
         if self.wire:
             blob = encode_message(msg)
             return decode_message(blob, max_bytes=self.max_message_bytes), len(blob)
@@ -157,12 +170,13 @@ class InProcessBackend:
         if size > self.max_message_bytes:
             raise SerdeError(f"message of {size} bytes exceeds the limit of {self.max_message_bytes}; "
                              "raise max_message_bytes")
-        return hand_over(msg, frozen=down), size
+        return hand_over(msg, frozen=down, own=own), size
 
-    def _call(self, client: str, request: Any) -> Reply:
+    def _call(self, client: str, request: Any, *, keep: bool) -> Reply:
+        """One request and its reply; `keep`: the caller keeps the reply past the handler's next message."""
         received, down = self._send(request, down=True)
         try:
-            reply, up = self._send(self.handler.handle(client, received), down=False)
+            reply, up = self._send(self.handler.handle(client, received), down=False, own=keep and self.lends)
         except (TesseraError, Exception) as exc:  # a client's failure must not take the round down
             log.warning("client %s failed: %s", client, type(exc).__name__)
             self.traffic.add(client, down=down, up=0)
@@ -177,14 +191,15 @@ class InProcessBackend:
 
     def exchange_each(self, requests: Mapping[str, Any], on_reply: OnReply, *,
                       timeout: float | None = None) -> dict[str, Reply]:
+        keep = on_reply is _keep  # no fold: every reply is kept until the exchange ends
         if self._pool is None:
-            return {c: on_reply(c, self._call(c, r)) for c, r in requests.items()}
+            return {c: on_reply(c, self._call(c, r, keep=keep)) for c, r in requests.items()}
         lock = threading.Lock()
         got: dict[str, Reply] = {}
         closed = False
 
         def run(c: str, r: Any) -> None:
-            reply = self._call(c, r)
+            reply = self._call(c, r, keep=keep)
             with lock:  # one on_reply at a time, and none once the exchange has timed out
                 if not closed:
                     got[c] = on_reply(c, reply)

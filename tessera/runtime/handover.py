@@ -90,30 +90,32 @@ def _rewrap(ret: Any, ptrs: set[int]) -> Any:
     return ret
 
 
-def _tensor(t: torch.Tensor, frozen: bool) -> torch.Tensor:
+def _tensor(t: torch.Tensor, frozen: bool, own: bool) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():
         plain = t.detach().to("cpu").contiguous()  # what the wire delivers: CPU, contiguous, no autograd history
+        if own and plain.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            plain = plain.clone()
     return plain.as_subclass(FrozenTensor) if frozen else plain.as_subclass(torch.Tensor)
 
 
-def _value(v: Any, frozen: bool) -> Any:
+def _value(v: Any, frozen: bool, own: bool) -> Any:
     if isinstance(v, torch.Tensor):
-        return _tensor(v, frozen)
+        return _tensor(v, frozen, own)
     if isinstance(v, Mapping):
-        return {k: _value(x, frozen) for k, x in v.items()}
+        return {k: _value(x, frozen, own) for k, x in v.items()}
     if isinstance(v, list):
-        return [_value(x, frozen) for x in v]
+        return [_value(x, frozen, own) for x in v]
     if isinstance(v, tuple):
-        return tuple(_value(x, frozen) for x in v)
+        return tuple(_value(x, frozen, own) for x in v)
     if isinstance(v, bytearray):
         return bytes(v)
     return v
 
 
-def hand_over(msg: Any, *, frozen: bool) -> Any:
-    """A copy of message `msg` whose containers are new and whose tensors share `msg`'s memory (frozen: read-only).
-    """
-    values = {f.name: _value(getattr(msg, f.name), frozen) for f in dataclasses.fields(msg)}
+def hand_over(msg: Any, *, frozen: bool, own: bool = False) -> Any:
+    """A copy of message `msg` whose containers are new and whose tensors share `msg`'s memory (frozen: read-only),
+    or with `own=True` are copies (a reply the receiver keeps after the sender reuses its memory)."""
+    values = {f.name: _value(getattr(msg, f.name), frozen, own) for f in dataclasses.fields(msg)}
     return type(msg)(**values)
 
 

@@ -8,14 +8,16 @@ import torch
 
 from tessera.core.serde import encode_message
 from tessera.horizontal.simulation import simulate
-from tessera.horizontal.strategies import FedAdam, FedAvg, Scaffold
+from tessera.horizontal.strategies import FedAdam, FedAvg, FedMedian, Scaffold
 from tessera.runtime.backend import ClientFailure, InProcessBackend
 from tessera.runtime.handover import FrozenTensor, hand_over
 from tessera.runtime.messages import FitIns, FitRes
 from tests.horizontal.helpers import make_parts, params_equal
 
 
-@pytest.mark.parametrize("strategy", [FedAvg, FedAdam, lambda: Scaffold(local_lr=0.1)])
+# FedAvg and FedAdam fold each reply as it arrives (lent: the client's own tensors); FedMedian and SCAFFOLD keep every
+# reply (copied): if a kept reply aliased the client's model, every update would be the last client's.
+@pytest.mark.parametrize("strategy", [FedAvg, FedAdam, FedMedian, lambda: Scaffold(local_lr=0.1)])
 def test_zero_copy_and_forced_wire_train_bit_identically_with_the_same_byte_counts(strategy: Any) -> None:
     runs = {}
     for wire in (False, True):
