@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tessera.core.device import DeviceSpec, Placement
 from tessera.core.errors import ConfigError
 from tessera.core.metrics import History
 from tessera.core.tracking import RecordLogger, check_specs
@@ -48,6 +49,10 @@ class FLModel:
     Metrics follow the loss (accuracy for classification, mse/mae/r2 for regression; `metrics=` overrides), `fit`
     dry-runs one batch per party first, and `loggers=["tensorboard", "mlflow"]` also writes every round's record
     under `output_dir` (docs/migration.md).
+
+    `device` ("auto", "cpu", "cuda", "cuda:N", "mps") is where every client trains (each client model is placed
+    once; batches move per step); the global model and aggregation stay on the CPU. `precision` "bf16"/"fp16"
+    trains under autocast (docs/gpu.md).
     """
 
     def __init__(
@@ -65,9 +70,13 @@ class FLModel:
         output_dir: str | Path | None = None,
         backend: str = "inprocess",
         loggers: Sequence[str | RecordLogger] = (),
+        device: DeviceSpec = None,
+        precision: str = "32",
         **unknown: Any,
     ) -> None:
         refuse_unknown("FLModel(...)", unknown, _params_of(FLModel.__init__))
+        self.placement = Placement.of(device, precision)
+        self.device, self.precision = device, precision
         check_specs(loggers)
         if loggers and output_dir is None:
             raise ConfigError("loggers= write next to metrics.jsonl: give FLModel(output_dir=...) as well")
@@ -118,11 +127,12 @@ class FLModel:
             (lambda: copy.deepcopy(self.model)) if self.backend == "inprocess" else ModuleFactory(self.model))
 
         def data_fn(cid: str, rnd: int) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
-            tl = DataLoader(train[cid], batch_size=batch_size, shuffle=shuffle)
-            return tl, (DataLoader(test[cid], batch_size=256) if test else None)
+            pin = self.placement.pin_memory
+            tl = DataLoader(train[cid], batch_size=batch_size, shuffle=shuffle, pin_memory=pin)
+            return tl, (DataLoader(test[cid], batch_size=256, pin_memory=pin) if test else None)
 
-        return SupervisedTask(model_fn=model_fn, loss_fn=self.loss_fn,
-                              optimizer_fn=self.optimizer_fn, data_fn=data_fn, metrics=self.metrics)
+        return SupervisedTask(model_fn=model_fn, loss_fn=self.loss_fn, optimizer_fn=self.optimizer_fn,
+                              data_fn=data_fn, metrics=self.metrics, device=self.device, precision=self.precision)
 
     def fit(self, *, x: Sequence[Any], y: Sequence[Any], rounds: int | None = None, local_epochs: int = 1,
             batch_size: int = 32, shuffle: bool = True,
@@ -191,16 +201,28 @@ class FLModel:
     def evaluate(self, *, x: Sequence[Any], y: Sequence[Any], batch_size: int = 256) -> dict[str, Any]:
         """Loss and metrics of the global model on each party's data and example-weighted overall."""
         task = self._task({}, None, batch_size, False)
+        model = task.placement.place(copy.deepcopy(self.model)) if self.placement.explicit else self.model
         per: dict[str, Any] = {}
         total, n = {"loss": 0.0}, 0
         for name, (xs, ys) in zip(self.parties, self._split(x, y, "evaluate"), strict=True):
-            loss, metrics = task.evaluate(self.model, DataLoader(TensorDataset(xs, ys), batch_size=batch_size))
+            loss, metrics = task.evaluate(model, DataLoader(TensorDataset(xs, ys), batch_size=batch_size))
             per[name] = {"loss": loss, **metrics, "num_examples": len(ys)}
             total["loss"] += loss * len(ys)
             for k, v in metrics.items():
                 total[k] = total.get(k, 0.0) + v * len(ys)
             n += len(ys)
         return {**{k: v / max(n, 1) for k, v in total.items()}, "parties": per}
+
+
+def _party_devices(device: DeviceSpec | Mapping[str, DeviceSpec], parties: Sequence[str]) -> dict[str, DeviceSpec]:
+    """SLModel's `device=`: one setting for every party, or a dict naming some of them."""
+    if not isinstance(device, Mapping):
+        return dict.fromkeys(parties, device)
+    unknown = [p for p in device if p not in parties]
+    if unknown:
+        raise ConfigError(f"device names {unknown}, which are not parties of this SLModel "
+                          f"({list(dict.fromkeys(parties))}); key the dict by party name")
+    return dict(device)
 
 
 def _params_of(fn: Callable[..., Any]) -> list[str]:
@@ -223,6 +245,10 @@ class SLModel:
     labels and the loss (`tessera.vertical.label.LabelParty`): it receives fused outputs and returns the loss
     gradient. Three roles, still numerically the same as centralised training.
 
+    `device` places every party's models ("cuda", "auto", ...) or each party's on its own device
+    (`{"alice": "cuda:0", "bob": "cpu"}`, parties left out stay where their model is); embeddings and gradients
+    cross between parties as CPU tensors.
+
     >>> sl = SLModel(base_models={"alice": nn.Linear(10, 4), "bob": nn.Linear(20, 4)},
     ...              fuse_model=ConcatFuse(nn.Linear(8, 1)), label_party="alice",
     ...              loss_fn=nn.BCEWithLogitsLoss(), optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1))
@@ -233,7 +259,9 @@ class SLModel:
                  loss_fn: SplitLossFn, optimizer_fn: SplitOptimizerFn, seed: int = 0,
                  protections: Protections | None = None,
                  output_dir: str | Path | None = None, backend: Callable[[Handler], Backend] | None = None,
-                 ledger: Any = None, compute_party: str | None = None) -> None:
+                 ledger: Any = None, compute_party: str | None = None,
+                 device: DeviceSpec | Mapping[str, DeviceSpec] = None) -> None:
+        where = _party_devices(device, [*base_models, label_party, *([compute_party] if compute_party else [])])
         if compute_party is not None and (label_party in base_models or compute_party in base_models
                                           or compute_party == label_party):
             raise ConfigError(f"with a compute party, {compute_party!r} (fuse) and the label party {label_party!r} "
@@ -245,7 +273,7 @@ class SLModel:
         dp = self.protections.embedding_dp
         self.owners = {p: DataOwner(p, self.model.bases[p], optimizer_fn, embedding_dp=dp, seed=seed, ledger=ledger,
                                     state_dir=self.output_dir / "parties" / p if self.output_dir else None,
-                                    decorrelation=self.protections.decorrelation)
+                                    decorrelation=self.protections.decorrelation, device=where.get(p))
                        for p in self.model.owners}
         self.label = LabelParty(label_party, loss_fn, label_dp=self.protections.label_dp, seed=seed) \
             if compute_party is not None else None
@@ -256,7 +284,8 @@ class SLModel:
                                     optimizer_fn=optimizer_fn, label_party=compute_party or label_party,
                                     order=list(self.model.bases), backend=self.backend, local_base=local,
                                     protections=self.protections, seed=seed, output_dir=self.output_dir,
-                                    ledger=ledger, loss_party=label_party if self.label is not None else None)
+                                    ledger=ledger, loss_party=label_party if self.label is not None else None,
+                                    device=where.get(compute_party or label_party))
 
     @property
     def base_models(self) -> dict[str, nn.Module]:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from tessera.core.device import DeviceSpec, Placement, scalar, scaled_step
 from tessera.core.types import Metrics, Params, get_params, set_params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +52,14 @@ class HasLoss(Protocol):
     client's first round checks that loss on one batch."""
 
     loss_fn: LossFn
+
+
+@runtime_checkable
+class Placed(Protocol):
+    """A Task that trains on a chosen device and precision (SupervisedTask, LoRATask): plugins that run their own
+    training loop (DP-SGD) read where and how."""
+
+    placement: Placement
 
 
 @runtime_checkable
@@ -144,6 +153,10 @@ class SupervisedTask:
     `data_fn` is `(client_id, round) -> (train_loader, test_loader | None)`, called every round. A one-argument
     `data_fn(client_id)` declares data that never changes between rounds: its loaders are built once per client
     and cached (the `max_cached_clients` most recently used clients are kept).
+
+    `device` ("auto", "cpu", "cuda", "cuda:N", "mps"; None leaves the model where model_fn built it) places each
+    model once when it is built and every batch per step; `precision` "bf16"/"fp16" runs the forward pass under
+    autocast (fp16 with a GradScaler). Parameters still cross the wire as CPU tensors (core.device).
     """
 
     def __init__(
@@ -155,7 +168,10 @@ class SupervisedTask:
         data_fn: Callable[[str, int], Loaders] | Callable[[str], Loaders],
         metrics: Mapping[str, MetricFn] | None = None,
         max_cached_clients: int = 10_000,
+        device: DeviceSpec = None,
+        precision: str = "32",
     ) -> None:
+        self.placement = Placement.of(device, precision)
         self._model_fn = model_fn
         self.loss_fn = loss_fn
         self.optimizer_fn = optimizer_fn
@@ -167,7 +183,7 @@ class SupervisedTask:
         self.metrics = dict(metrics) if metrics is not None else default_metrics(loss_fn)
 
     def model_fn(self) -> nn.Module:
-        return self._model_fn()
+        return self.placement.place(self._model_fn())
 
     def data_fn(self, client_id: str, round: int) -> Loaders:
         if self._per_round:
@@ -197,48 +213,58 @@ class SupervisedTask:
         epochs = int(config.get("local_epochs", 1))
         max_steps = int(config.get("max_steps", 0)) or None
         mu = float(config.get("proximal_mu", 0.0))
-        correction: Mapping[str, torch.Tensor] | None = config.get("grad_correction")
+        correction: Mapping[str, torch.Tensor] | None = self.placement.move(config.get("grad_correction"))
         named = dict(model.named_parameters())
         anchor = {k: p.detach().clone() for k, p in named.items()} if mu > 0 else None
         optimizer = self.optimizer_fn([p for p in model.parameters() if p.requires_grad])
+        place, scaler = self.placement, self.placement.scaler()
         model.train()
-        steps, total, count = 0, 0.0, 0
+        steps, count = 0, 0
+        total: float | torch.Tensor = 0.0  # summed where the loss is, in float64: no host sync per step
         for _ in range(epochs):
-            for xb, yb in loader:
+            for batch in loader:
+                xb, yb = place.move(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(model(xb), yb)
+                with place.autocast():
+                    loss = self.loss_fn(model(xb), yb)
                 objective = loss
                 if anchor is not None:
                     prox = sum((named[k] - anchor[k]).pow(2).sum() for k in anchor)
                     objective = loss + 0.5 * mu * prox
-                objective.backward()  # type: ignore[no-untyped-call]
-                if correction is not None:
-                    for k, p in named.items():
-                        if p.grad is not None and k in correction:
-                            p.grad.add_(correction[k])
-                optimizer.step()
-                total += float(loss.detach()) * len(yb)
+                with scaled_step(scaler, optimizer, objective):
+                    if correction is not None:
+                        for k, p in named.items():
+                            if p.grad is not None and k in correction:
+                                p.grad.add_(correction[k])
+                total = total + loss.detach().double() * len(yb)
                 count += len(yb)
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
-                    return {"loss": total / max(count, 1), "steps": float(steps)}
-        return {"loss": total / max(count, 1), "steps": float(steps)}
+                    return _train_metrics(total, count, steps)
+        return _train_metrics(total, count, steps)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
         model.eval()
         total, count = 0.0, 0
         outs, ys = [], []
-        for xb, yb in loader:
-            out = model(xb)
-            total += float(self.loss_fn(out, yb)) * len(yb)
+        for batch in loader:
+            xb, yb = self.placement.move(batch)
+            with self.placement.autocast():
+                out = model(xb)
+                total += float(self.loss_fn(out, yb)) * len(yb)
             count += len(yb)
-            outs.append(out)
+            outs.append(out if self.placement.precision == "32" else out.float())
             ys.append(yb)
         if count == 0:
             return float("nan"), {}
         logits, y = torch.cat(outs), torch.cat(ys)
         return total / count, {name: fn(logits, y) for name, fn in self.metrics.items()}
+
+
+def _train_metrics(total: float | torch.Tensor, count: int, steps: int) -> Metrics:
+    value = scalar(total) if isinstance(total, torch.Tensor) else total
+    return {"loss": value / max(count, 1), "steps": float(steps)}
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:

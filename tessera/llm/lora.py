@@ -52,7 +52,7 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
 
 
-_TEMPLATES: dict[tuple[ModelSpec, LoRAConfig], nn.Module] = {}
+_TEMPLATES: dict[tuple[ModelSpec, LoRAConfig, str, bool], nn.Module] = {}
 _LOCK = threading.Lock()
 
 
@@ -64,15 +64,17 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def lora_template(spec: ModelSpec, lora: LoRAConfig) -> nn.Module:
-    """The peft model for (spec, lora), built once per process on the shared base (which it does not modify)."""
+def lora_template(spec: ModelSpec, lora: LoRAConfig, *, device: torch.device | None = None,
+                  gradient_checkpointing: bool = False) -> nn.Module:
+    """The peft model for (spec, lora), built once per process (and device) on the shared base (which it does not
+    modify). Clients load the global adapters before training, so where the initial draw ran does not matter."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    key = (spec, lora)
+    key = (spec, lora, str(device or "cpu"), gradient_checkpointing)
     with _LOCK:
         if key in _TEMPLATES:
             return _TEMPLATES[key]
-    base, _ = load_base(spec)
+    base, _ = load_base(spec, device=device, gradient_checkpointing=gradient_checkpointing)
     targets = list(lora.target_modules or DEFAULT_TARGETS[spec.arch])
     task_type = TaskType.CAUSAL_LM if spec.head is Head.CAUSAL_LM else TaskType.SEQ_CLS
     cfg = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,

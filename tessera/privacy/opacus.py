@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tessera.core.config import PluginConfig
+from tessera.core.device import DeviceSpec, Placement, device_of
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, get_params, set_params
@@ -45,6 +46,12 @@ from tessera.privacy.ledger import PrivacyLedger
 log = get_logger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+DP_PRECISION = (
+    "DP-SGD trains in full precision only: under autocast Opacus computes each example's gradient, and so the "
+    "norm that clipping bounds, in bf16/fp16, so the sensitivity the privacy guarantee rests on would be off by "
+    "the rounding error; use precision='32' with DP-SGD")
 
 
 class DPConfig(PluginConfig):
@@ -69,11 +76,15 @@ class DPConfig(PluginConfig):
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     clipping: Literal["flat", "per_layer"] = "flat"
     reproducible: bool = False
+    device: str | None = None  # where DP-SGD trains ("auto", "cpu", "cuda", "cuda:N", "mps"); None: the task's
+    precision: str = "32"  # only "32": see DP_PRECISION
 
     @model_validator(mode="after")
     def _consistent(self) -> DPConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.precision != "32":
+            raise ValueError(f"precision={self.precision!r}: {DP_PRECISION}")
         if self.noise_multiplier == 0 and self.budget is not None:
             raise ValueError("budget: noise_multiplier=0 gives no privacy, so no budget can hold; set a positive "
                              "noise_multiplier or drop the budget")
@@ -94,7 +105,13 @@ class DPTrainer:
     """One client's model under DP-SGD across every round it trains in (see the module docstring)."""
 
     def __init__(self, model: nn.Module, optimizer_fn: OptimizerFn, *, config: DPConfig,
-                 ledger: PrivacyLedger | None = None, party: str = "local") -> None:
+                 ledger: PrivacyLedger | None = None, party: str = "local", device: DeviceSpec = None,
+                 precision: str = "32") -> None:
+        if precision != "32":
+            raise ConfigError(f"precision={precision!r}: {DP_PRECISION}")
+        # placed once, before the one wrap; None (and no config.device) trains where the model already is
+        model = Placement.of(device if device is not None else config.device).place(model)
+        self.device = device_of(model)
         problems = ModuleValidator.validate(model, strict=False)
         if problems:
             raise ConfigError(f"model cannot be trained with DP-SGD: {problems[0]}; replace the layer "
@@ -168,7 +185,8 @@ class DPTrainer:
         planned_eps = math.inf
         if sigma > 0:
             planned_eps = self.ledger.check(self.party, noise_multiplier=sigma, sample_rate=q, steps=planned)
-        sample_gen, noise_gen = round_generators(None if not self.config.reproducible else seed)
+        sample_gen, noise_gen = round_generators(None if not self.config.reproducible else seed,
+                                                 noise_device=self.device)
         self.optimizer.generator = noise_gen
         self.optimizer.original_optimizer.state.clear()  # a fresh optimizer per round, without re-wrapping
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)
@@ -176,7 +194,8 @@ class DPTrainer:
         steps, total, count = 0, 0.0, 0
         try:
             for _ in range(epochs):
-                for xb, yb in dp_loader:
+                for batch in dp_loader:
+                    xb, yb = _to(batch, self.device)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(self.wrapped(xb), yb)
                     loss.backward()  # type: ignore[no-untyped-call]
@@ -219,7 +238,18 @@ def _clip_norms(config: DPConfig, n_tensors: int) -> float | list[float]:
     return [config.max_grad_norm / math.sqrt(n_tensors)] * n_tensors
 
 
-def round_generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
-    """(Poisson sampling, noise) generators: from `seed` if given (reproducible), else from OS entropy."""
+def round_generators(seed: int | None, *, noise_device: torch.device | None = None
+                     ) -> tuple[torch.Generator, torch.Generator]:
+    """(Poisson sampling, noise) generators: from `seed` if given (reproducible), else from OS entropy. The noise
+    generator lives where the gradients are (Opacus draws the noise on their device)."""
     seeds = (secrets.randbits(63), secrets.randbits(63)) if seed is None else (seed, seed ^ 0x5DEECE66D)
-    return torch.Generator().manual_seed(seeds[0]), torch.Generator().manual_seed(seeds[1])
+    noise = torch.Generator() if noise_device is None or noise_device.type == "cpu" else \
+        torch.Generator(device=noise_device)
+    return torch.Generator().manual_seed(seeds[0]), noise.manual_seed(seeds[1])
+
+
+def _to(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    xb, yb = batch
+    if xb.device == device:
+        return xb, yb
+    return xb.to(device, non_blocking=xb.is_pinned()), yb.to(device, non_blocking=yb.is_pinned())

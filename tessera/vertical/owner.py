@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tessera.core import serde
+from tessera.core.device import DeviceSpec, Placement
 from tessera.core.errors import ConfigError, ProtocolError, SerdeError, ShapeMismatch
 from tessera.core.io import atomic_write_bytes
 from tessera.core.logging import get_logger
@@ -67,9 +68,11 @@ class DataOwner:
     def __init__(self, name: str, base: nn.Module, optimizer_fn: OptimizerFn, *,
                  data: Mapping[str, torch.Tensor] | None = None, embedding_dp: EmbeddingDP | None = None,
                  seed: int = 0, state_dir: str | Path | None = None, ledger: Any = None,
-                 decorrelation: Decorrelation | None = None) -> None:
+                 decorrelation: Decorrelation | None = None, device: DeviceSpec = None) -> None:
         self.name = name
-        self.base = base
+        # the base lives on this party's device (placed once); embeddings and gradients cross as CPU tensors
+        self.placement = Placement.of(device, what=f"device of {name}")
+        self.base = self.placement.place(base)
         self.optimizer = optimizer_fn(base.parameters())
         self.data: dict[str, torch.Tensor] = dict(data or {})
         self.embedding_dp = embedding_dp
@@ -114,7 +117,7 @@ class DataOwner:
         return self.data[msg.split][rows]
 
     def _forward(self, msg: ForwardIns) -> Forward:
-        x = self._rows(msg)
+        x = self.placement.move(self._rows(msg))
         if msg.mode == "train":
             set_mode(self.base, True)
             emb = self.base(x)
@@ -124,13 +127,13 @@ class DataOwner:
                     self.ledger.step(self.name, noise_multiplier=self.embedding_dp.noise_multiplier,
                                      sample_rate=len(x) / len(self.data[msg.split]), steps=1)
             self._pending = (msg.step, emb, x)
-            return Forward(step=msg.step, embedding=emb.detach())
+            return Forward(step=msg.step, embedding=emb.detach().to("cpu"))
         set_mode(self.base, False)
         with torch.no_grad():
             emb = self.base(x)
             if self.embedding_dp is not None:
                 emb = self.embedding_dp.apply(emb, generator=self._noise(msg))
-        return Forward(step=msg.step, embedding=emb)
+        return Forward(step=msg.step, embedding=emb.to("cpu"))
 
     def _noise(self, msg: ForwardIns) -> torch.Generator:
         # from (seed, step, party, mode): the same noise on resume and on any backend
@@ -141,6 +144,7 @@ class DataOwner:
             have = None if self._pending is None else self._pending[0]
             raise ProtocolError(f"{self.name}: Backward for step {msg.step} but the pending forward is {have}")
         _, emb, x = self._pending
+        grad = self.placement.move(msg.grad)
         if msg.grad.shape != emb.shape or msg.grad.dtype != emb.dtype:
             raise ShapeMismatch(f"{self.name}: gradient {msg.grad.dtype}{tuple(msg.grad.shape)} does not match the "
                                 f"embedding {emb.dtype}{tuple(emb.shape)} it was sent for")
@@ -149,9 +153,9 @@ class DataOwner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.decorrelation is not None and self.decorrelation.alpha > 0:
             penalty = self.decorrelation.alpha * distance_correlation(x, emb)
-            torch.autograd.backward([emb, penalty], [msg.grad, None])
+            torch.autograd.backward([emb, penalty], [grad, None])
         else:
-            emb.backward(msg.grad)  # type: ignore[no-untyped-call]
+            emb.backward(grad)  # type: ignore[no-untyped-call]
         self.optimizer.step()
         self._pending = None
         self.step += 1

@@ -33,7 +33,8 @@ def clip_rows(t: torch.Tensor, *, clip_norm: float) -> torch.Tensor:
 
 
 def gaussian_like(t: torch.Tensor, *, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(t.shape, generator=generator, dtype=t.dtype) * std
+    # drawn on the CPU generator, then moved: the same noise whichever device the party trains on
+    return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) * std
 
 
 def randomized_response(y: torch.Tensor, *, epsilon: float, num_classes: int,

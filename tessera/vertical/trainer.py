@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tessera.core.device import DeviceSpec, Placement
 from tessera.core.errors import ConfigError, ProtocolError
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
@@ -66,7 +67,8 @@ class SplitTrainer:
     def __init__(self, *, fuse: nn.Module, loss_fn: LossFn | None, optimizer_fn: OptimizerFn, label_party: str,
                  order: Sequence[str], backend: Backend, local_base: nn.Module | None = None,
                  protections: Protections | None = None, seed: int = 0, output_dir: str | Path | None = None,
-                 timeout: float | None = None, ledger: Any = None, loss_party: str | None = None) -> None:
+                 timeout: float | None = None, ledger: Any = None, loss_party: str | None = None,
+                 device: DeviceSpec = None) -> None:
         if (label_party in order) != (local_base is not None):
             raise ConfigError(f"label party {label_party!r} must be in `order` exactly when it has a local base")
         if (loss_fn is None) == (loss_party is None):
@@ -74,6 +76,10 @@ class SplitTrainer:
         if loss_party is not None and (loss_party in order or loss_party == label_party):
             raise ConfigError(f"the label party {loss_party!r} holds only labels and loss when a compute party runs "
                               "the fuse model: give it no base and a name of its own")
+        # fuse (and local base) placed once on this party's device; what crosses the wire stays on the CPU
+        self.placement = Placement.of(device, what=f"device of {label_party}")
+        fuse = self.placement.place(fuse)
+        local_base = self.placement.place(local_base) if local_base is not None else None
         self.fuse, self.loss_fn, self.label_party, self.loss_party = fuse, loss_fn, label_party, loss_party
         self.order = list(order)
         self.owners = [p for p in self.order if p != label_party]
@@ -148,7 +154,8 @@ class SplitTrainer:
         embs = self._embed(split, rows, mode="dry", step=0, grad=False)
         out = check_fuse_shapes(embs, self.fuse, label_party=self.label_party)
         if split in self.labels and self.loss_fn is not None:
-            check_output_shape(out, self.labels[split][rows], self.loss_fn, label_party=self.label_party)
+            check_output_shape(out, self.placement.move(self.labels[split][rows]), self.loss_fn,
+                               label_party=self.label_party)
         return n
 
     def _embed(self, split: str, rows: torch.Tensor, *, mode: str, step: int, grad: bool) -> dict[str, torch.Tensor]:
@@ -161,7 +168,7 @@ class SplitTrainer:
                 assert self.local_base is not None
                 set_mode(self.local_base, grad)
                 with torch.set_grad_enabled(grad):
-                    embs[p] = self.local_base(self.local_x[split][rows])
+                    embs[p] = self.local_base(self.placement.move(self.local_x[split][rows]))
                 continue
             e = replies[p].embedding
             if replies[p].step != step or e.dim() < 1 or e.shape[0] != len(rows) or not e.is_floating_point():
@@ -170,6 +177,7 @@ class SplitTrainer:
             if not bool(torch.isfinite(e).all()):
                 raise ProtocolError(f"data owner {p} sent an embedding with NaN or Inf at step {step}; check its "
                                     "inputs and learning rate, then resume from the last checkpoint")
+            e = self.placement.move(e)
             embs[p] = e.requires_grad_(True) if grad else e
         return embs
 
@@ -182,14 +190,14 @@ class SplitTrainer:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if self.loss_party is not None:  # the label party computes the loss and d(loss)/d(out)
-            res = self._remote_loss(LossIns(step=step, split="train", rows=rows, output=out.detach()))
+            res = self._remote_loss(LossIns(step=step, split="train", rows=rows, output=out.detach().to("cpu")))
             if res.grad is None or res.grad.shape != out.shape or not bool(torch.isfinite(res.grad).all()):
                 raise ProtocolError(f"label party {self.loss_party} sent no usable output gradient at step {step}")
-            out.backward(res.grad)
+            out.backward(self.placement.move(res.grad))
             loss = torch.tensor(res.loss)
         else:
             assert self.loss_fn is not None and y is not None
-            loss = self.loss_fn(out, y)
+            loss = self.loss_fn(out, self.placement.move(y))
             loss.backward()  # type: ignore[no-untyped-call]
         if self.optimizer is not None:
             self.optimizer.step()
@@ -199,7 +207,7 @@ class SplitTrainer:
             assert g is not None
             if self.protections.gradient is not None:
                 g = self.protections.gradient.apply(g, generator=step_generator(self.seed, step, party_code(o), 7))
-            grads[o] = Backward(step=step, grad=g)
+            grads[o] = Backward(step=step, grad=g.to("cpu"))
         self._exchange(grads, BackwardRes)
         self.step += 1
         return float(loss.detach())
@@ -284,7 +292,7 @@ class SplitTrainer:
         for b, i in enumerate(range(0, n, batch_size)):
             rows = torch.arange(i, min(i + batch_size, n))
             outs.append(self.fuse(list(self._embed(split, rows, mode="eval", step=b, grad=False).values())))
-        return torch.cat(outs)
+        return torch.cat(outs).to("cpu")
 
     def _remote_loss(self, msg: LossIns) -> LossRes:
         assert self.loss_party is not None
