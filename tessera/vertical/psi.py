@@ -155,12 +155,14 @@ class _Session:
 
 class PsiParty:
     """A non-leader party's side of PSI, as a message handler. After the last `PsiAlignIns`, `rows` holds its
-    row indices in the agreed order. One party serves any number of sessions, each with a fresh secret; a closed
-    session is never reopened. `max_leader_ids` caps the points a leader may have blinded in one session."""
+    row indices in the agreed order. Sessions run one at a time (opening one closes any other), each with a fresh
+    secret; a closed session is never reopened. `max_leader_ids` caps the points a leader may have blinded in one
+    session, `max_sessions` the sessions this party ever answers (each lets the leader test up to
+    `max_leader_ids` candidate IDs against this party's set)."""
 
     def __init__(self, name: str, ids: Sequence[str], *, workers: int = 1, max_leader_ids: int | None = None,
-                 duplicates: Duplicates = Duplicates.REFUSE) -> None:
-        self.name, self.workers, self.max_leader_ids = name, workers, max_leader_ids
+                 max_sessions: int | None = None, duplicates: Duplicates = Duplicates.REFUSE) -> None:
+        self.name, self.workers, self.max_leader_ids, self.max_sessions = name, workers, max_leader_ids, max_sessions
         self.ids, self._rows_of = _unique(name, ids, duplicates)
         self.rows: list[int] | None = None
         self._open: dict[str, _Session] = {}
@@ -191,6 +193,11 @@ class PsiParty:
         if msg.count < 0 or (self.max_leader_ids is not None and msg.count > self.max_leader_ids):
             raise ProtocolError(f"{self.name}: the leader declared {msg.count} IDs, over this party's limit of "
                                 f"{self.max_leader_ids} (max_leader_ids)")
+        if self.max_sessions is not None and len(self._closed) + len(self._open) >= self.max_sessions:
+            raise ProtocolError(f"{self.name} has answered its {self.max_sessions} PSI session(s) (max_sessions); "
+                                "start the party again to allow another")
+        for other in list(self._open):  # one session at a time: memory stays bounded, an abandoned one is closed
+            self._close(other)
         self._open[msg.session] = _Session(secrets.token_bytes(32), _permutation(len(self.ids)), msg.count)
         return PsiOpenRes(session=msg.session, count=len(self.ids))
 

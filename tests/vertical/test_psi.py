@@ -156,6 +156,17 @@ def test_one_blinding_request_per_session() -> None:
         bob.handle("bob", PsiBlindIns(session="never", points=pts, want=0))
 
 
+def test_sessions_run_one_at_a_time_and_are_capped() -> None:
+    bob = PsiParty("bob", ["a"], max_sessions=2)
+    pts = _blinded(["a"])
+    bob.handle("bob", PsiOpen(session="s1", count=1))
+    bob.handle("bob", PsiOpen(session="s2", count=1))  # closes s1 and its secret
+    with pytest.raises(ProtocolError, match="not open"):
+        bob.handle("bob", PsiBlindIns(session="s1", points=pts, want=0))
+    with pytest.raises(ProtocolError, match="answered its 2 PSI session"):
+        bob.handle("bob", PsiOpen(session="s3", count=1))
+
+
 def test_each_session_blinds_with_its_own_secret() -> None:
     bob = PsiParty("bob", ["a"])
     pts = _blinded(["a", "b"])
