@@ -67,6 +67,9 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option(help="coordinator: continue from the checkpoint")] = False,
         plots: Annotated[bool, typer.Option(help="coordinator: write PNG curves at the end")] = True,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+        device: Annotated[str | None, typer.Option(help="where this party trains: auto, cpu, cuda, cuda:N, mps "
+                                                        "(default: its federation.toml device, else job.toml "
+                                                        "[train] device)")] = None,
     ) -> None:
         """Run one party of a federation: the coordinator drives the rounds, clients dial in and train."""
         from tessera.core.config import load_job
@@ -94,7 +97,7 @@ def register(app: typer.Typer) -> None:
         from tessera.secagg.pki import CertPKI
 
         cfg = load_job(job)
-        parts = build_parts(cfg)
+        parts = build_parts(cfg, device=device or me.device)
         # SecAgg+ signs its round keys with this party's certificate key (malicious-coordinator protection).
         pki = CertPKI.from_files(name, ca_cert=fed.ca_cert, cert=me.cert, key=me.key,
                                  names=client_routes(fed, parts.clients))

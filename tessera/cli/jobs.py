@@ -79,7 +79,8 @@ def optimizer_fn(cfg: JobConfig) -> Callable[[Any], torch.optim.Optimizer]:
     return lambda p: torch.optim.SGD(p, lr=t.lr, momentum=t.momentum)
 
 
-def build_parts(cfg: JobConfig) -> JobParts:
+def build_parts(cfg: JobConfig, *, device: str | None = None) -> JobParts:
+    """The job's parts; `device` (a party's --device or federation.toml device) overrides [train] device."""
     data, central, in_features, num_classes = split_data(cfg)
     model_fn = build_model_fn(cfg, in_features, num_classes)
     bs = cfg.train.batch_size
@@ -90,11 +91,11 @@ def build_parts(cfg: JobConfig) -> JobParts:
         return train, DataLoader(TensorDataset(torch.from_numpy(xte), torch.from_numpy(yte)), batch_size=512)
 
     task = SupervisedTask(model_fn=model_fn, loss_fn=nn.CrossEntropyLoss(), optimizer_fn=optimizer_fn(cfg),
-                          data_fn=data_fn)
+                          data_fn=data_fn, device=device or cfg.train.device, precision=cfg.train.precision)
     parts = JobParts(task=task, strategy=build_strategy(cfg), clients=list(data))
     if central is not None:
         loader = DataLoader(TensorDataset(torch.from_numpy(central[0]), torch.from_numpy(central[1])), batch_size=512)
-        model = model_fn()
+        model = task.model_fn()  # on the task's device, where its evaluate moves the batches
 
         def central_eval(params: Any) -> Any:
             set_params(model, params)

@@ -56,6 +56,8 @@ class TrainSection(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    device: str | None = None  # "auto", "cpu", "cuda", "cuda:N", "mps": where clients train (docs/gpu.md)
+    precision: Literal["32", "bf16", "fp16"] = "32"  # "bf16"/"fp16": autocast (fp16 with loss scaling)
 
 
 class StrategySection(BaseModel):

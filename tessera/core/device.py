@@ -94,10 +94,10 @@ def resolve_device(spec: DeviceSpec, *, what: str = "device") -> torch.device:
 
 
 def _cuda_hint() -> str:
-    if torch.version.cuda is None:
-        return ": this PyTorch is a CPU-only build"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return ": CUDA_VISIBLE_DEVICES is empty, as in a Ray actor given no GPU: set [ray] actor_gpus"
+    if torch.version.cuda is None:
+        return ": this PyTorch is a CPU-only build"
     return ""
 
 

@@ -121,8 +121,8 @@ def _fl(**kw: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for k, t in a.items():
+        assert t.dtype == b[k].dtype and torch.equal(t, b[k]), k
 
 
 def test_flmodel_device_cpu_is_bit_identical_to_the_default() -> None:
@@ -270,3 +270,78 @@ def test_split_parties_send_cpu_tensors() -> None:
     sl.fit(x=x, y=y, epochs=1, batch_size=16)
     tensors = [m.embedding for m in sent if isinstance(m, Forward)] + [m.grad for m in sent if isinstance(m, Backward)]
     assert tensors and {t.device.type for t in tensors} == {"cpu"}
+
+
+# ------------------------------------------------------------------------------- job.toml, federation.toml, Ray
+def _job(tmp_path: Any, train: str) -> Any:
+    from tessera.cli.jobs import load_job_file
+
+    path = tmp_path / "job.toml"
+    path.write_text(f"[job]\nrounds = 1\n[data]\nnum_clients = 2\n[train]\n{train}\n")
+    return load_job_file(path, warn_missing=False)
+
+
+def test_job_toml_train_device_and_precision_reach_the_task(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.cli.jobs import build_parts
+
+    cfg = _job(tmp_path, 'device = "cpu"\nprecision = "bf16"')
+    task = build_parts(cfg).task
+    assert isinstance(task, SupervisedTask)
+    assert task.placement == Placement(torch.device("cpu"), "bf16", spec="cpu")
+    default = build_parts(_job(tmp_path, "")).task
+    assert isinstance(default, SupervisedTask) and not default.placement.explicit
+    _fake_gpus(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="device='cuda': this machine has no CUDA GPU"):
+        build_parts(cfg, device="cuda")  # `tessera party --device cuda` overrides [train]
+
+
+def test_job_toml_bad_precision_is_one_line(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match=r"train.precision: Input should be '32', 'bf16' or 'fp16'"):
+        _job(tmp_path, 'precision = "16"')
+
+
+def test_federation_party_device_is_read() -> None:
+    from tessera.runtime.grpc.config import FederationFile
+
+    raw = FederationFile.model_validate({"parties": [
+        {"name": "server", "role": "coordinator", "address": "127.0.0.1:5"},
+        {"name": "alice", "device": "cuda:0"}]})
+    assert [p.device for p in raw.parties] == [None, "cuda:0"]
+
+
+@pytest.mark.parametrize(("opts", "resources", "clients", "size"), [
+    ({}, {"CPU": 8.0}, 100, 8),
+    ({"actor_gpus": 0.5}, {"CPU": 16.0, "GPU": 1.0}, 100, 2),  # never more GPU actors than fit
+    ({"actor_gpus": 0.25, "num_actors": 10}, {"CPU": 16.0, "GPU": 2.0}, 100, 8),
+    ({"actor_gpus": 1.0}, {"CPU": 16.0, "GPU": 4.0}, 3, 3),
+    ({"actor_gpus": 0.3}, {"CPU": 16.0, "GPU": 0.9}, 100, 3),
+])
+def test_ray_pool_never_starts_more_gpu_actors_than_fit(opts: dict[str, Any], resources: dict[str, float],
+                                                        clients: int, size: int) -> None:
+    from tessera.runtime.ray.options import RayOptions
+
+    options = RayOptions(**opts)
+    assert options.pool_size(resources, clients) == size
+    if options.actor_gpus:
+        assert options.actor_options()["num_gpus"] == options.actor_gpus
+
+
+def test_ray_actor_gpus_without_gpus_is_one_clear_error() -> None:
+    from tessera.runtime.ray.options import RayOptions
+
+    with pytest.raises(ConfigError, match=r"ray: actor_gpus=0.5 but the Ray cluster has 0 GPUs"):
+        RayOptions(actor_gpus=0.5).pool_size({"CPU": 4.0}, 10)
+
+
+def test_a_shipped_task_resolves_its_device_where_it_lands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task sent to a Ray actor re-resolves "auto" there (Ray shows an actor only the GPU it assigned)."""
+    import pickle
+
+    placement = Placement.of("auto")
+    assert placement.device == torch.device("cpu")
+    _fake_gpus(monkeypatch, 1)
+    assert pickle.loads(pickle.dumps(placement)).device == torch.device("cuda", 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    _fake_gpus(monkeypatch, 0)
+    with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES is empty, as in a Ray actor given no GPU"):
+        pickle.loads(pickle.dumps(Placement(torch.device("cuda", 0), spec="cuda")))

@@ -77,6 +77,7 @@ class PartySection(_Section):
     listen: str | None = None  # coordinator only: bind address if it differs from `address` (e.g. 0.0.0.0:50051)
     cert: str | None = None
     key: str | None = None
+    device: str | None = None  # where this party trains (auto, cpu, cuda, cuda:N, mps); `--device` overrides it
 
 
 class FederationFile(_Section):
@@ -92,6 +93,7 @@ class PartyConfig:
     listen: str | None
     cert: Path
     key: Path
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def build(data: dict[str, object], *, source: str, base: Path) -> FederationConf
                 _check_address(p.listen, f"{source}: parties.{i}.listen")
         cert = base / (p.cert or f"{fed.certs_dir}/{p.name}.crt")
         key = base / (p.key or f"{fed.certs_dir}/{p.name}.key")
-        parties.append(PartyConfig(p.name, Role(p.role), p.address, p.listen, cert, key))
+        parties.append(PartyConfig(p.name, Role(p.role), p.address, p.listen, cert, key, p.device))
     try:
         Federation(tuple(Party(p.name, p.role) for p in parties))
     except ConfigError as exc:

@@ -140,9 +140,7 @@ class RayBackend:
             raise ConfigError(f"ray: the job's client factory cannot be sent to Ray actors ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); define the task, data_fn and mods at module level") from None
         resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        cpus = float(resources.get("CPU", 1.0))
-        size = self.options.num_actors or max(1, int(cpus // self.options.actor_cpus))
-        size = max(1, min(size, len(clients)))
+        size = self.options.pool_size(resources, len(clients))  # never more GPU actors than the GPUs hold
         self._actors = [self._spawn() for _ in range(size)]
         self._peak_kib = [0] * size
         try:

@@ -6,11 +6,15 @@ single-threaded actor per CPU.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tessera.core.errors import ConfigError
 
 MIB = 1024**2
 _MIN_OBJECT_STORE = 75 * MIB  # Ray refuses smaller object stores
@@ -42,8 +46,11 @@ class RayOptions(BaseModel):
     - `num_cpus`, `object_store_memory`: the local Ray's CPU count and object-store cap (local start only).
     - `model_bytes`: the size of the params an exchange carries; a local object store is then made large enough
       to hold one exchange without spilling (`store_bytes`). FLModel sets it from its model.
-    - `num_actors`: pool size; default = cluster CPUs // `actor_cpus` (at most the number of clients).
+    - `num_actors`: pool size; default = cluster CPUs // `actor_cpus` (at most the number of clients), and never
+      more actors than the cluster's GPUs hold when each reserves `actor_gpus` (`pool_size`).
     - `actor_cpus`, `actor_gpus`, `actor_memory`, `actor_resources`: what each actor reserves from the scheduler.
+      `actor_gpus` may be a fraction (0.25: four actors share a GPU); each actor then sees only the GPU Ray
+      assigned it (as cuda:0), where a task with device "cuda" or "auto" places its models.
     - `state_dir`: keep per-client state on disk under this folder instead of in the driver's memory.
     - `max_inflight`: requests queued per actor at once (2 hides Ray's round trip; a dead actor's queued
       requests, which never ran, go to other actors).
@@ -96,6 +103,19 @@ class RayOptions(BaseModel):
         actors = self.num_actors or max(1, int(self.local_cpus() // self.actor_cpus))
         need = (1 + actors * self.max_inflight) * self.model_bytes + 64 * MIB
         return max(self.object_store_memory, need)
+
+    def pool_size(self, resources: Mapping[str, float], clients: int) -> int:
+        """Actors to start on a cluster with `resources` (Ray's cluster_resources): CPUs // actor_cpus or
+        `num_actors`, capped by GPUs // actor_gpus when actors reserve GPUs, and by the number of clients."""
+        size = self.num_actors or max(1, int(float(resources.get("CPU", 1.0)) // self.actor_cpus))
+        if self.actor_gpus:
+            gpus = float(resources.get("GPU", 0.0))
+            fit = math.floor(gpus / self.actor_gpus + 1e-9)
+            if fit < 1:
+                raise ConfigError(f"ray: actor_gpus={self.actor_gpus:g} but the Ray cluster has {gpus:g} GPUs; start "
+                                  "Ray on a GPU machine (ray start --num-gpus=N) or set actor_gpus = 0")
+            size = min(size, fit)
+        return max(1, min(size, clients))
 
     def actor_options(self) -> dict[str, Any]:
         """Keyword arguments for `ActorClass.options(...)`."""
