@@ -274,11 +274,11 @@ def test_split_parties_send_cpu_tensors() -> None:
 
 # ------------------------------------------------------------------------------- job.toml, federation.toml, Ray
 def _job(tmp_path: Any, train: str) -> Any:
-    from tessera.cli.jobs import load_job_file
+    from tessera.core.config import load_job
 
     path = tmp_path / "job.toml"
     path.write_text(f"[job]\nrounds = 1\n[data]\nnum_clients = 2\n[train]\n{train}\n")
-    return load_job_file(path, warn_missing=False)
+    return load_job(path)
 
 
 def test_job_toml_train_device_and_precision_reach_the_task(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
