@@ -64,6 +64,9 @@ def register(app: typer.Typer) -> None:
                                                        "label_party and FIT (instead of --job)")] = None,
         out: Annotated[Path, typer.Option(help="split learning: this party's folder for state, metrics and "
                                                "checkpoints")] = Path("runs/split"),
+        state_dir: Annotated[Path | None, typer.Option(help="client (--job): folder where this party keeps its "
+                                                            "privacy ledger and SecAgg replay state across restarts"
+                                                            )] = None,
         resume: Annotated[bool, typer.Option(help="coordinator: continue from the checkpoint")] = False,
         plots: Annotated[bool, typer.Option(help="coordinator: write PNG curves at the end")] = True,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
@@ -107,4 +110,4 @@ def register(app: typer.Typer) -> None:
             run_coordinator(fed, parts, rounds=j.rounds, seed=j.seed, output_dir=j.output_dir,
                             checkpoint_every=j.checkpoint_every, resume=resume, plots=plots, notify=_say)
         else:
-            run_client(fed, name, parts, notify=_say)
+            run_client(fed, name, parts, state_dir=state_dir, notify=_say)

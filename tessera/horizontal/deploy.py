@@ -94,11 +94,23 @@ def _rounds(server: Server, rounds: int, stopper: Stopper, notify: Notify) -> No
         notify(f"stopped on signal after round {server.round}; resume with --resume")
 
 
-def run_client(fed: FederationConfig, name: str, parts: JobParts, *, notify: Notify = log.info) -> ClientStats:
-    """Serve party `name`'s client of the job until the coordinator says BYE (or a signal stops it)."""
+def run_client(fed: FederationConfig, name: str, parts: JobParts, *, state_dir: str | Path | None = None,
+               notify: Notify = log.info) -> ClientStats:
+    """Serve party `name`'s client of the job until the coordinator says BYE (or a signal stops it).
+
+    With `state_dir`, the client's state (privacy ledger, SecAgg+ replay state, SCAFFOLD variate) is reloaded from
+    it at start and saved there after every request (horizontal/state_store.py), so a restart continues it."""
+    from tessera.horizontal.state_store import ClientStateStore, PersistentClientApp
+    from tessera.runtime.backend import Handler
     from tessera.runtime.grpc.party import ClientParty
     from tessera.runtime.grpc.process import serve
 
     client_id = next(c for c, p in client_routes(fed, parts.clients).items() if p == name)
-    party = ClientParty(fed, name, parts.client_app(), expected_client_id=client_id)
+    app = parts.client_app()
+    handler: Handler = app
+    if state_dir is not None:  # a corrupt state file fails here, in one line, before any connection
+        handler = stored = PersistentClientApp(app, ClientStateStore(state_dir))
+        if stored.restore(client_id) is not None:
+            notify(f"party {name} (client {client_id}) continues its state from {state_dir}")
+    party = ClientParty(fed, name, handler, expected_client_id=client_id)
     return serve(party, f"party {name} (client {client_id}) dialling {fed.coordinator.address}", notify=notify)

@@ -11,16 +11,18 @@ or `Buffered` (asynchronous FedBuff on a simulated clock); either way one record
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from tessera.core import serde
-from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError, ShapeMismatch
 from tessera.core.io import atomic_write_parts, read_into
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
@@ -87,19 +89,30 @@ class Server:
                 "strategy": self.strategy.state_dict(), "history": self.history.records, "extensions": ext,
                 "scheduling": self.scheduling.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 1 or state.get("seed") != self.config.seed:
-            raise ConfigError("checkpoint was written by a different job (format or seed differs); "
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Continue from `state`; anything malformed or foreign is a ConfigError naming `source` (never a
+        KeyError/TypeError from half-way through)."""
+        state = checked_structure(state, source)
+        if state["format"] != 1 or state["seed"] != self.config.seed:
+            raise ConfigError(f"{source} was written by a different job (format or seed differs); "
                               "resume with the same job.toml or start a fresh output_dir")
-        check_compatible(self.params, state["params"], who="checkpoint params")
-        self.round = int(state["round"])
+        try:
+            check_compatible(self.params, state["params"], who=f"{source} params")
+        except ShapeMismatch as exc:
+            raise ConfigError(f"{exc}; it was written for another model: resume with the same job.toml or start "
+                              "a fresh output_dir") from None
+        self.round = state["round"]
         self.params = state["params"]
-        self.strategy.load_state_dict(state["strategy"])
-        self.history = History(state["history"])
-        self.scheduling.load_state_dict(state.get("scheduling", {}))
+        with _malformed(source, "strategy"):
+            self.strategy.load_state_dict(state["strategy"])
+        with _malformed(source, "history"):
+            self.history = History(state["history"])
+        with _malformed(source, "scheduling"):
+            self.scheduling.load_state_dict(state.get("scheduling", {}))
         for e in self.extensions:
             if e.name in state["extensions"]:
-                e.load_state_dict(state["extensions"][e.name])
+                with _malformed(source, f"extensions.{e.name}"):
+                    e.load_state_dict(state["extensions"][e.name])
 
     def save_checkpoint(self) -> None:
         """Write the state atomically, tensor by tensor from their own memory (the model is never copied into one
@@ -115,7 +128,7 @@ class Server:
             state = serde.loads(read_into(self.out / CHECKPOINT), take=True)  # tensors are views: one copy
         except SerdeError as exc:
             raise ConfigError(f"{self.out / CHECKPOINT} is not a valid checkpoint ({exc}); move it away") from None
-        self.load_state_dict(state)
+        self.load_state_dict(state, source=str(self.out / CHECKPOINT))
         if self.writer is not None:
             self.writer.reset(self.history.records)
         log.info("resumed from round %d", self.round)
@@ -191,6 +204,46 @@ class Server:
             if self.writer is not None:
                 self.writer.close()
         return self.history
+
+
+_FIX = "move it away and start a fresh output_dir, or resume from an untouched copy"
+_TOP: dict[str, type] = {"format": int, "round": int, "seed": int, "params": dict, "strategy": dict,
+                         "history": list, "extensions": dict}
+
+
+def checked_structure(state: Any, source: str) -> dict[str, Any]:
+    """`state` if it has a checkpoint's shape (keys, types, a name -> tensor params map), else ConfigError."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{source} is not a checkpoint (it holds a {type(state).__name__}, not a map); {_FIX}")
+    missing = [k for k in _TOP if k not in state]
+    if missing:
+        raise ConfigError(f"{source} is not a complete checkpoint (missing {missing}); {_FIX}")
+    wrong = [f"{k} is a {type(state[k]).__name__}, not a {t.__name__}" for k, t in _TOP.items()
+             if not isinstance(state[k], t) or isinstance(state[k], bool)]
+    if "scheduling" in state and not isinstance(state["scheduling"], dict):
+        wrong.append(f"scheduling is a {type(state['scheduling']).__name__}, not a dict")
+    if not wrong and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["params"].items()):
+        wrong.append("params is not a map of names to tensors")
+    if not wrong and not all(isinstance(r, dict) for r in state["history"]):
+        wrong.append("history is not a list of round records")
+    if not wrong and state["round"] < 0:
+        wrong.append(f"round is {state['round']}")
+    if wrong:
+        raise ConfigError(f"{source} has the wrong structure ({'; '.join(wrong)}); {_FIX}")
+    return state
+
+
+@contextlib.contextmanager
+def _malformed(source: str, part: str) -> Iterator[None]:
+    """A component's loader meeting a malformed section raises ConfigError naming the file and the section."""
+    try:
+        yield
+    except ConfigError as exc:  # the component's own check: say which file it was about
+        if source in str(exc):
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ConfigError(f"{source}: the {part} section is malformed ({type(exc).__name__}: {exc}); {_FIX}") from None
 
 
 def _weighted_train_metrics(results: FitResults) -> dict[str, Any]:

@@ -9,8 +9,10 @@ Pieces and where they run:
   PrivacyBudgetExceeded, which reaches the server as `FailureKind.BUDGET_EXHAUSTED`.
 - The client's accounting for the round travels as a `PrivacyReport` (privacy/report.py) in the reply.
 - `DPRecorder` (server side) wraps the aggregation and is an Extension: it mirrors each client's reported
-  (noise, rate, steps) in a ledger that rides in the checkpoint, writes `record["epsilon"]`, stops sampling
-  clients whose budget is spent, and stops the run cleanly (PrivacyBudgetExceeded) when too few remain.
+  (noise, rate, steps) in a ledger that rides in the checkpoint, writes `record["epsilon"]`, and enforces the
+  budget on its own books (privacy/guard.py): a client whose next round would exceed it is not asked, a reply
+  that would exceed it is refused, whatever the client's ledger says (it may have been lost in a restart); the
+  run stops cleanly (PrivacyBudgetExceeded) when too few clients remain.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.job import Contribution, Extension, JobParts, Plugin
 from tessera.horizontal.strategies.base import Strategy
 from tessera.horizontal.task import Loaders, Placed, SelectsParams, Task
+from tessera.privacy.guard import BudgetGuard, GuardedBackend
 from tessera.privacy.ledger import BUDGET_EXHAUSTED, PrivacyLedger
 from tessera.privacy.opacus import DP_PRECISION, DPConfig, DPTrainer
 from tessera.privacy.report import PrivacyReport, strip_report
@@ -183,48 +186,36 @@ class DPSGDMod:
         return call_next(msg, ctx)
 
 
-class _BudgetSpy:
-    """A Backend proxy that notes which clients refused to train because their budget is spent."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.traffic = backend.traffic
-        self.exhausted: set[str] = set()
-
-    def start(self, clients: list[str]) -> None:
-        self.backend.start(clients)
-
-    def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        replies = self.backend.exchange(requests, timeout=timeout)
-        self.exhausted |= {c for c, r in replies.items()
-                           if isinstance(r, ClientFailure) and r.kind is FailureKind.BUDGET_EXHAUSTED}
-        return replies
-
-    def close(self) -> None:
-        self.backend.close()
-
-
 class DPRecorder(Extension):
-    """Aggregation wrapper + Extension: per-client epsilon in every record, budget-aware client selection."""
+    """Aggregation wrapper + Extension: per-client epsilon in every record, and the budget enforced by the
+    coordinator itself (privacy/guard.py): a client whose next round would exceed it is not asked, a reply whose
+    report would exceed it is refused, so no recorded epsilon exceeds the budget whatever a client's ledger says."""
 
     name = "dp"
 
     def __init__(self, inner: Aggregation | None, ledger: PrivacyLedger) -> None:
         self._inner = inner
         self.ledger = ledger
+        self.guard = BudgetGuard(ledger)
         self.exhausted: set[str] = set()
         self.unprivate: set[str] = set()  # clients that trained with noise_multiplier=0 (epsilon = inf)
 
     def run(self, rnd: int, plan: list[tuple[str, FitIns]], backend: Backend, strategy: Strategy,
             current: Params, *, timeout: float | None) -> FitOutcome:
+        for cid, _ in plan:
+            eps = None if cid in self.exhausted else self.guard.over(cid)
+            if eps is not None:
+                log.warning("round %d: a client's next round would reach epsilon %.4f > budget %g; not asked",
+                            rnd, eps, self.ledger.budget)
+                self.exhausted.add(cid)
         skipped = [c for c, _ in plan if c in self.exhausted]
         live = [(c, ins) for c, ins in plan if c not in self.exhausted]
         if len(live) < strategy.min_available:
             raise PrivacyBudgetExceeded(
                 f"{BUDGET_EXHAUSTED}: round {rnd} would need {strategy.min_available} client(s) but only "
                 f"{len(live)} of the {len(plan)} sampled have budget left; the run stops after round {rnd - 1} "
-                "with every reported epsilon within the budget")
-        spy = _BudgetSpy(backend)
+                "with every recorded epsilon within the budget")
+        spy = GuardedBackend(backend, self.guard)
         assert self._inner is not None, "DPRecorder.wrap() sets the aggregation it records"
         try:
             outcome = self._inner.run(rnd, live, spy, strategy, current, timeout=timeout)
@@ -233,8 +224,8 @@ class DPRecorder(Extension):
                 raise
             self.exhausted |= spy.exhausted
             raise PrivacyBudgetExceeded(
-                f"{BUDGET_EXHAUSTED}: in round {rnd}, {len(spy.exhausted)} client(s) refused to train because the "
-                f"round would exceed their budget, leaving fewer than strategy.min_available="
+                f"{BUDGET_EXHAUSTED}: in round {rnd}, {len(spy.exhausted)} client(s) refused to train or were "
+                f"refused because the round would exceed their budget, leaving fewer than strategy.min_available="
                 f"{strategy.min_available}; the run stops after round {rnd - 1}") from None
         self.exhausted |= spy.exhausted
         for cid, res in outcome.results:
@@ -255,9 +246,14 @@ class DPRecorder(Extension):
         if report is None:
             log.warning("a client replied without its DP accounting; its epsilon is not mirrored")
             return
+        self.guard.noted(cid, report)
         if report.noise_multiplier == 0:  # clipping only, no privacy
             self.unprivate.add(cid)
             return
+        why = self.guard.refusal(cid, report)
+        if why is not None:  # secure aggregation: the update is already in the sum; never hide what was spent
+            log.warning("round over budget under secure aggregation: %s", why)
+            self.exhausted.add(cid)
         self.ledger.step(cid, noise_multiplier=report.noise_multiplier, sample_rate=report.sample_rate,
                          steps=report.steps)
 
@@ -269,11 +265,22 @@ class DPRecorder(Extension):
             record["dp_exhausted"] = sorted(self.exhausted)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.state_dict(), "exhausted": sorted(self.exhausted)}
+        return {"ledger": self.ledger.state_dict(), "exhausted": sorted(self.exhausted),
+                "last": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ledger.load_state_dict(state["ledger"])
-        self.exhausted = set(state["exhausted"])
+        fix = "resume from an untouched checkpoint or start a fresh output_dir"
+        exhausted = state.get("exhausted") if isinstance(state, dict) else None
+        if not (isinstance(exhausted, list) and all(isinstance(c, str) for c in exhausted)
+                and isinstance(state.get("ledger"), dict)):
+            raise ConfigError(f"the checkpoint's dp section needs a ledger map and an exhausted list of client ids; "
+                              f"{fix}")
+        try:
+            self.ledger.load_state_dict(state["ledger"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"the checkpoint's dp ledger is malformed ({type(exc).__name__}: {exc}); {fix}") from None
+        self.guard.load_state_dict(state.get("last", {}))  # checkpoints from before the guard have none
+        self.exhausted = set(exhausted)
 
 
 class DPSGD(Plugin):
@@ -296,7 +303,7 @@ class DPSGD(Plugin):
         self.mod = DPSGDMod()
         self.recorder: DPRecorder | None = None
 
-    name: ClassVar[str] = "dpsgd"
+    name = "dpsgd"
 
     def contribute(self, parts: JobParts) -> Contribution:
         if isinstance(parts.task, DPTask):
