@@ -11,6 +11,7 @@ Rows "complete" use the complete graph (degree n - 1, classic SecAgg), the other
 the dropout rate. `--targets` runs only issue 22's target rows: N=20 x 1M complete graph at 0% and 30% dropout
 and 100 clients x 1M at 30% dropout.
 
+"x cpu" is the same ratio in CPU seconds (all threads), steadier than wall time on a shared machine.
 "consist. s" is the wall time of the consistency round (each survivor signs the survivor story; the server checks
 the signatures), the round that the malicious-coordinator protection adds.
 
@@ -67,8 +68,8 @@ class _PlainClients:
         return FitRes(params=self.updates[int(client.removeprefix("client"))], num_examples=1)
 
 
-def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:
-    """Median of 3 (it is short and noisy); bytes of one round."""
+def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int, float]:
+    """Median of 3 (it is short and noisy); bytes of one round; mean CPU seconds of one round."""
     clients = [f"client{i}" for i in range(len(updates))]
     backend = InProcessBackend(_PlainClients(updates, {clients[i] for i in dropped}))
 
@@ -79,18 +80,20 @@ def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:
             if isinstance(r, FitRes):
                 total += r.params["w"].double()
 
+    cpu0 = time.process_time()
     seconds, _ = best_of(one, 3)
-    return seconds, backend.traffic.up // 3
+    return seconds, backend.traffic.up // 3, (time.process_time() - cpu0) / 3
 
 
 def secagg_round(updates: Updates, dropped: set[int], rate: float, *,
-                 complete: bool = False) -> tuple[float, int, int, float]:
-    """Round seconds, bytes up, degree, and the seconds of the consistency round (malicious-server protection)."""
-    t0 = time.perf_counter()
+                 complete: bool = False) -> tuple[float, int, int, float, float]:
+    """Round seconds, bytes up, degree, the seconds of the consistency round (malicious-server protection), and
+    the round's CPU seconds (all threads)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rep = run_round(updates, threshold=0.6, dropouts=dropped, clip=8.0, bits=32, seed=0, dropout=max(rate, 0.05),
                     degree=len(updates) - 1 if complete else None)
     return (time.perf_counter() - t0, rep.bytes_up, rep.server.state.setup.degree,
-            rep.server.seconds.get("consistency", 0.0))
+            rep.server.seconds.get("consistency", 0.0), time.process_time() - cpu0)
 
 
 def ckks_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:
@@ -126,10 +129,10 @@ def main() -> None:
     for n, size, rate, complete in cases(args):
         updates = Updates(n, size)
         dropped = set(np.random.default_rng(n).choice(n, size=round(rate * n), replace=False).tolist())
-        plain_s, plain_b = plain_round(updates, dropped)
-        sa_s, sa_b, degree, check_s = secagg_round(updates, dropped, rate, complete=complete)
+        plain_s, plain_b, plain_cpu = plain_round(updates, dropped)
+        sa_s, sa_b, degree, check_s, sa_cpu = secagg_round(updates, dropped, rate, complete=complete)
         row = ["secagg" + (" complete" if complete else ""), n, size, f"{rate:.0%}", degree, sa_s, plain_s,
-               sa_s / plain_s, sa_b / n / 1e6, sa_b / plain_b, check_s]
+               sa_s / plain_s, sa_cpu / plain_cpu, sa_b / n / 1e6, sa_b / plain_b, check_s]
         rows.append(row)
         print(row, flush=True)
         if (n, size, rate) == head and not complete:
@@ -137,10 +140,10 @@ def main() -> None:
         ckks_row = (n <= ckks_max[0] and size <= ckks_max[1]) or (n == first and not args.quick)
         if ckks_row and not complete and not args.targets:
             ck_s, ck_b = ckks_round(updates, dropped)
-            rows.append(["ckks", n, size, f"{rate:.0%}", "-", ck_s, plain_s, ck_s / plain_s,
+            rows.append(["ckks", n, size, f"{rate:.0%}", "-", ck_s, plain_s, ck_s / plain_s, "-",
                          ck_b / n / 1e6, ck_b / plain_b, "-"])
             print(rows[-1], flush=True)
-    report("secagg_cost", ["proto", "n", "params", "drop", "deg", "round s", "plain s", "x time", "MB up/cl",
+    report("secagg_cost", ["proto", "n", "params", "drop", "deg", "round s", "plain s", "x time", "x cpu", "MB up/cl",
                            "x bytes", "consist. s"], rows, ratio=headline,
            ratio_means=f"SecAgg+ / plain round time at {head[0]} clients, {head[1]:,} params, "
                        f"{head[2]:.0%} dropout after masking (one process, all parties' compute)",

@@ -14,11 +14,13 @@ stories and collect shares of a client's self mask from some and of its neighbou
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
-import secrets
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from tessera.core import serde
@@ -44,8 +46,17 @@ from tessera.secagg.messages import (
     survivors_statement,
 )
 from tessera.secagg.pki import PKI
-from tessera.secagg.prg import SEED_BYTES, add_masks, check_prg, reduce, to_wire, to_words
-from tessera.secagg.quantize import quantize, quantize_unit
+from tessera.secagg.prg import (
+    PRG_NAME,
+    SEED_BYTES,
+    add_masks,
+    check_prg,
+    for_chunks,
+    keystream_chunk,
+    reduce,
+    to_wire,
+    word,
+)
 
 log = get_logger(__name__)
 
@@ -156,11 +167,11 @@ def check_enough_shares(received: int, threshold: int) -> None:
                             "this client); leaving the round before masking")
 
 
-def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
+def mask_vector(q: np.ndarray, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
     """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after), as
-    the wire tensor (int32 for bits <= 32, else int64)."""
+    the wire tensor (int32 for bits <= 32, else int64); q (unsigned words) is overwritten."""
     setup = st.setup
-    acc = to_words(q, bits=setup.bits)
+    acc = q
     me_i = setup.clients.index(me)
     seeds = crypto.agree_many(st.s_sk, {v: st.s_pks[v] for v in partners}, info=crypto.MASK_INFO)
     masks = [(st.b_seed, 1)] + [(seeds[v], 1 if me_i < setup.clients.index(v) else -1) for v in partners]
@@ -168,20 +179,49 @@ def mask_vector(q: torch.Tensor, *, st: ClientState, me: str, partners: tuple[st
     return to_wire(reduce(acc, bits=setup.bits), bits=setup.bits)
 
 
-def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> torch.Tensor:
+def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> np.ndarray:
     """Clip the update (L2 to `l2_clip` if set, then each coordinate to [-clip, clip]), fold the FedAvg weight
-    w = min(n, max_weight) / max_weight into it and quantise; w travels as the last coordinate."""
+    w = min(n, max_weight) / max_weight into it and quantise to [0, levels] with stochastic rounding (randomness
+    from the PRG keyed by `seed`, or fresh); w travels as the last coordinate. Unsigned ring words, chunk by chunk
+    on the thread pool."""
     if vector.numel() != setup.dim - 1:
         raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
-    v = vector.double()
+    v = vector.detach().reshape(-1).double().numpy()
+    scale = 1.0
     if setup.l2_clip > 0:
-        v = v * min(1.0, setup.l2_clip / max(float(v.norm()), 1e-300))
+        scale = min(1.0, setup.l2_clip / max(float(np.linalg.norm(v)), 1e-300))
     if num_examples > setup.max_weight:
         log.warning("num_examples exceeds secagg.max_weight: this client's FedAvg weight is capped")
     w = min(float(num_examples), setup.max_weight) / setup.max_weight
-    gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) else secrets.randbits(63))
-    body = quantize(w * v.clamp(-setup.clip, setup.clip), clip=setup.clip, levels=setup.levels, gen=gen)
-    return torch.cat([body, quantize_unit(w, levels=setup.levels, gen=gen)])
+    key = (hashlib.sha256(b"tessera/secagg/rounding|%d" % int(seed)).digest() if isinstance(seed, int)
+           else os.urandom(SEED_BYTES))
+    out = np.empty(setup.dim, dtype=word(setup.bits))
+    to_unit = setup.levels / (2.0 * setup.clip)
+
+    def chunk(start: int, stop: int) -> None:
+        y = v[start:stop] * scale if scale != 1.0 else v[start:stop].copy()
+        np.clip(y, -setup.clip, setup.clip, out=y)
+        y *= w
+        y += setup.clip
+        y *= to_unit  # in [0, levels]
+        low = np.floor(y)
+        y -= low
+        y *= 2.0**32  # round up with probability frac: a uniform 32-bit word below frac * 2^32
+        up = np.less(keystream_chunk(key, start, stop, np.uint32, prg=PRG_NAME), y)
+        np.add(low, up, out=low)
+        np.minimum(low, setup.levels, out=low)
+        out[start:stop] = low  # exact: integers below 2^53
+
+    for_chunks(setup.dim - 1, chunk)
+    last = keystream_chunk(key, setup.dim - 1, setup.dim, np.uint32, prg=PRG_NAME)[0]
+    y = w * setup.levels
+    out[-1] = min(math.floor(y) + (int(last) < (y - math.floor(y)) * 2.0**32), setup.levels)
+    return out
+
+
+def encode_input(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> torch.Tensor:
+    """`encode_words` as an int64 tensor: the client's quantised input before masking (the tests' oracle)."""
+    return torch.from_numpy(encode_words(vector, num_examples, setup, seed).astype(np.int64))
 
 
 def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
@@ -192,7 +232,7 @@ def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
     index = st.setup.clients.index
     partners = tuple(sorted(msg.shares, key=index))  # neighbours that shared keys: their masks are recoverable
     vector, n, metrics = train(msg)
-    q = encode_input(vector, n, st.setup, msg.config.get("seed"))
+    q = encode_words(vector, n, st.setup, msg.config.get("seed"))
     wire = mask_vector(q, st=st, me=me, partners=partners)  # int32 (two's complement view) or int64
     new = dataclasses.replace(st, stage=Stage.CONSISTENCY.value, held_b=held_b, held_sk=held_sk,
                               masked_with=partners)

@@ -68,6 +68,18 @@ def public_of(signing_key: bytes) -> bytes:
         _RAW, serialization.PublicFormat.Raw)
 
 
+@functools.lru_cache(maxsize=4096)
+def _simulated_key(root: bytes, party: str) -> Ed25519PrivateKey:
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"tessera/secagg/simulated-party-key/" + party.encode()).derive(root)
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simulated_verify_key(root: bytes, party: str) -> bytes:
+    return _simulated_key(root, party).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
 @dataclass(frozen=True)
 class SimulatedPKI:
     """Every party's Ed25519 key derived from one random root (HKDF(root, party)); for in-process and Ray runs.
@@ -77,12 +89,10 @@ class SimulatedPKI:
     root: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def _key(self, party: str) -> Ed25519PrivateKey:
-        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                    info=b"tessera/secagg/simulated-party-key/" + party.encode()).derive(self.root)
-        return Ed25519PrivateKey.from_private_bytes(seed)
+        return _simulated_key(self.root, party)
 
     def verify_key(self, party: str) -> bytes:
-        return self._key(party).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+        return _simulated_verify_key(self.root, party)
 
     def credential(self, party: str) -> bytes:
         return b""

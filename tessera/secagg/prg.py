@@ -22,7 +22,7 @@ import functools
 import os
 import platform
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,16 +99,14 @@ def _buffer(nbytes: int) -> bytearray:
     return buf
 
 
-def _add_chunk(acc: np.ndarray, start: int, stop: int, masks: Sequence[tuple[bytes, int]], prg: str) -> None:
-    size = acc.dtype.itemsize
+def keystream_chunk(seed: bytes, start: int, stop: int, dtype: type[np.unsignedinteger], *,
+                    prg: str = CHACHA) -> np.ndarray:
+    """Words start..stop of PRG(seed) as a view of this thread's reusable buffer (valid until its next call)."""
+    size = np.dtype(dtype).itemsize
     nbytes = (stop - start) * size
     out = _buffer(nbytes)
-    view = np.frombuffer(out, dtype=acc.dtype, count=stop - start)
-    part = acc[start:stop]
-    zeros = memoryview(_ZEROS)[:nbytes]
-    for seed, sign in masks:
-        _encryptor(seed, prg, start * size).update_into(zeros, out)
-        (np.add if sign > 0 else np.subtract)(part, view, out=part)
+    _encryptor(seed, prg, start * size).update_into(memoryview(_ZEROS)[:nbytes], out)
+    return np.frombuffer(out, dtype=dtype, count=stop - start)
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,19 +114,32 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="tessera-prg")
 
 
+def for_chunks(n: int, fn: Callable[[int, int], None]) -> None:
+    """fn(start, stop) for each chunk of CHUNK words of a length-n vector, on the thread pool (the chunks must be
+    independent; numpy and OpenSSL release the GIL)."""
+    bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+    if len(bounds) <= 1:
+        for a, b in bounds:
+            fn(a, b)
+        return
+    for f in [_pool().submit(fn, a, b) for a, b in bounds]:
+        f.result()
+
+
 def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int, prg: str = CHACHA) -> None:
     """acc += sum of sign * PRG(seed) over `masks` [(seed, +1 | -1)], in place, wrapping in the machine word;
     chunks of the vector are expanded on a thread pool."""
     check_prg(prg)
     assert acc.dtype == word(bits) and acc.flags.c_contiguous
-    n = acc.shape[0]
-    bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
-    if len(bounds) <= 1 or len(masks) == 0:
-        for a, b in bounds:
-            _add_chunk(acc, a, b, masks, prg)
-        return
-    for f in [_pool().submit(_add_chunk, acc, a, b, masks, prg) for a, b in bounds]:
-        f.result()
+
+    def chunk(start: int, stop: int) -> None:
+        part = acc[start:stop]
+        for seed, sign in masks:
+            ks = keystream_chunk(seed, start, stop, acc.dtype.type, prg=prg)
+            (np.add if sign > 0 else np.subtract)(part, ks, out=part)
+
+    if masks:
+        for_chunks(acc.shape[0], chunk)
 
 
 def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, sign: int = 1, prg: str = CHACHA) -> None:

@@ -197,3 +197,20 @@ def test_the_round_names_its_prg_and_clients_refuse_an_unknown_one() -> None:
     assert setup.prg == PRG_NAME == ("aes-128-ctr" if cpu_has_aes() else "chacha20")
     with pytest.raises(ProtocolError, match="unknown mask PRG"):
         step(None, dataclasses.replace(setup, prg="rc4"), "a", lambda m: (torch.zeros(2), 1, {}), SimulatedPKI())
+
+
+def test_encoded_input_is_in_range_within_one_step_and_unbiased() -> None:
+    from tessera.secagg.client import encode_words
+    from tessera.secagg.plus import SecAggPlus
+
+    n = 3 * CHUNK + 7  # several chunks, quantised in parallel
+    setup = SecAggPlus(clip=1.0, bits=16, max_weight=1.0).setup(1, ["a", "b"], dim=n + 1, graph_seed=0)
+    x = torch.full((n,), 0.123456, dtype=torch.float64)
+    x[:10] = torch.tensor([-5.0, -1.0, -0.5, 0.0, 0.25, 0.999, 1.0, 3.0, 1e-9, -1e-9], dtype=torch.float64)
+    q = encode_words(x, 1, setup, 7)
+    assert np.array_equal(q, encode_words(x, 1, setup, 7)) and not np.array_equal(q, encode_words(x, 1, setup, 8))
+    assert int(q.max()) <= setup.levels and int(q[-1]) == setup.levels  # weight 1 travels exactly
+    back = dequantize_sum(torch.from_numpy(q[:-1].astype(np.int64)), count=1, clip=1.0, levels=setup.levels)
+    step = step_size(clip=1.0, levels=setup.levels)
+    assert float((back - x.clamp(-1.0, 1.0)).abs().max()) < step + 1e-12
+    assert abs(float(back[10:].mean()) - 0.123456) < 3 * step / math.sqrt(n - 10)
