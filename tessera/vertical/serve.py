@@ -26,6 +26,8 @@ from tessera.core.serde import message
 from tessera.runtime.backend import Backend, ClientFailure
 from tessera.vertical.messages import InfoIns, InfoRes
 from tessera.vertical.model import set_mode
+from tessera.vertical.owner import party_code
+from tessera.vertical.protections import EmbeddingDP, step_generator
 
 if TYPE_CHECKING:
     from tessera.runtime.grpc.config import FederationConfig
@@ -61,11 +63,16 @@ class Served:
 
 
 class EmbeddingServer:
-    """A data owner in serve mode: its base (eval mode, no gradients) and its rows in the aligned order."""
+    """A data owner in serve mode: its base (eval mode, no gradients) and its rows in the aligned order.
+
+    With `embedding_dp`, every served embedding is clipped and noised as in training (noise seeded by `seed` and
+    the request number), so serving keeps the protection; predictions then differ from the exported model's."""
 
     def __init__(self, name: str, base: nn.Module, x: torch.Tensor, *, asker: str = "label party",
-                 log_path: str | Path | None = None, clock: Callable[[], float] = time.time) -> None:
+                 log_path: str | Path | None = None, clock: Callable[[], float] = time.time,
+                 embedding_dp: EmbeddingDP | None = None, seed: int = 0) -> None:
         self.name, self.base, self.x, self.asker, self.clock = name, base, x, asker, clock
+        self.embedding_dp, self.seed = embedding_dp, seed
         set_mode(base, False)
         self.log_path = Path(log_path) if log_path is not None else None
         self.log: list[Served] = []
@@ -89,6 +96,9 @@ class EmbeddingServer:
                 f.write(json.dumps(asdict(entry)) + "\n")
         with torch.inference_mode():
             emb = self.base(self.x[rows])
+            if self.embedding_dp is not None:
+                noise = step_generator(self.seed, msg.request, party_code(self.name), 0x5E4E)
+                emb = self.embedding_dp.apply(emb, generator=noise)
         return EmbedRes(request=msg.request, embedding=emb)
 
 

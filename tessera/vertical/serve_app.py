@@ -44,7 +44,8 @@ class ServingOwner:
         if isinstance(msg, LoadIns):
             reply = self.owner.handle(party, msg)
             self.server = EmbeddingServer(self.owner.name, self.owner.base, self.owner.data[self.split],
-                                          asker=self.asker, log_path=self.log_path)
+                                          asker=self.asker, log_path=self.log_path,
+                                          embedding_dp=self.owner.embedding_dp, seed=self.owner.seed)
             return reply
         if self.server is None:
             raise ProtocolError(f"{self.owner.name}: load the trained snapshot (LoadIns) before asking for embeddings")

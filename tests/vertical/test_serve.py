@@ -132,3 +132,19 @@ def test_serving_owner_loads_the_trained_snapshot_before_serving(tmp_path: Path)
     got = serving.handle("bob", EmbedIns(request=2, rows=torch.arange(3))).embedding
     with torch.no_grad():
         assert torch.equal(got, trained.base(x[:3]))
+
+
+def test_an_owner_trained_with_embedding_dp_serves_noised_embeddings(trained: Any) -> None:
+    from tessera.vertical.protections import EmbeddingDP, clip_rows
+
+    sl, _, x = trained
+    dp = EmbeddingDP(clip_norm=1.0, noise_multiplier=0.5)
+    plain = EmbeddingServer("bob", sl.base_models["bob"], x["bob"])
+    noised = EmbeddingServer("bob", sl.base_models["bob"], x["bob"], embedding_dp=dp, seed=3)
+    rows = torch.arange(50)
+    a = plain.handle("bob", EmbedIns(request=1, rows=rows)).embedding
+    b = noised.handle("bob", EmbedIns(request=1, rows=rows)).embedding
+    again = EmbeddingServer("bob", sl.base_models["bob"], x["bob"], embedding_dp=dp, seed=3)
+    assert torch.equal(b, again.handle("bob", EmbedIns(request=1, rows=rows)).embedding)  # seeded
+    noise = b - clip_rows(a, clip_norm=1.0)  # what was added after clipping: N(0, (0.5 * 1.0)^2)
+    assert 0.4 < float(noise.std()) < 0.6
