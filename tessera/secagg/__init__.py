@@ -12,10 +12,10 @@ the whole SecAgg+ protocol among in-process parties.
 
 from tessera.secagg.ckks import CKKS
 from tessera.secagg.messages import Stage
-from tessera.secagg.pki import PartyKeys, SimulatedPKI
+from tessera.secagg.pki import CertPKI, PartyKeys, SimulatedPKI
 from tessera.secagg.plugin import plugin
 from tessera.secagg.plus import SecAggMod, SecAggPlus, SecAggPlusAggregation
 from tessera.secagg.simulate import RoundReport, run_round, simulate_round
 
-__all__ = ["CKKS", "PartyKeys", "RoundReport", "SecAggMod", "SecAggPlus", "SecAggPlusAggregation", "SimulatedPKI",
-           "Stage", "plugin", "run_round", "simulate_round"]
+__all__ = ["CKKS", "CertPKI", "PartyKeys", "RoundReport", "SecAggMod", "SecAggPlus", "SecAggPlusAggregation",
+           "SimulatedPKI", "Stage", "plugin", "run_round", "simulate_round"]
