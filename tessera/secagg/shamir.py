@@ -7,6 +7,7 @@ with `combine`, fewer reveal nothing about it. Coefficients come from `secrets` 
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -41,19 +42,28 @@ def split(secret: bytes, *, xs: Sequence[int], threshold: int, rng: RandBelow | 
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange coefficients at 0 for the points `xs` (the same holders answer for most clients of a round,
+    so the unmasking server computes them once)."""
+    out = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
 def combine(shares: Mapping[int, bytes], *, threshold: int, size: int = 32) -> bytes:
     """The secret from at least `threshold` shares {x: y} (Lagrange interpolation at 0)."""
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(shares)}")
-    pts = [(x, int.from_bytes(y, "big")) for x, y in list(shares.items())[:threshold]]
-    secret = 0
-    for i, (xi, yi) in enumerate(pts):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(pts):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    pts = sorted(shares.items())[:threshold]
+    coeffs = _lagrange_at_zero(tuple(x for x, _ in pts))
+    secret = sum(c * int.from_bytes(y, "big") for c, (_, y) in zip(coeffs, pts, strict=True)) % PRIME
     if secret >= 1 << (8 * size):
         raise ValueError("shares are inconsistent: the recovered value does not fit the secret size")
     return secret.to_bytes(size, "big")
