@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -185,8 +186,11 @@ def load_base(spec: ModelSpec, *, device: torch.device | None = None,
             if device is not None:
                 model.to(device)
             if gradient_checkpointing:
-                model.gradient_checkpointing_enable(  # type: ignore[operator]
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                with warnings.catch_warnings():  # transformers 5 renames it (4.x has only this name); same effect
+                    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*",
+                                            category=FutureWarning)
+                    model.gradient_checkpointing_enable(  # type: ignore[operator]
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
             _CACHE[key] = (model, tok)
             LOADS[spec] = LOADS.get(spec, 0) + 1
         return _CACHE[key]

@@ -100,7 +100,7 @@ def test_unavailable_map_location_is_one_clear_error(tmp_path: Path, monkeypatch
         load_bundle(tmp_path / "b", map_location=location)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_bundle_saved_from_cuda_loads_on_cpu_and_verifies(tmp_path: Path) -> None:
     model = MLP(6, 3, [8]).cuda()
     save_bundle(model, tmp_path / "b", example_inputs=X[:4].cuda())
