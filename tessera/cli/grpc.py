@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tessera.core.errors import ConfigError
+from tessera.core.errors import ConfigError, ShapeMismatch
 from tessera.core.logging import setup_logging
 
 console = Console()
@@ -68,6 +68,8 @@ def register(app: typer.Typer) -> None:
                                                             "privacy ledger and SecAgg replay state across restarts"
                                                             )] = None,
         resume: Annotated[bool, typer.Option(help="coordinator: continue from the checkpoint")] = False,
+        overwrite: Annotated[bool, typer.Option(help="coordinator: replace a run already in the output folder")
+                             ] = False,
         plots: Annotated[bool, typer.Option(help="coordinator: write PNG curves at the end")] = True,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
         device: Annotated[str | None, typer.Option(help="where this party trains: auto, cpu, cuda, cuda:N, mps "
@@ -75,39 +77,47 @@ def register(app: typer.Typer) -> None:
                                                         "[train] device)")] = None,
     ) -> None:
         """Run one party of a federation: the coordinator drives the rounds, clients dial in and train."""
-        from tessera.core.config import load_job
         from tessera.runtime.federation import Role
         from tessera.runtime.grpc.config import load_federation
+        from tessera.runtime.grpc.process import check_identity
 
         setup_logging(log_level.upper())
         fed = load_federation(federation)
         me = fed.party(name)
         if (job is None) == (split is None):
             raise ConfigError("give --job job.toml (horizontal) or --split APP (split learning), not both")
+        check_identity(me)  # a key that is not the certificate's: one line now, not a TLS error loop later
         if split is not None:
             from tessera.vertical.deploy import load_split_app, run_split_label, run_split_owner
 
             app_ = load_split_app(split)
             if me.role is Role.COORDINATOR:
-                run_split_label(fed, app_, out, resume=resume, notify=_say)
+                run_split_label(fed, app_, out, resume=resume, overwrite=overwrite, plots=plots, notify=_say)
             else:
                 run_split_owner(fed, name, app_, out, notify=_say)
             return
         assert job is not None
-        from tessera.cli.jobs import build_parts, build_plugins
+        from tessera.cli.jobs import build_parts, build_plugins, load_job_file, preflight
         from tessera.horizontal.deploy import client_routes, run_client, run_coordinator
         from tessera.horizontal.job import compose
         from tessera.secagg.pki import CertPKI
 
-        cfg = load_job(job)
+        cfg = load_job_file(job)
         parts = build_parts(cfg, device=device or me.device)
+        routes = client_routes(fed, parts.clients)
+        mine = next((c for c, p in routes.items() if p == name), None)
+        try:
+            preflight(parts, mine)  # the coordinator checks the first client's partition, a client its own
+        except ShapeMismatch as exc:
+            raise ShapeMismatch(f"{job}: [model] {cfg.model.name!r} does not fit [data] {cfg.data.dataset!r}: "
+                                f"{exc}") from None
         # SecAgg+ signs its round keys with this party's certificate key (malicious-coordinator protection).
-        pki = CertPKI.from_files(name, ca_cert=fed.ca_cert, cert=me.cert, key=me.key,
-                                 names=client_routes(fed, parts.clients))
+        pki = CertPKI.from_files(name, ca_cert=fed.ca_cert, cert=me.cert, key=me.key, names=routes)
         parts = compose(parts, build_plugins(cfg, secagg_pki=pki))
         if me.role is Role.COORDINATOR:
             j = cfg.job
             run_coordinator(fed, parts, rounds=j.rounds, seed=j.seed, output_dir=j.output_dir,
-                            checkpoint_every=j.checkpoint_every, resume=resume, plots=plots, notify=_say)
+                            checkpoint_every=j.checkpoint_every, resume=resume, overwrite=overwrite, plots=plots,
+                            loggers=j.loggers(), notify=_say)
         else:
             run_client(fed, name, parts, state_dir=state_dir, notify=_say)

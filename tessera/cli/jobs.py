@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tessera.core import datasets
-from tessera.core.config import JobConfig
+from tessera.core.config import JobConfig, load_job
 from tessera.core.errors import ConfigError
 from tessera.core.models import MLP
 from tessera.core.types import set_params
@@ -20,6 +22,29 @@ from tessera.horizontal.job import JobParts, Plugin, compose
 from tessera.horizontal.partition import partition
 from tessera.horizontal.strategies import STRATEGIES, Strategy
 from tessera.horizontal.task import SupervisedTask
+
+
+def load_job_file(path: Path, *, warn_missing: bool = True) -> JobConfig:
+    """`load_job`, with the job's own folder importable: `dataset = "mypkg.data:load"` (or a `module:Class` model)
+    next to job.toml works without PYTHONPATH, wherever the command is run from."""
+    cfg = load_job(path, warn_missing=warn_missing)
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return cfg
+
+
+def preflight(parts: JobParts, client: str | None = None) -> None:
+    """One batch of `client`'s training data (default: the job's first client) through the model and the loss
+    before anything is written or dialled: a model that does not fit the data, or too few classes for its labels,
+    is one ShapeMismatch/ConfigError naming both shapes, not a failed round."""
+    from tessera.horizontal.checks import dry_run
+
+    cid = client if client is not None else parts.clients[0]
+    train, _ = parts.task.data_fn(cid, 1)
+    tensors = getattr(getattr(train, "dataset", None), "tensors", None)
+    labels = tensors[1] if isinstance(tensors, tuple) and len(tensors) == 2 else None
+    dry_run(parts.task, train, party=cid, labels=labels)
 
 
 def build_model_fn(cfg: JobConfig, in_features: int, num_classes: int) -> Callable[[], nn.Module]:

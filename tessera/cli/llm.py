@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from tessera.core.errors import ConfigError
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -27,6 +29,21 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Federated LoRA fine-tuning on generated non-IID text; per-client metrics and bytes per round."""
         from tessera.demos.llm import run_and_report
+        from tessera.llm import Arch
+
+        choices = [a.value for a in Arch]
+        if arch not in choices:
+            raise ConfigError(f"--arch {arch}: unknown architecture; choose one of {choices}")
+        if arch == Arch.LOCAL.value:
+            if path is None:
+                raise ConfigError("--arch local needs --path DIR, a local checkpoint folder (config.json, weights, "
+                                  "tokenizer files as written by save_pretrained)")
+            if not (Path(path) / "config.json").is_file():
+                what = "does not exist" if not Path(path).exists() else "has no config.json"
+                raise ConfigError(f"--path {path}: {what}; give a local checkpoint folder written by "
+                                  "save_pretrained (nothing is downloaded)")
+        elif path is not None:
+            raise ConfigError(f"--path is only for --arch local (got --arch {arch})")
 
         run_and_report(out, arch=arch, path=path, clients=clients, rounds=rounds, train_size=train_size,
                        test_size=test_size, rank=rank, lr=lr, max_length=max_length, hidden_size=hidden_size,

@@ -15,27 +15,34 @@ console = Console()
 
 def register(app: typer.Typer) -> None:
     @app.command("split-simulate")
-    def split_simulate(
+    def split_simulate(  # noqa: PLR0917 - one argument per CLI option
         split_app: Annotated[str, typer.Argument(help="module or .py file defining owner, label_party and FIT")],
         label: Annotated[str, typer.Option(help="the label party (the coordinator in federation.toml)")],
         owners: Annotated[list[str], typer.Option("--owner", help="a data owner; repeat for each")],
         out: Annotated[Path, typer.Option(help="folder with one subfolder per party")] = Path("runs/split"),
         resume: Annotated[bool, typer.Option(help="continue from the label party's checkpoint")] = False,
+        overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """Run a split learning app in one process: the same file `tessera party --split` deploys over gRPC."""
+        from tessera.core.runfolder import claim
         from tessera.vertical.deploy import load_split_app, run_split_inprocess
         from tessera.vertical.metrics import plot_split
 
-        trainer = run_split_inprocess(load_split_app(split_app), label=label, owners=owners, out=out, resume=resume)
+        app_ = load_split_app(split_app)
+        claim(out / label, resume=resume, overwrite=overwrite, where=f"--out {out}, label party {label}")
+        trainer = run_split_inprocess(app_, label=label, owners=owners, out=out, resume=resume)
         trainer.close()
         plot_split(trainer.history, out / label)
+        records = trainer.history.records
+        validated = any("eval_loss" in r for r in records)  # no validation split: no validation columns
         table = Table(title=f"split learning: {label} (labels) + {', '.join(owners)}")
-        for c in ("epoch", "train loss", "validation loss", "validation AUC", "bytes up+down"):
+        cols = ("epoch", "train loss", *(("validation loss", "validation AUC") if validated else ()), "bytes up+down")
+        for c in cols:
             table.add_column(c, justify="right")
-        for r in trainer.history.records:
-            auc = r.get("eval_metrics", {}).get("auc")
-            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r.get('eval_loss', float('nan')):.4f}",
-                          "-" if auc is None else f"{auc:.4f}", str(r["bytes_up"] + r["bytes_down"]))
+        for r in records:
+            auc, loss = r.get("eval_metrics", {}).get("auc"), r.get("eval_loss")
+            val = ("-" if loss is None else f"{loss:.4f}", "-" if auc is None else f"{auc:.4f}") if validated else ()
+            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", *val, str(r["bytes_up"] + r["bytes_down"]))
         console.print(table)
         console.print(f"metrics: {out / label / 'metrics.jsonl'}")
 

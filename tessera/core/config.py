@@ -6,6 +6,8 @@ owns them, so this module needs no knowledge of those features.
 
 from __future__ import annotations
 
+import difflib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -13,6 +15,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tessera.core.errors import ConfigError
+from tessera.core.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class _Section(BaseModel):
@@ -84,13 +89,15 @@ class JobConfig(_Section):
 S = TypeVar("S", bound=BaseModel)
 
 
-def format_validation_error(exc: ValidationError, *, source: str) -> str:
+def format_validation_error(exc: ValidationError, *, source: str, model: type[BaseModel] | None = None) -> str:
+    """pydantic's report as one line naming each key; with `model`, an unknown key gets a "did you mean" and a
+    top-level key that belongs to a section is pointed to it (`rounds` -> [job])."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
+            msg = _unknown_key(model, err["loc"]) if model else "unknown key; remove it or check its spelling"
         head, sep, rest = msg.partition(": ")
         if not err["loc"] and sep and head.isidentifier():  # a check across keys that names the key to fix
             parts.append(f"{source}.{head}: {rest}")
@@ -99,6 +106,28 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
         else:
             parts.append(f"{source}: {key}: {msg}")
     return "; ".join(parts)
+
+
+def _section_model(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    cls: Any = model
+    for part in loc:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        cls = field.annotation
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unknown_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    name, where = str(loc[-1]), _section_model(model, loc[:-1])
+    known = list(where.model_fields) if where is not None else []
+    if len(loc) == 1:  # a top-level key: perhaps one that belongs in a section
+        homes = [sec for sec in known if name in getattr(_section_model(model, (sec,)), "model_fields", {})]
+        if homes:
+            return f"a key of [{homes[0]}], not a section; move it under [{homes[0]}]"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}" if known else ""
+    return "unknown key; " + (hint or "remove it or check its spelling")
 
 
 class PluginConfig(BaseModel):
@@ -114,7 +143,7 @@ class PluginConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source=self.SECTION)) from None
+            raise ConfigError(format_validation_error(exc, source=self.SECTION, model=type(self))) from None
 
 
 def validate(model: type[S], data: dict[str, Any], *, source: str) -> S:
@@ -122,18 +151,56 @@ def validate(model: type[S], data: dict[str, Any], *, source: str) -> S:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source)) from None
+        raise ConfigError(format_validation_error(exc, source=source, model=model)) from None
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, *, what: str = "job.toml", flag: str = "") -> dict[str, Any]:
+    """Parse a TOML file; a missing file is one line naming `flag` (e.g. --federation) and `what` it should be."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such file; pass the path of your job.toml")
+        given = f"{flag} {p}" if flag else str(p)
+        raise ConfigError(f"{given}: no such file; pass the path of your {what}")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
 
 
-def load_job(path: str | Path) -> JobConfig:
-    return validate(JobConfig, read_toml(path), source=str(path))
+SECTIONS = ("job", "data", "model", "train", "strategy")
+
+
+def load_job(path: str | Path, *, warn_missing: bool = True) -> JobConfig:
+    """Read and validate a job.toml. Sections it leaves out take their defaults (examples/hfl/job.toml lists them;
+    `tessera simulate JOB --print-config` shows the resolved job); each missing one is named in a warning."""
+    raw = read_toml(path)
+    cfg = validate(JobConfig, raw, source=str(path))
+    missing = [name for name in SECTIONS if name not in raw]
+    if missing and warn_missing:
+        log.warning("%s has no %s section(s): using their defaults (`tessera simulate %s --print-config` shows them)",
+                    path, ", ".join(f"[{m}]" for m in missing), path)
+    return cfg
+
+
+def to_toml(cfg: BaseModel) -> str:
+    """A validated job as TOML text (what --print-config prints): every section, every key, defaults included."""
+    lines: list[str] = []
+    for section, value in cfg.model_dump().items():
+        if value is None:
+            continue
+        lines += [f"[{section}]", *(f"# {k}: unset" if v is None else f"{k} = {_toml_value(v)}"
+                                    for k, v in value.items()), ""]
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))

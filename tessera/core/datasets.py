@@ -54,6 +54,15 @@ def resolve(ref: str, *, what: str, choices: list[str]) -> object:
         raise ConfigError(f"{what}: unknown value {ref!r}; use one of {choices} or 'module:function'")
     mod, _, attr = ref.partition(":")
     try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{what}: cannot import {ref!r} ({type(exc).__name__}); check the module path") from None
+        module = importlib.import_module(mod)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and missing != mod and not mod.startswith(missing + "."):  # the module imports something absent
+            raise ConfigError(f"{what}: module {mod!r} imports {missing!r}, which is not installed") from None
+        raise ConfigError(f"{what}: no module {mod!r} (looked in the job's folder and the installed packages); "
+                          "check the module path") from None
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items()
+                        if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)[:8]
+        raise ConfigError(f"{what}: module {mod!r} has no {attr!r}; it defines {public}") from None
+    return getattr(module, attr)

@@ -178,9 +178,14 @@ def plot_dp(plain: Any, private: Any, path: Path, *, budget: float | None, round
              label="with DP")
     ax1.set_ylabel("accuracy")
     ax1.set_title("accuracy per round")
-    for name in private.last.get("epsilon", {}):
-        ax2.plot(range(1, len(private) + 1), [r["epsilon"].get(name, 0.0) for r in private], marker="o",
-                 markersize=3, label=name)
+    # parties with equal budgets often spend identically: distinct line styles and markers, drawn wider first, keep
+    # every overlapping line visible (each narrower line sits on top of the previous, wider one)
+    names = list(private.last.get("epsilon", {}))
+    for i, name in enumerate(names):
+        ax2.plot(range(1, len(private) + 1), [r["epsilon"].get(name, 0.0) for r in private],
+                 linestyle=("-", "--", ":", "-.")[i % 4], marker="osD^v<>"[i % 7],
+                 markersize=min(11.0, 4 + 1.5 * (len(names) - 1 - i)), linewidth=min(6.0, 1 + (len(names) - 1 - i)),
+                 alpha=0.85, fillstyle="none" if i % 2 else "full", label=name)
     top = max((max(r["epsilon"].values(), default=0.0) for r in private), default=1.0)
     if budget is not None:
         ax2.axhline(budget, color="red", linestyle=":", label=f"budget eps={budget:g}")

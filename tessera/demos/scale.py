@@ -38,14 +38,14 @@ def scale_job(num_clients: int, *, rounds: int, out: Path, backend: str, fractio
 
 
 def report_table(runs: dict[str, History]) -> Table:
-    table = Table(title="round time and peak RSS (acc: central test set; MiB: peak RSS of the Ray driver, the "
-                        "largest actor, all actors)")
+    table = Table(title="round time and peak RSS (acc: central test set, else federated evaluation; MiB: peak "
+                        "RSS of the Ray driver, the largest actor, all actors)")
     for col in ("run", "round", "sampled", "ok", "failed", "s", "acc", "driver MiB", "actor MiB", "pool MiB"):
         table.add_column(col, justify="right")
     for name, hist in runs.items():
         for r in hist:
             ray = r.get("ray", {})
-            acc = r.get("central_metrics", {}).get("accuracy")
+            acc = r.get("central_metrics", {}).get("accuracy", r.get("eval_metrics", {}).get("accuracy"))
             table.add_row(name, str(r["round"]), str(r["clients_sampled"]), str(r["clients_succeeded"]),
                           str(r["clients_failed"]), f"{r['seconds']:.2f}", "-" if acc is None else f"{acc:.3f}",
                           *(f"{ray[k]:.0f}" if k in ray else "-" for k in

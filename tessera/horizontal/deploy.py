@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tessera.core.errors import ConfigError, ProtocolError, RoundFailed, TransportError
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError, RoundFailed, TransportError
 from tessera.core.logging import get_logger
 
 if TYPE_CHECKING:
@@ -34,26 +34,35 @@ def client_routes(fed: FederationConfig, clients: list[str]) -> dict[str, str]:
 
 
 def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed: int, output_dir: str | Path,
-                    checkpoint_every: int = 1, resume: bool = False, plots: bool = True,
-                    notify: Notify = log.info) -> History:
+                    checkpoint_every: int = 1, resume: bool = False, overwrite: bool = False, plots: bool = True,
+                    loggers: tuple[str, ...] = (), notify: Notify = log.info) -> History:
     """Drive `rounds` rounds over the federation's client parties. SIGTERM/SIGINT once: finish the round in
-    flight, checkpoint, return; twice: abandon it. Writes metrics, checkpoint, transport.json (and plots)."""
+    flight, checkpoint, return; twice: abandon it. A spent privacy budget ends the run cleanly, as in simulation.
+    Writes metrics, checkpoint, transport.json (one labelled entry per session) and plots.
+
+    A folder that already holds a run is refused unless `resume` (continue it) or `overwrite` (replace it), and a
+    session that ran no round leaves the folder's checkpoint as it was."""
     from tessera.core.metrics import plot_history
+    from tessera.core.runfolder import claim
     from tessera.horizontal.server import Server, ServerConfig
     from tessera.horizontal.simulation import initial_params
     from tessera.runtime.grpc.backend import GrpcBackend
-    from tessera.runtime.grpc.process import Stopper, write_transport
+    from tessera.runtime.grpc.process import Stopper, check_identity, write_transport
 
+    check_identity(fed.coordinator)
+    claim(output_dir, resume=resume, overwrite=overwrite, where="job.output_dir")
     backend = GrpcBackend(fed, client_routes(fed, parts.clients), min_clients=parts.strategy.min_available)
+    port = backend.listen()  # before anything is written: a busy port leaves the folder untouched
     server = Server(strategy=parts.strategy, backend=backend, clients=parts.clients,
                     initial_params=initial_params(parts.task, seed),
-                    config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir,
+                    config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir, loggers=loggers,
                                         checkpoint_every=checkpoint_every, fit_timeout=fed.settings.round_deadline_s),
                     aggregation=parts.aggregation, central_eval=parts.central_eval, extensions=parts.extensions)
     stopper = Stopper(backend)
     if resume:
         server.resume()
-    port = backend.listen()
+        notify(f"resumed from round {server.round} (checkpoint in {output_dir})")
+    first = server.round
     notify(f"coordinator {fed.coordinator.name} listening on port {port}; waiting for {len(parts.clients)} clients")
     try:
         try:
@@ -63,9 +72,13 @@ def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed
                 raise
         _rounds(server, rounds, stopper, notify)
     finally:
-        server.save_checkpoint()
+        if server.round > first:
+            server.save_checkpoint()
         backend.close()
-        write_transport(Path(output_dir), backend)
+        if server.writer is not None:
+            server.writer.close()
+        if server.round > first or backend.refused or backend.traffic.up or backend.traffic.down:
+            write_transport(Path(output_dir), backend, label={"rounds": [first + 1, server.round]})
     if plots and len(server.history):
         plot_history(server.history, output_dir)
     return server.history
@@ -77,6 +90,10 @@ def _rounds(server: Server, rounds: int, stopper: Stopper, notify: Notify) -> No
         rnd = server.round + 1
         try:
             record = server.run_round(rnd)
+        except PrivacyBudgetExceeded as exc:  # a spent budget ends the run; it does not fail it (as simulate)
+            server.stopped = str(exc)
+            notify(f"run stopped before round {rnd}: {exc}")
+            return
         except (RoundFailed, ProtocolError):  # a second signal fails every request in flight
             if stopper.requested:
                 notify(f"round {rnd} abandoned on shutdown; the checkpoint holds round {server.round}")

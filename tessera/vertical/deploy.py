@@ -53,13 +53,18 @@ class _StopAfterEpoch(Exception):
     """Raised from the epoch callback once a shutdown was requested (the epoch's checkpoint is already written)."""
 
 
-def run_split_label(fed: FederationConfig, app: Any, out: Path, *, resume: bool = False,
-                    notify: Notify = log.info) -> History:
+def run_split_label(fed: FederationConfig, app: Any, out: Path, *, resume: bool = False, overwrite: bool = False,
+                    plots: bool = True, notify: Notify = log.info) -> History:
     """The coordinator of a split job: the label party, driving every data owner over gRPC. SIGTERM/SIGINT once:
-    finish the epoch in flight and stop; a lost owner fails with the epoch the checkpoint holds."""
+    finish the epoch in flight and stop; a lost owner fails with the epoch the checkpoint holds. A folder that
+    already holds a run is refused unless `resume` or `overwrite`; loss/score PNGs are written at the end."""
+    from tessera.core.runfolder import claim
     from tessera.runtime.grpc.backend import GrpcBackend
-    from tessera.runtime.grpc.process import Stopper, write_transport
+    from tessera.runtime.grpc.process import Stopper, check_identity, write_transport
+    from tessera.vertical.metrics import plot_split
 
+    check_identity(fed.coordinator)
+    claim(out, resume=resume, overwrite=overwrite, where="--out")
     owners = fed.client_names
     backend = GrpcBackend(fed, {o: o for o in owners}, min_clients=len(owners))
     trainer = app.label_party(fed.coordinator.name, backend, out)
@@ -77,9 +82,12 @@ def run_split_label(fed: FederationConfig, app: Any, out: Path, *, resume: bool 
             raise _StopAfterEpoch
 
     notify(f"label party {fed.coordinator.name} listening on port {backend.listen()}; waiting for owners {owners}")
+    first = trainer.epoch
     try:
         if resume:
             trainer.resume()
+            first = trainer.epoch
+            notify(f"resumed from epoch {trainer.epoch} (checkpoint in {out})")
         trainer.fit(**app.FIT, progress=after_epoch)
     except _StopAfterEpoch:
         notify(f"stopped on signal after epoch {trainer.epoch}; resume with --resume")
@@ -91,8 +99,11 @@ def run_split_label(fed: FederationConfig, app: Any, out: Path, *, resume: bool 
         notify(f"epoch abandoned on shutdown; the checkpoint holds epoch {_checkpoint_epoch(out)}")
     finally:
         backend.close()
-        write_transport(out, backend)
+        if trainer.epoch > first or backend.refused or backend.traffic.up or backend.traffic.down:
+            write_transport(out, backend, label={"epochs": [first + 1, trainer.epoch]})
     history: History = trainer.history
+    if plots and len(history):
+        plot_split(history, out)
     return history
 
 

@@ -84,4 +84,4 @@ def test_checkpoint_of_a_different_model_is_refused_by_name(tmp_path: Path) -> N
     job.write_text(job.read_text().replace("hidden = [16]", "hidden = [32]"))
     r = run(["simulate", str(job), "--resume"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "checkpoint params: 'fc0.weight' is torch.float32 (16, 64), expected torch.float32 (32, 64)" in r.stderr
+    assert "params: 'fc0.weight' is torch.float32 (16, 64), expected torch.float32 (32, 64)" in r.stderr

@@ -146,14 +146,22 @@ class GrpcBackend:
         # every party may hold its streams at once and headroom remains for refused ones, so one party holding all
         # it may cannot starve another; each stream's reader gets its own thread
         workers = len(self.routes) * self.fed.settings.max_streams_per_party + 8
+        busy = TransportError(f"port {addr.rpartition(':')[2]} ({addr}) is in use by another process (a second "
+                              f"coordinator?); stop it, or change {me.name}'s listen/address in {self.fed.source}")
+        if not _port_free(addr):  # before gRPC tries, so the user sees one line and no gRPC log
+            raise busy
+        # exclusive bind: without so_reuseport=0 a second coordinator binds the same port and splits the clients
         server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-grpc"),
-                             options=tp.channel_options(self.fed))
+                             options=[*tp.channel_options(self.fed), ("grpc.so_reuseport", 0)])
         handler = grpc.stream_stream_rpc_method_handler(self._session, request_deserializer=None,
                                                         response_serializer=None)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(tp.SERVICE, {tp.METHOD: handler}),))
-        port = int(server.add_secure_port(addr, tp.server_credentials(self.fed, me)))
+        try:
+            port = int(server.add_secure_port(addr, tp.server_credentials(self.fed, me)))
+        except RuntimeError:  # grpcio >= 1.6x raises where it used to return 0
+            port = 0
         if port == 0:
-            raise TransportError(f"could not listen on {addr}; is another process using the port?")
+            raise busy
         server.start()
         self._server, self.port = server, port
         log.info("coordinator listening on %s (port %d)", addr, port)
@@ -379,3 +387,26 @@ class GrpcBackend:
         if self._server is not None:
             self._server.stop(grace=5.0).wait(10.0)
             self._server = None
+
+
+def _port_free(addr: str) -> bool:
+    """Whether `host:port` can be bound now (port 0 always can). SO_REUSEADDR as gRPC sets it, so a restarted
+    coordinator is not refused over connections still in TIME_WAIT; any listener on the port makes it busy."""
+    import socket
+
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return True
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return True  # let gRPC report an address it cannot resolve
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError:
+            return False
+    return True

@@ -161,7 +161,7 @@ def build(data: dict[str, object], *, source: str, base: Path) -> FederationConf
 def load_federation(path: str | Path) -> FederationConfig:
     """Read and validate federation.toml; errors name the key and the fix."""
     p = Path(path)
-    return build(read_toml(p), source=str(p), base=p.resolve().parent)
+    return build(read_toml(p, what="federation.toml", flag="--federation"), source=str(p), base=p.resolve().parent)
 
 
 def read_pem(path: Path, what: str) -> bytes:
