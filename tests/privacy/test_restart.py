@@ -77,6 +77,27 @@ def test_the_store_round_trips_tensors_bytes_and_numbers(tmp_path: Path) -> None
     assert store.load("c1") is None  # no file yet: a first start
 
 
+def test_secagg_replay_protection_survives_a_restart_with_the_store(tmp_path: Path) -> None:
+    # The SecAgg+ stage state is client state too: a setup replayed to a restarted client is refused only if the
+    # client kept its state (without the store, the fresh process accepts it as a first setup).
+    from tessera.core.errors import ProtocolError
+    from tessera.horizontal.client import ClientApp, TaskClient
+    from tessera.secagg.pki import SimulatedPKI
+    from tessera.secagg.plus import SecAggMod, SecAggPlus
+
+    pki = SimulatedPKI()
+    setup = SecAggPlus().setup(1, ["c0", "c1", "c2", "c3"], dim=3, graph_seed=0)
+    store = ClientStateStore(tmp_path)
+
+    def app() -> ClientApp:
+        return ClientApp(TaskClient(make_parts().task), [SecAggMod(pki)])
+
+    PersistentClientApp(app(), store).handle("c0", setup)
+    with pytest.raises(ProtocolError, match="replayed or stale"):
+        PersistentClientApp(app(), store).handle("c0", setup)
+    app().handle("c0", setup)  # the attack without the store: accepted
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_state", "other_client"])
 def test_a_corrupt_state_file_is_refused_in_one_line_never_reset(tmp_path: Path, damage: str) -> None:
     store = ClientStateStore(tmp_path)
