@@ -84,7 +84,7 @@ def make(n: int, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
     return out
 
 
-CASES = [(n, dtype, levels) for n in (1, 2, 3, 4, 7, 10, 16) for dtype in DTYPES for levels in (0, 2)]
+CASES = [(n, dtype, levels) for n in (1, 2, 3, 4, 7, 10, 16, 21) for dtype in DTYPES for levels in (0, 2)]
 
 
 @pytest.mark.parametrize(("n", "dtype", "levels"), CASES)

@@ -6,7 +6,7 @@ rounded), so a float32 model aggregated here loses nothing to summation order at
 Coordinate-wise rules (median, trimmed mean, Bulyan's second stage) stack the clients' values one block of
 coordinates at a time, so 100 clients of a 1M-parameter model never need an 800 MB stack. They find order
 statistics in the input's own dtype (float16/bfloat16 widened to float32, which is exact) with numpy's vectorised
-selection and sort, 10-30x faster than a torch sort across clients, then do their float64 arithmetic in the order
+sort, 10-30x faster than a torch sort or kthvalue across clients, then do their float64 arithmetic in the order
 the plain sort-based definition does: results are bit-identical to it (tests/horizontal/test_aggregate_select.py
 holds that reference). Krum's distances come from one float64 Gram matrix accumulated block by block.
 All of them, and Krum's choice, are translation-equivariant: aggregating params or deltas (params - current)
@@ -81,7 +81,7 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
         acc = torch.empty(ref.numel(), dtype=torch.float64)
         for start in range(0, ref.numel(), step):
             cols = slice(start, min(ref.numel(), start + step))
-            block = torch.stack([f[cols].to("cpu", dtype) for f in flats], dim=1)  # c x n, our own copy
+            block = torch.stack([f[cols].to("cpu", dtype) for f in flats]).T.contiguous()  # c x n, our own copy
             acc[cols] = rule(block.numpy())
         out[k] = _cast(acc.reshape(ref.shape), ref)
     return out
@@ -90,12 +90,12 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
 def _median_rule(a: np.ndarray) -> torch.Tensor:
     """Per row, the middle value (odd n) or the float64 mean of the two middle values (even n).
 
-    One selection: after partitioning at k = n // 2, column k holds the k-th smallest value and columns < k the
-    smaller ones, so the (k-1)-th is their maximum. These are the sorted values exactly, whatever the ties."""
+    numpy 2 sorts short rows with SIMD sorting networks (x86-simd-sort, Highway on ARM): for 100 float32 values per
+    coordinate that measured faster than its own selection (np.partition: 0.11 s vs 0.08 s per million rows, and
+    torch.kthvalue 1.3 s), so the middle is read off a sorted copy. Ties cannot change a sorted value."""
     n, k = a.shape[1], a.shape[1] // 2
-    part = torch.from_numpy(np.partition(a, k, axis=1))
-    hi = part[:, k].double()
-    return hi if n % 2 else 0.5 * (part[:, :k].amax(dim=1).double() + hi)
+    s = torch.from_numpy(np.sort(a, axis=1))
+    return s[:, k].double() if n % 2 else 0.5 * (s[:, k - 1].double() + s[:, k].double())
 
 
 def median(updates: Sequence[Params]) -> Params:
@@ -215,10 +215,15 @@ def _closest_rule(a: np.ndarray, beta: int) -> torch.Tensor:
     span = torch.arange(int(width.max()))
     pos = (near.to(torch.uint8).argmax(dim=1, keepdim=True) + span).clamp(max=n - 1)
     vals, dist, idx = s.gather(1, pos), d.gather(1, pos).masked_fill_(span >= width, torch.inf), who.gather(1, pos)
-    by_client = idx.sort(dim=1, stable=True).indices  # then stably by distance: (distance, client index) order
-    vals, dist = vals.gather(1, by_client), dist.gather(1, by_client)
-    vals = vals.gather(1, dist.sort(dim=1, stable=True).indices[:, :beta])
-    return vals.T.contiguous().mean(dim=0)  # beta x c, as the definition lays it out
+    if len(span) <= 16:  # rank = how many candidates come first in (distance, client index) order
+        di, dj, ii, ij = dist[:, :, None], dist[:, None, :], idx[:, :, None], idx[:, None, :]
+        rank = ((di < dj) | ((di == dj) & (ii < ij))).sum(dim=1)  # distinct for kept values, >= beta for pads
+        picked = torch.empty(c, beta + 1, dtype=torch.float64).scatter_(1, rank.clamp_(max=beta), vals)[:, :beta]
+    else:  # the same order by two stable sorts: by client index, then by distance
+        by_client = idx.sort(dim=1, stable=True).indices
+        vals, dist = vals.gather(1, by_client), dist.gather(1, by_client)
+        picked = vals.gather(1, dist.sort(dim=1, stable=True).indices[:, :beta])
+    return picked.T.contiguous().mean(dim=0)  # beta x c, as the definition lays it out
 
 
 def closest_to_median_mean(updates: Sequence[Params], *, beta: int) -> Params:
