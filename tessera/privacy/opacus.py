@@ -191,7 +191,8 @@ class DPTrainer:
         self.optimizer.original_optimizer.state.clear()  # a fresh optimizer per round, without re-wrapping
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)
         self.wrapped.train()
-        steps, total, count = 0, 0.0, 0
+        steps, count = 0, 0
+        losses: list[torch.Tensor] = []  # summed once at the end: no host sync per step on an accelerator
         try:
             for _ in range(epochs):
                 for batch in dp_loader:
@@ -201,9 +202,9 @@ class DPTrainer:
                     loss.backward()  # type: ignore[no-untyped-call]
                     self.optimizer.step()
                     steps += 1
-                    if len(yb):  # a Poisson batch may be empty: still a (pure-noise) DP step, but no loss
-                        total += float(loss.detach()) * len(yb)
-                        count += len(yb)
+                    if n := len(yb):  # a Poisson batch may be empty: still a (pure-noise) DP step, but no loss
+                        losses.append(loss.detach().double() * n)
+                        count += n
                     if steps >= planned:
                         break
                 if steps >= planned:
@@ -215,6 +216,7 @@ class DPTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.rounds += 1
         eps = planned_eps if sigma == 0 or steps == planned else self.ledger.epsilon(self.party)
+        total = float(torch.stack(losses).sum()) if losses else 0.0
         return {"loss": total / max(count, 1), "steps": float(steps), "dp_noise_multiplier": sigma,
                 "dp_sample_rate": q, "dp_steps": float(steps), "epsilon": eps}
 
