@@ -68,6 +68,10 @@ def register(app: typer.Typer) -> None:
                                                             "privacy ledger and SecAgg replay state across restarts"
                                                             )] = None,
         resume: Annotated[bool, typer.Option(help="coordinator: continue from the checkpoint")] = False,
+        serve: Annotated[bool, typer.Option(help="split learning, after training: owners serve embeddings of "
+                                                 "--serve-split rows, the coordinator writes OUT/predictions.tsr")
+                         ] = False,
+        serve_split: Annotated[str, typer.Option(help="split learning --serve: which rows to predict")] = "predict",
         overwrite: Annotated[bool, typer.Option(help="coordinator: replace a run already in the output folder")
                              ] = False,
         plots: Annotated[bool, typer.Option(help="coordinator: write PNG curves at the end")] = True,
@@ -91,6 +95,14 @@ def register(app: typer.Typer) -> None:
             from tessera.vertical.deploy import load_split_app, run_split_label, run_split_owner
 
             app_ = load_split_app(split)
+            if serve:
+                from tessera.vertical.serve_app import serve_split_label, serve_split_owner
+
+                if me.role is Role.COORDINATOR:
+                    serve_split_label(fed, app_, out, split=serve_split, notify=_say)
+                else:
+                    serve_split_owner(fed, name, app_, out, split=serve_split, notify=_say)
+                return
             if me.role is Role.COORDINATOR:
                 run_split_label(fed, app_, out, resume=resume, overwrite=overwrite, plots=plots, notify=_say)
             else:

@@ -46,6 +46,29 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         console.print(f"metrics: {out / label / 'metrics.jsonl'}")
 
+    @app.command("split-advise")
+    def split_advise(
+        model: Annotated[str, typer.Argument(help="model.py (defining `model`: an nn.Module or a function "
+                                                  "returning one) or model.py:attr")],
+        input_shape: Annotated[str, typer.Option(help="one row's shape, e.g. 30 or 1,28,28")],
+        rows: Annotated[int, typer.Option(help="aligned training rows (for bytes per epoch)")] = 10_000,
+    ) -> None:
+        """For each cut of an nn.Sequential: embedding bytes per row and per epoch, FLOPs and params per side."""
+        from tessera.core.errors import ConfigError
+        from tessera.vertical.advise import advise, load_model, table
+
+        try:
+            shape = tuple(int(v) for v in input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--input-shape {input_shape!r}: give sizes like 30 or 1,28,28") from None
+        found = table(advise(load_model(model), input_shape=shape, rows=rows))
+        out = Table(title=f"split points ({rows:,} rows; pass the name to split_sequential(model, at=...))")
+        for c in found[0] if found else []:
+            out.add_column(c, justify="right")
+        for r in found:
+            out.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()))
+        console.print(out)
+
     @app.command()
     def psi(
         ids: Annotated[list[str], typer.Option("--ids", help="party=path of a file with one ID per line; repeat")],

@@ -143,3 +143,29 @@ def test_sigterm_at_the_label_party_finishes_the_epoch_and_resume_finishes_like_
         ps += [coord, *owners]
         assert coord.wait() == 0, coord.output()
     _assert_like_in_process(tmp_path)
+
+
+def test_serve_mode_predicts_like_the_in_process_model_and_owners_log_requests(tmp_path: Path) -> None:
+    make_certs(tmp_path / "certs", ("server", *OWNERS))
+    fed = write_federation(tmp_path / "federation.toml", port=free_port(), clients=OWNERS)
+    with parties() as ps:
+        coord, owners = _run(fed, tmp_path)
+        ps += [coord, *owners]
+        assert coord.wait() == 0, coord.output()
+        for p in owners:
+            assert p.wait() == 0, p.output()
+    serve = ("--serve", "--serve-split", "train")
+    with parties() as ps:
+        coord = Party(fed, "server", args=("--split", APP, "--out", str(tmp_path / "server"), *serve))
+        coord.expect("listening on port")
+        owners = [Party(fed, n, args=("--split", APP, "--out", str(tmp_path / n), *serve)) for n in OWNERS]
+        ps += [coord, *owners]
+        assert coord.wait() == 0, coord.output()
+        for p in owners:
+            assert p.wait() == 0, p.output()
+    got = serde.loads((tmp_path / "server" / "predictions.tsr").read_bytes())["predictions"]
+    oracle = run_split_inprocess(SplitApp, label="server", owners=list(OWNERS), out=tmp_path / "sim")
+    assert torch.equal(got, oracle.outputs("train", batch_size=1024))
+    for o in OWNERS:  # each owner's request log: which rows, when, who asked
+        log = [json.loads(line) for line in (tmp_path / o / "requests.jsonl").read_text().splitlines()]
+        assert [e["rows"] for e in log] == [list(range(48))] and log[0]["by"] == "server" and log[0]["at"] > 0

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tessera.cli.main import app
+from tessera.core.errors import ConfigError
 from tests.fixtures import run_demo
 
 
@@ -54,3 +55,18 @@ def test_split_simulate_runs_the_docs_split_app_and_resumes(tmp_path: Path) -> N
     assert again.exit_code == 0, again.output
     assert [json.loads(line) for line in (tmp_path / "run" / "alice" / "metrics.jsonl").read_text().splitlines()
             ] == records
+
+
+def test_split_advise_prints_every_cut_with_its_bytes(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text(
+        "from collections import OrderedDict\nfrom torch import nn\n"
+        "model = nn.Sequential(OrderedDict(fc0=nn.Linear(30, 64), act0=nn.ReLU(), fc1=nn.Linear(64, 8), "
+        "out=nn.Linear(8, 1)))\n")
+    result = CliRunner().invoke(app, ["split-advise", str(tmp_path / "m.py"), "--input-shape", "30",
+                                      "--rows", "1000"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("fc0", "act0", "fc1"):
+        assert name in result.output
+    assert f"{1000 * (2 * 8 * 4 + 8):,}" in result.output and f"{1000 * (2 * 64 * 4 + 8):,}" in result.output
+    bad = CliRunner().invoke(app, ["split-advise", str(tmp_path / "m.py"), "--input-shape", "a,b"])
+    assert isinstance(bad.exception, ConfigError) and "--input-shape" in str(bad.exception)
