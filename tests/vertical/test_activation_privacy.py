@@ -1,5 +1,6 @@
 """Activation privacy, measured (seeded): model inversion succeeds against unprotected embeddings and its success
-drops monotonically, by a margin, as embedding DP noise or the distance-correlation penalty grows."""
+drops monotonically, by a margin, as embedding DP noise or the distance-correlation penalty grows; label
+inference from gradients drops likewise as the noise on the returned gradients grows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch
 
 from tessera.vertical.attacks import inversion_attack
 from tessera.vertical.audit import measure, synthetic_task
-from tessera.vertical.protections import Decorrelation, EmbeddingDP, Protections, distance_correlation
+from tessera.vertical.protections import (
+    Decorrelation,
+    EmbeddingDP,
+    GradientPerturbation,
+    Protections,
+    distance_correlation,
+)
 
 MARGIN = 0.05
 
@@ -49,3 +56,12 @@ def test_inversion_success_drops_monotonically_with_protection_strength() -> Non
     assert _strictly_weaker([plain.inversion_r2, *(m.inversion_r2 for m in dp)])
     dcor = [measure(f"dcor {a}", Protections(decorrelation=Decorrelation(a)), task) for a in (1.0, 4.0)]
     assert _strictly_weaker([plain.inversion_r2, *(m.inversion_r2 for m in dcor)])
+
+
+@pytest.mark.slow
+def test_label_inference_drops_monotonically_with_gradient_noise() -> None:
+    task = synthetic_task()
+    auc = [measure(f"grad {m}", Protections(gradient=GradientPerturbation(clip_norm=1e-3, noise_multiplier=m))
+                   if m else Protections(), task).label_auc for m in (0.0, 1.0, 4.0)]
+    assert auc[0] > 0.95  # the unprotected owner reads the labels off the gradients
+    assert all(b <= a - MARGIN for a, b in itertools.pairwise(auc)), auc
