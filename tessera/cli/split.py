@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
         ids: Annotated[list[str], typer.Option("--ids", help="party=path of a file with one ID per line; repeat")],
         out: Annotated[Path, typer.Option(help="folder for <party>.rows (aligned row numbers, one per line)")],
         leader: Annotated[str | None, typer.Option(help="party driving the protocol (default: the first)")] = None,
+        workers: Annotated[int, typer.Option(help="processes per party for the curve work (e.g. 2 for 1M IDs)")] = 1,
     ) -> None:
         """Align ID files privately (ECDH PSI, simulated in one process): writes each party's aligned rows."""
         from tessera.core.errors import ConfigError
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
             if not sep or not party:
                 raise ConfigError(f"--ids {spec!r}: use party=path")
             columns[party] = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-        rows = intersect(columns, leader=leader)
+        rows = intersect(columns, leader=leader, workers=workers)
         out.mkdir(parents=True, exist_ok=True)
         for party, r in rows.items():
             (out / f"{party}.rows").write_text("".join(f"{i}\n" for i in r))
