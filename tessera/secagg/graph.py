@@ -24,6 +24,12 @@ def _tail(k: int, p_alive: float, need: int) -> float:
     return sum(math.comb(k, i) * p_alive**i * (1 - p_alive) ** (k - i) for i in range(min(need, k + 1)))
 
 
+def failure_probability(*, degree: int, threshold: int, dropout: float) -> float:
+    """P[a dropped client's degree neighbours hold fewer than `threshold` of its shares] when each client drops
+    independently with probability `dropout`: the chance the round must be abandoned because of one dropout."""
+    return _tail(degree, 1 - dropout, threshold)
+
+
 def default_degree(n: int, *, threshold: float, dropout: float, failure: float = 1e-6) -> int:
     """The smallest even degree >= 2 log2(n) at which, if each client drops with probability `dropout`, a dropped
     client's neighbours still hold `threshold` of its shares with probability >= 1 - failure (else complete)."""

@@ -28,7 +28,7 @@ from tessera.horizontal.aggregation import FitOutcome, require_quorum
 from tessera.runtime.backend import Backend
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
-from tessera.secagg.graph import default_degree, share_threshold
+from tessera.secagg.graph import default_degree, failure_probability, share_threshold
 from tessera.secagg.messages import STAGES, ClientState, SetupIns, Stage
 from tessera.secagg.pki import PKI, SimulatedPKI
 from tessera.secagg.prg import PRG_NAME
@@ -209,7 +209,10 @@ class RoundInfo:
         s = server.state.setup
         record["secagg"] = {"protocol": "secagg+", "clients": len(s.clients), "degree": s.degree,
                             "threshold": s.threshold, "bits": s.bits, "survivors": len(server.result.survivors),
-                            "masks_rebuilt_for": len(server.revealed_sk), "prg": s.prg}
+                            "masks_rebuilt_for": len(server.revealed_sk), "prg": s.prg,
+                            "dropout_sized_for": self.aggregation.config.dropout,
+                            "failure_probability": failure_probability(degree=s.degree, threshold=s.threshold,
+                                                                       dropout=self.aggregation.config.dropout)}
 
 
 class SecAggPlusAggregation:

@@ -214,3 +214,14 @@ def test_encoded_input_is_in_range_within_one_step_and_unbiased() -> None:
     step = step_size(clip=1.0, levels=setup.levels)
     assert float((back - x.clamp(-1.0, 1.0)).abs().max()) < step + 1e-12
     assert abs(float(back[10:].mean()) - 0.123456) < 3 * step / math.sqrt(n - 10)
+
+
+def test_failure_probability_of_the_chosen_degree() -> None:
+    from tessera.secagg.graph import failure_probability
+
+    for n, dropout in ((100, 0.05), (1000, 0.05), (100, 0.3)):
+        k = default_degree(n, threshold=0.6, dropout=dropout)
+        p = failure_probability(degree=k, threshold=share_threshold(0.6, k), dropout=dropout)
+        assert p <= 1e-6 or k == n - 1  # the rule default_degree follows (else the complete graph)
+    # Binomial oracle: 4 neighbours, threshold 4 holders (all four must stay), each drops with 0.1: 1 - 0.9^4.
+    assert math.isclose(failure_probability(degree=4, threshold=4, dropout=0.1), 1 - 0.9**4)
