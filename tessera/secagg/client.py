@@ -275,6 +275,9 @@ def on_consistency(state: ClientState | None, msg: ConsistencyIns, me: str,
     if not (surv | drop) <= set(setup.clients) or me not in surv:
         raise ProtocolError("the survivor story omits this client or names clients outside the round; refusing")
     check_neighbourhood(setup, me, surv)
+    if unnamed := [v for v in st.masked_with if v not in surv | drop]:
+        raise ProtocolError(f"the survivor story names neither as survivor nor as dropped {unnamed[0]!r}, whose "
+                            "pairwise mask is in this client's input; refusing (the sum could not be unmasked)")
     statement = survivors_statement(setup, msg.survivors, msg.dropped)
     new = dataclasses.replace(st, stage=Stage.UNMASK.value, statement=statement)
     return new, ConsistencyRes(round=setup.round, sig=pki.sign(me, statement))

@@ -226,6 +226,14 @@ def test_padding_the_survivor_list_with_far_clients_is_refused() -> None:
     assert "1 of this client's share holders survived" in co.refused[VICTIM]
 
 
+def test_a_story_that_leaves_out_a_neighbour_it_masked_with_is_refused() -> None:
+    co = coordinator(6, threshold=0.6)
+    co.run_until_masked()
+    others = tuple(c for c in co.setup.clients if c != "client1")  # client1 vanishes from the story altogether
+    co.send("client0", ConsistencyIns(round=1, survivors=others, dropped=()))
+    assert "names neither as survivor nor as dropped 'client1'" in co.refused["client0"]
+
+
 def test_keys_not_signed_by_their_party_are_refused() -> None:
     """A coordinator that substitutes its own X25519 keys for a neighbour's (to open the shares) is caught."""
     co = coordinator(4, threshold=0.6)
