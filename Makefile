@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-fast lint bench clean fuzz
+.PHONY: install demo test test-fast lint bench clean fuzz gpu-check
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# On a CUDA machine (docs/gpu.md): the tests marked `gpu` (the files that hold them) and benchmarks/gpu.py, under
+# 10 minutes; output in benchmarks/results/gpu.json and gpu_pytest.log. `make gpu-check PY=python3` uses that
+# Python as it is: no venv is created and nothing is installed.
+GPU_DEPS := $(if $(filter command line,$(origin PY)),,$(STAMP))
+gpu-check: $(GPU_DEPS)
+	mkdir -p benchmarks/results
+	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count())"
+	$(PY) -m pytest -q -m gpu -rs -p no:cacheprovider $$(grep -rl "mark.gpu" tests --include="test_*.py") \
+	  > benchmarks/results/gpu_pytest.log 2>&1; rc=$$?; cat benchmarks/results/gpu_pytest.log; \
+	  $(PY) benchmarks/gpu.py && exit $$rc
 
 clean:
 	rm -rf $(VENV) runs benchmarks/results/*.json
