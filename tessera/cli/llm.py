@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         hidden_size: Annotated[int, typer.Option(help="width of a built decoder")] = 128,
         num_layers: Annotated[int, typer.Option(help="layers of a built decoder")] = 4,
         out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/lora"),
+        export: Annotated[str, typer.Option(help="also write the result as a bundle: adapter | merged | both | "
+                                                 "none (OUT/adapter, OUT/merged; check with `tessera verify`)")
+                          ] = "adapter",
     ) -> None:
         """Federated LoRA fine-tuning on generated non-IID text; per-client metrics and bytes per round."""
         from tessera.demos.llm import run_and_report
@@ -44,7 +47,9 @@ def register(app: typer.Typer) -> None:
                                   "save_pretrained (nothing is downloaded)")
         elif path is not None:
             raise ConfigError(f"--path is only for --arch local (got --arch {arch})")
+        if export not in ("adapter", "merged", "both", "none"):
+            raise ConfigError(f"--export {export}: choose adapter, merged, both or none")
 
         run_and_report(out, arch=arch, path=path, clients=clients, rounds=rounds, train_size=train_size,
                        test_size=test_size, rank=rank, lr=lr, max_length=max_length, hidden_size=hidden_size,
-                       num_layers=num_layers)
+                       num_layers=num_layers, export=export)

@@ -73,8 +73,9 @@ def _plot(summary: dict[str, Any], metric: str, out: Path, title: str, topics: l
 
 def run_and_report(out: Path, *, arch: str, path: str | None, clients: int, rounds: int, train_size: int,
                    test_size: int, rank: int, lr: float, max_length: int, hidden_size: int = 64,
-                   num_layers: int = 2) -> dict[str, Any]:
-    """Run federated LoRA, print the tables, write summary.json and llm.png into `out`."""
+                   num_layers: int = 2, export: str = "none") -> dict[str, Any]:
+    """Run federated LoRA, print the tables, write summary.json and llm.png into `out`; with `export` "adapter"
+    and/or "merged" ("both"), also the trained result as bundles `out/adapter`, `out/merged` (`tessera verify`)."""
     from tessera.llm import Arch, Head, LoRAConfig, LoRATask, ModelSpec
     from tessera.llm.data import topic_names
     from tessera.llm.run import run_lora
@@ -97,6 +98,14 @@ def run_and_report(out: Path, *, arch: str, path: str | None, clients: int, roun
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     png = _plot(summary, metric, out, f"{a.value}: {clients} clients, non-IID topics, {rounds} rounds",
                 topic_names(4))
+    if export != "none":
+        from tessera.llm.export import export_adapter, export_merged
+
+        texts = task.text_fn(names[0]).test[:3]
+        for kind, fn in (("adapter", export_adapter), ("merged", export_merged)):
+            if export in (kind, "both"):
+                bundle = fn(task, run.params_after, out / kind, texts=texts, overwrite=True)
+                console.print(f"{kind} bundle: {bundle} (check it with `tessera verify {bundle}`)")
     console.print(f"adapter {run.adapter_bytes / 1e3:.1f} kB vs full model {run.full_bytes / 1e6:.2f} MB per "
                   f"message; peak RSS {run.peak_rss_mb:.0f} MiB; done in {time.perf_counter() - t0:.0f} s; "
                   f"plot: {png}")

@@ -1,0 +1,59 @@
+"""What a deployed run leaves behind, compared with the same job in simulation: a DP job whose budget runs out
+stops cleanly (exit 0, the same rounds as the simulation, plots written), as docs/privacy.md promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.grpc_helpers import CLIENTS, Party, free_port, make_certs, parties, write_federation, write_job
+
+DP = ('\n[dp]\nmode = "dpsgd"\nnoise_multiplier = 0.8\nmax_grad_norm = 1.0\ndelta = 1e-5\nreproducible = true\n'
+      "budget = 7.5\n")  # 5.9 after round 1, 7.3 after 2, 8.4 after 3
+
+
+@pytest.mark.slow
+def test_a_deployed_dp_job_whose_budget_runs_out_stops_like_the_simulation(tmp_path: Path) -> None:
+    from tessera.cli.hfl import run_job
+    from tessera.core.config import load_job
+
+    make_certs(tmp_path / "certs", ("server", *CLIENTS))
+    fed = write_federation(tmp_path / "federation.toml", port=free_port())
+    job = write_job(tmp_path / "job.toml", out=tmp_path / "out", rounds=8)
+    job.write_text(job.read_text() + DP)
+    with parties() as ps:
+        coord = Party(fed, "server", job, args=("--plots",))
+        ps.append(coord)
+        coord.expect("listening on port")
+        ps += [Party(fed, n, job) for n in CLIENTS]
+        assert coord.wait() == 0, coord.output()
+        for p in ps[1:]:
+            assert p.wait() == 0, p.output()
+    assert "run stopped before round" in coord.output()
+    deployed = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(deployed) == 2
+    assert (tmp_path / "out" / "loss.png").is_file()
+
+    cfg = load_job(job)
+    data = cfg.model_dump()
+    data["job"]["output_dir"] = str(tmp_path / "sim")
+    simulated = run_job(type(cfg).model_validate(data), progress=False)
+    assert [r["round"] for r in deployed] == [r["round"] for r in simulated.records]
+    assert [r["epsilon"] for r in deployed] == [r["epsilon"] for r in simulated.records]
+
+
+@pytest.mark.slow
+def test_lora_writes_bundles_that_verify_from_another_folder(tmp_path: Path) -> None:
+    from tests.cli.test_mistakes import cli
+
+    out = tmp_path / "lora"
+    r = cli(["lora", "--rounds", "1", "--clients", "2", "--train-size", "8", "--test-size", "4", "--hidden-size", "32",
+             "--num-layers", "1", "--out", str(out), "--export", "both"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for kind in ("adapter", "merged"):
+        v = cli(["verify", str(out / kind)], elsewhere)
+        assert v.returncode == 0, v.stderr + v.stdout
