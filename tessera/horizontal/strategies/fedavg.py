@@ -187,6 +187,8 @@ def _fl(t: torch.Tensor) -> bool:
 def _step(current: Params, step: Params) -> Params:
     out: Params = {}
     for k, x in current.items():
-        new = step[k].double().add(x)  # x widened inside the kernel: the same value as x.double() + step
-        out[k] = new.to(x.dtype) if x.is_floating_point() else new.round_().to(x.dtype)
+        if x.is_floating_point():  # computed in float64, rounded once into x's dtype: no float64 temporary
+            out[k] = torch.add(step[k].double(), x, out=torch.empty_like(x))
+        else:
+            out[k] = (x.double() + step[k].double()).round_().to(x.dtype)
     return out
