@@ -57,3 +57,17 @@ def test_lora_writes_bundles_that_verify_from_another_folder(tmp_path: Path) -> 
     for kind in ("adapter", "merged"):
         v = cli(["verify", str(out / kind)], elsewhere)
         assert v.returncode == 0, v.stderr + v.stdout
+
+
+def test_split_simulate_without_validation_prints_no_nan_and_plots_per_epoch(tmp_path: Path) -> None:
+    from tests.cli.test_mistakes import ROOT, cli
+
+    out = tmp_path / "split"
+    args = ["split-simulate", "tests.e2e.grpc_helpers:SplitApp", "--label", "server", "--owner", "alice", "--owner",
+            "bob", "--out", str(out)]
+    r = cli(args, ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in r.stdout and "validation" not in r.stdout  # SplitApp.FIT has no validation split
+    assert (out / "server" / "loss.png").is_file()
+    again = cli(args, ROOT)  # the finished run is refused, not retrained over
+    assert again.returncode == 2 and "already holds a run" in again.stderr
