@@ -71,6 +71,17 @@ def _plot(summary: dict[str, Any], metric: str, out: Path, title: str, topics: l
     return path
 
 
+def save_merged_pretrained(task: Any, params: Any, path: Path) -> Path:
+    """The base with the adapter merged in, written by transformers' own `save_pretrained` (safetensors) with the
+    tokenizer beside it: what a serving stack loads with `from_pretrained`, no tessera or peft needed."""
+    from tessera.llm.lora import lora_template, merged_model
+
+    merged = merged_model(lora_template(task.spec, task.lora), params)
+    merged.save_pretrained(path, safe_serialization=True)
+    task.tokenizer.save_pretrained(path)
+    return path
+
+
 def run_and_report(out: Path, *, arch: str, path: str | None, clients: int, rounds: int, train_size: int,
                    test_size: int, rank: int, lr: float, max_length: int, hidden_size: int = 64,
                    num_layers: int = 2, export: str = "none") -> dict[str, Any]:
@@ -106,6 +117,10 @@ def run_and_report(out: Path, *, arch: str, path: str | None, clients: int, roun
             if export in (kind, "both"):
                 bundle = fn(task, run.params_after, out / kind, texts=texts, overwrite=True)
                 console.print(f"{kind} bundle: {bundle} (check it with `tessera verify {bundle}`)")
+        if export in ("merged", "both"):
+            hf = save_merged_pretrained(task, run.params_after, out / "merged-hf")
+            console.print(f"merged model as a plain transformers checkpoint with its tokenizer: {hf} "
+                          "(AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
     console.print(f"adapter {run.adapter_bytes / 1e3:.1f} kB vs full model {run.full_bytes / 1e6:.2f} MB per "
                   f"message; peak RSS {run.peak_rss_mb:.0f} MiB; done in {time.perf_counter() - t0:.0f} s; "
                   f"plot: {png}")

@@ -71,3 +71,24 @@ def test_split_simulate_without_validation_prints_no_nan_and_plots_per_epoch(tmp
     assert (out / "server" / "loss.png").is_file()
     again = cli(args, ROOT)  # the finished run is refused, not retrained over
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.slow
+def test_lora_merged_checkpoint_loads_as_plain_transformers_and_equals_the_bundle(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tessera.export import load_bundle
+    from tests.cli.test_mistakes import cli
+
+    out = tmp_path / "lora"
+    r = cli(["lora", "--rounds", "1", "--clients", "2", "--train-size", "8", "--test-size", "4", "--hidden-size", "32",
+             "--num-layers", "1", "--out", str(out), "--export", "merged"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(out / "merged-hf", local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(out / "merged-hf", local_files_only=True)
+    ids = torch.tensor([tok("the weather today")["input_ids"]])
+    mask = torch.ones_like(ids)
+    bundle = load_bundle(out / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, bundle(ids, mask))
