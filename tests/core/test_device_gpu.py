@@ -54,7 +54,7 @@ def test_split_job_with_one_party_on_cuda_equals_all_cpu() -> None:
 
 def test_dpsgd_epsilon_on_cuda_equals_cpu_exactly() -> None:
     gpu, m_gpu = _dp(device="cuda")
-    cpu, m_cpu = _dp(device="cpu")
+    _, m_cpu = _dp(device="cpu")
     for key in ("epsilon", "dp_noise_multiplier", "dp_sample_rate", "dp_steps"):
         assert m_gpu[key] == m_cpu[key], key
     assert all(t.device.type == "cpu" for t in gpu.values())
@@ -83,10 +83,10 @@ def test_bundle_saved_from_cuda_loads_on_cpu_and_verifies(tmp_path: Path) -> Non
 
 def test_lora_round_on_cuda_equals_cpu() -> None:
     from tests.llm.helpers import llama_task
-    from tests.llm.test_device import _round
+    from tests.llm.test_device import OWN, _round
 
-    task = llama_task(2)
+    task = llama_task(2, spec=OWN)
     init = task.get_params(task.model_fn())  # the same starting adapters (where peft draws them may differ)
-    gpu, _ = _round(init, device="cuda")
-    cpu, _ = _round(init, device="cpu")
+    gpu, _ = _round(init, spec=OWN, device="cuda")
+    cpu, _ = _round(init, spec=OWN, device="cpu")
     _close(gpu, cpu)

@@ -16,6 +16,9 @@ from tessera.horizontal.strategies import FedAvg
 from tessera.llm import Arch, LoRATask, ModelSpec, load_base
 from tests.llm.helpers import clients, llama_task
 
+# Runs on another device or with checkpointing build their own base: on a spec of their own, so LOADS[LLAMA]
+# (one build per process, asserted in test_task.py) is untouched.
+OWN = ModelSpec(arch=Arch.LLAMA, max_length=40, seed=7)
 
 def _round(init: dict[str, torch.Tensor] | None = None, **kw: Any) -> tuple[dict[str, torch.Tensor], list[Any]]:
     task = llama_task(2, **kw)
@@ -33,8 +36,8 @@ def test_lora_device_cpu_is_bit_identical_to_the_default() -> None:
 
 def test_lora_gradient_checkpointing_gives_the_same_round() -> None:
     """Recomputing activations in the backward pass changes memory, not the arithmetic."""
-    p0, _ = _round()
-    p1, _ = _round(gradient_checkpointing=True)
+    p0, _ = _round(spec=OWN)
+    p1, _ = _round(spec=OWN, gradient_checkpointing=True)
     assert all(torch.allclose(p0[k], p1[k], rtol=1e-5, atol=1e-7) for k in p0)
 
 
