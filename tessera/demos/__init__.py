@@ -44,6 +44,7 @@ DEMOS: dict[str, Demo] = {
     "grpc": Demo("grpc:demo_grpc", "3 clients over loopback gRPC + mTLS vs simulation", uses_jobs=True),
     "llm": Demo("llm:demo_llm", "federated LoRA on a tiny Llama decoder"),
     "scale": Demo("scale:demo_scale", "1,000 virtual clients on Ray and in-process", uses_jobs=True),
+    "pacing": Demo("pacing:demo_pacing", "10x speed spread: sync vs deadline vs FedBuff; compressed updates"),
 }
 
 
