@@ -169,6 +169,10 @@ def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path)
     _, want = simulate(build_parts(cfg), rounds=3, seed=cfg.job.seed)
     _assert_equal_params(_checkpoint(out)["params"], want)
     assert [r["round"] for r in _records(out)] == [1, 2, 3]
+    assert "resumed from round 2" in coord.output()
+    transport = json.loads((out / "transport.json").read_text())  # both sessions, labelled, and their totals
+    assert [(s["session"], s["rounds"]) for s in transport["sessions"]] == [(1, [1, 2]), (2, [3, 3])]
+    assert transport["bytes_up"] == sum(s["bytes_up"] for s in transport["sessions"]) > 0
 
 
 def test_a_silent_client_is_marked_failed_and_the_round_completes_with_the_others(tmp_path: Path) -> None:
