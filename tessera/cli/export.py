@@ -19,14 +19,13 @@ def export_job(job: Path, out: Path, *, fp16: bool = False, onnx: bool = False, 
     """Bundle the global model of a finished `tessera simulate` run (its checkpoint in job.output_dir)."""
     import torch
 
-    from tessera.cli.jobs import build_model_fn, split_data
+    from tessera.cli.jobs import build_model_fn, load_job_file, split_data
     from tessera.core import serde
-    from tessera.core.config import load_job
     from tessera.core.types import set_params
     from tessera.export import Provenance, save_bundle
     from tessera.horizontal.server import CHECKPOINT
 
-    cfg = load_job(job)
+    cfg = load_job_file(job)
     ckpt = Path(cfg.job.output_dir) / CHECKPOINT
     if not ckpt.is_file():
         raise TesseraError(f"{ckpt} does not exist; run `tessera simulate {job}` first")

@@ -76,7 +76,7 @@ def save_merged_pretrained(task: Any, params: Any, path: Path) -> Path:
     tokenizer beside it: what a serving stack loads with `from_pretrained`, no tessera or peft needed."""
     from tessera.llm.lora import lora_template, merged_model
 
-    merged = merged_model(lora_template(task.spec, task.lora), params)
+    merged: Any = merged_model(lora_template(task.spec, task.lora), params)
     merged.save_pretrained(path, safe_serialization=True)
     task.tokenizer.save_pretrained(path)
     return path
