@@ -140,6 +140,7 @@ def _plot(curves: list[Curve], axis: str, xlabel: str, title: str, path: Path) -
 def demo_pacing(out: Path, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sync_rounds = 6 if quick else 15
+    run_policy("synchronous", rounds=1)  # warm-up (thread pools, first model builds), so no policy pays for it
     runs = [run_policy("synchronous", rounds=sync_rounds), run_policy("deadline", rounds=3 * sync_rounds),
             run_policy("fedbuff", rounds=4 * sync_rounds)]
     _plot(runs, "seconds", "wall-clock seconds", "10 clients, 10x speed spread (injected per-step delays)",
