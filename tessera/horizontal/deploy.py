@@ -50,9 +50,13 @@ def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed
     from tessera.runtime.grpc.process import Stopper, check_identity, write_transport
 
     check_identity(fed.coordinator)
-    claim(output_dir, resume=resume, overwrite=overwrite, where="job.output_dir")
     backend = GrpcBackend(fed, client_routes(fed, parts.clients), min_clients=parts.strategy.min_available)
-    port = backend.listen()  # before anything is written: a busy port leaves the folder untouched
+    port = backend.listen()  # before the folder is claimed: a busy port leaves even an --overwrite run untouched
+    try:
+        claim(output_dir, resume=resume, overwrite=overwrite, where="job.output_dir")
+    except ConfigError:
+        backend.close()
+        raise
     server = Server(strategy=parts.strategy, backend=backend, clients=parts.clients,
                     initial_params=initial_params(parts.task, seed),
                     config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir, loggers=loggers,
