@@ -70,6 +70,10 @@ def _split(replies: dict[str, Any]) -> tuple[FitResults, list[ClientFailure]]:
 
 def require_quorum(rnd: int, ok: int, failed: list[ClientFailure], strategy: Strategy) -> None:
     if ok < strategy.min_available:
+        if failed and all(f.kind is FailureKind.MISCONFIGURED for f in failed):
+            # Every failure is the job not fitting a client's data: lowering min_available would not help.
+            raise RoundFailed(f"round {rnd}: {len(failed)} client(s) could not run the job; client "
+                              f"{failed[0].client}: {failed[0].reason}")
         raise RoundFailed(
             f"round {rnd}: only {ok} client(s) succeeded, fewer than strategy.min_available="
             f"{strategy.min_available} ({len(failed)} failed); the last checkpoint is kept — lower min_available "

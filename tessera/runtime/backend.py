@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
-from tessera.core.errors import PrivacyBudgetExceeded, SerdeError, TesseraError
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError, ShapeMismatch, TesseraError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message
 from tessera.runtime.handover import hand_over, wire_size
@@ -36,6 +36,7 @@ class FailureKind(Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"  # the client refused: the round would exceed its privacy budget
     DROPPED = "dropped"  # dropped by a protocol stage (secure aggregation)
     NOT_ASKED = "not_asked"  # the server did not ask it (its budget is known to be spent)
+    MISCONFIGURED = "misconfigured"  # the job does not fit the client's data or settings (shapes, config)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,12 @@ class ClientFailure:
 
 def failure_from_error(client: str, error_type: str, reason: str) -> ClientFailure:
     """The failure for a client that answered with an error (`ErrorRes` over a wire, or a raised exception)."""
-    kind = FailureKind.BUDGET_EXHAUSTED if error_type == PrivacyBudgetExceeded.__name__ else FailureKind.ERROR
+    kind = _ERROR_KINDS.get(error_type, FailureKind.ERROR)
     return ClientFailure(client, f"{error_type}: {reason}", kind)
+
+
+_ERROR_KINDS = {PrivacyBudgetExceeded.__name__: FailureKind.BUDGET_EXHAUSTED,
+                ShapeMismatch.__name__: FailureKind.MISCONFIGURED, ConfigError.__name__: FailureKind.MISCONFIGURED}
 
 
 @dataclass

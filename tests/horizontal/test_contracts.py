@@ -216,5 +216,7 @@ def test_a_client_dry_runs_one_batch_before_its_first_round() -> None:
     parts = JobParts(task=task, strategy=FedAvg(fraction_evaluate=0.0, min_available=1), clients=sorted(ROWS))
     from tessera.core.errors import RoundFailed
 
-    with pytest.raises(RoundFailed, match="only 0 client"):  # every client failed its dry run: no round ran
+    # Every client failed its dry run: the round names the mistake, not "lower min_available"
+    with pytest.raises(RoundFailed, match=r"2 client\(s\) could not run the job; client c0: ShapeMismatch") as err:
         simulate(parts, rounds=1)
+    assert "min_available" not in str(err.value)
