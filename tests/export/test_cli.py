@@ -89,3 +89,30 @@ def _app():  # the typer app, imported late so collection stays cheap
     from tessera.cli.main import app
 
     return app
+
+
+def test_export_signed_by_a_party_verifies_against_the_federation_ca_from_the_cli(exported: Path,
+                                                                                 tmp_path: Path) -> None:
+    from tessera.runtime.grpc.certs import init_ca, issue
+
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    init_ca(certs)
+    init_ca(other)
+    issue(certs, "alice")
+    issue(other, "alice")  # an impostor "alice" from another CA
+    toml = exported.parent / "job.toml"
+    signed = tmp_path / "signed"
+    result = CliRunner().invoke(_app(), ["export", str(toml), "--out", str(signed), "--sign-cert",
+                                         str(certs / "alice.crt"), "--sign-key", str(certs / "alice.key")])
+    assert result.exit_code == 0, result.output
+    assert run(["verify", str(signed), "--trust", str(certs / "ca.crt"), "--signer", "alice"], tmp_path).returncode == 0
+    wrong = run(["verify", str(signed), "--trust", str(certs / "ca.crt"), "--signer", "bob"], tmp_path)
+    assert wrong.returncode == 2 and "bob" in wrong.stderr and "Traceback" not in wrong.stderr
+    impostor = tmp_path / "impostor"
+    result = CliRunner().invoke(_app(), ["export", str(toml), "--out", str(impostor), "--sign-cert",
+                                         str(other / "alice.crt"), "--sign-key", str(other / "alice.key")])
+    assert result.exit_code == 0, result.output
+    refused = run(["verify", str(impostor), "--trust", str(certs / "ca.crt")], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    unsigned = run(["verify", str(exported), "--trust", str(certs / "ca.crt")], tmp_path)
+    assert unsigned.returncode == 2  # a trust requirement refuses an unsigned bundle
