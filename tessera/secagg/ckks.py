@@ -21,9 +21,10 @@ import torch
 from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.types import Params
-from tessera.horizontal.aggregation import FitOutcome, require_quorum
+from tessera.horizontal.aggregation import FitOutcome
+from tessera.horizontal.job import Contribution, Plugin
 from tessera.runtime.backend import Backend, ClientFailure, FailureKind, InProcessBackend
-from tessera.runtime.messages import FitIns, FitRes
+from tessera.runtime.messages import FitIns
 from tessera.secagg.ckks_protocol import (
     CKKSClientState,
     CKKSDecryptIns,
@@ -37,7 +38,7 @@ from tessera.secagg.ckks_protocol import (
     client_step,
     public_context,
 )
-from tessera.secagg.plus import check_strategy, flatten, run_stage, unflatten
+from tessera.secagg.plus import flatten, mean_outcome, run_stage, unflatten
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
@@ -48,11 +49,13 @@ STATE_KEY = "secagg_ckks"
 
 
 @dataclass(frozen=True)
-class CKKS:
+class CKKS(Plugin):
     """Homomorphic aggregation with CKKS (TenSEAL); see the module docstring for its trust model.
 
     >>> simulate(parts, rounds=10, plugins=[CKKS(clip=8.0)])
     """
+
+    name = "ckks"
 
     clip: float = 8.0
     max_weight: float = 10_000.0
@@ -72,10 +75,10 @@ class CKKS:
                             scale_bits=self.scale_bits, clip=self.clip, max_weight=float(self.max_weight), dim=dim,
                             session=secrets.randbits(62))
 
-    def configure(self, parts: JobParts) -> None:
-        check_strategy(parts.strategy)
-        parts.aggregation = CKKSAggregation(self)
-        parts.mods.insert(0, ckks_mod)
+    def contribute(self, parts: JobParts) -> Contribution:
+        # The encrypting mod runs outermost: it encrypts what every other mod produced.
+        return Contribution(plugin=self.name, roles=frozenset({"secure_aggregation"}),
+                            aggregation=CKKSAggregation(self), outer_mods=(ckks_mod,), needs_mean_strategy=True)
 
 
 class CKKSServer:
@@ -188,13 +191,8 @@ class CKKSAggregation:
         server = CKKSServer(self.config.setup(rnd, clients, dim=sum(t.numel() for t in current.values()) + 1))
         self.last = server
         values, weight = server.run(backend, dict(plan), timeout=timeout)
-        results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
-        failures = [f for c, f in server.failures.items() if c not in server.meta]
-        require_quorum(rnd, len(results), failures, strategy)
-        if weight <= 1e-12:
-            raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")
-        mean = unflatten(torch.from_numpy(values / weight), current)
-        return FitOutcome(strategy.apply(rnd, current, mean), results, failures)  # type: ignore[attr-defined]
+        return mean_outcome(rnd, strategy, current, meta=server.meta, failures=server.failures,
+                            values=torch.from_numpy(values), weight=weight)
 
 
 class _Parties:

@@ -24,8 +24,9 @@ from tessera.core import serde
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, check_compatible, is_finite
-from tessera.horizontal.aggregation import FitOutcome, require_quorum
-from tessera.runtime.backend import Backend
+from tessera.horizontal.aggregation import FitOutcome, mean_strategy, require_quorum
+from tessera.horizontal.job import Contribution, Extension, Plugin
+from tessera.runtime.backend import Backend, ClientFailure
 from tessera.runtime.messages import FitIns, FitRes
 from tessera.secagg.client import step
 from tessera.secagg.graph import default_degree, failure_probability, share_threshold
@@ -62,7 +63,7 @@ def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Params:
 
 
 @dataclass(frozen=True)
-class SecAggPlus:
+class SecAggPlus(Plugin):
     """SecAgg+ secure aggregation (the server learns only the weighted sum of the round's updates).
 
     threshold: fraction of a client's share holders (itself + neighbours) needed to unmask it, in (0.5, 1];
@@ -75,6 +76,8 @@ class SecAggPlus:
 
     >>> simulate(parts, rounds=10, plugins=[SecAggPlus(threshold=0.6, clip=8.0, bits=32)])
     """
+
+    name = "secagg+"
 
     threshold: float = 0.6
     clip: float = 8.0
@@ -118,19 +121,12 @@ class SecAggPlus:
                         session=secrets.randbits(62) if session is None else session,
                         l2_clip=float(self.l2_clip or 0.0), prg=PRG_NAME)
 
-    def configure(self, parts: JobParts) -> None:
-        check_strategy(parts.strategy)
+    def contribute(self, parts: JobParts) -> Contribution:
         agg = SecAggPlusAggregation(self)
-        parts.aggregation = agg
-        parts.mods.insert(0, SecAggMod(self.pki))  # outermost: it masks what every other mod produced
-        parts.extensions.append(RoundInfo(agg))
-
-
-def check_strategy(strategy: Strategy) -> None:
-    if not hasattr(strategy, "apply"):
-        raise ConfigError(f"secure aggregation reveals only a sum, so it needs a mean-based strategy with a server "
-                          f"update (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad); {strategy.name} "
-                          "needs single updates")
+        # The masking mod runs outermost: it masks what every other mod produced (clipping, DP noise).
+        return Contribution(plugin=self.name, roles=frozenset({"secure_aggregation"}), aggregation=agg,
+                            outer_mods=(SecAggMod(self.pki),), extensions=(RoundInfo(agg),),
+                            needs_mean_strategy=True)
 
 
 def graph_seed(rnd: int, clients: list[str]) -> int:
@@ -194,7 +190,7 @@ def run_stages(server: SecAggServer, backend: Backend, fit: Mapping[str, FitIns]
         server.seconds[stage.value] = time.perf_counter() - t0
 
 
-class RoundInfo:
+class RoundInfo(Extension):
     """Extension: adds what the protocol did this round to the round's record (no secrets, no values)."""
 
     name = "secagg"
@@ -232,10 +228,18 @@ class SecAggPlusAggregation:
         run_stages(server, backend, dict(plan), timeout=timeout)
         res = server.result
         assert res is not None
-        results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in server.meta.items()]
-        failures = [f for c, f in server.state.failures.items() if c not in server.meta]
-        require_quorum(rnd, len(results), failures, strategy)
-        if res.weight <= 0:
-            raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")
-        mean = unflatten(res.values / res.weight, current)
-        return FitOutcome(strategy.apply(rnd, current, mean), results, failures)  # type: ignore[attr-defined]
+        return mean_outcome(rnd, strategy, current, meta=server.meta, failures=server.state.failures,
+                            values=res.values, weight=float(res.weight))
+
+
+def mean_outcome(rnd: int, strategy: Strategy, current: Params, *, meta: Mapping[str, tuple[int, dict[str, float]]],
+                 failures: Mapping[str, ClientFailure], values: torch.Tensor, weight: float) -> FitOutcome:
+    """How every secure aggregation ends a round: the survivors' (clear) counts and metrics as results, the
+    quorum check, and the strategy's server step from the unmasked or decrypted weighted sum."""
+    results = [(c, FitRes(params={}, num_examples=n, metrics=m)) for c, (n, m) in meta.items()]
+    failed = [f for c, f in failures.items() if c not in meta]
+    require_quorum(rnd, len(results), failed, strategy)
+    if not weight > 1e-12:  # fixed point or CKKS noise: a sum of zero weights is never exactly 0
+        raise RoundFailed(f"round {rnd}: the surviving clients' weights sum to 0 (no training examples)")
+    mean = unflatten(values / weight, current)
+    return FitOutcome(mean_strategy(strategy).apply(rnd, current, mean), results, failed)
