@@ -12,13 +12,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import tenseal as ts
 import torch
+from pydantic import Field
 
 from tessera.core import serde
+from tessera.core.config import PluginConfig
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.types import Params
 from tessera.horizontal.aggregation import FitOutcome
@@ -38,7 +40,7 @@ from tessera.secagg.ckks_protocol import (
     client_step,
     public_context,
 )
-from tessera.secagg.plus import flatten, mean_outcome, run_stage, unflatten
+from tessera.secagg.plus import flatten, mean_outcome, run_stage, settings_of, unflatten
 
 if TYPE_CHECKING:
     from tessera.horizontal.client import CallNext, ClientContext
@@ -46,6 +48,17 @@ if TYPE_CHECKING:
     from tessera.horizontal.strategies.base import Strategy
 
 STATE_KEY = "secagg_ckks"
+
+
+class CKKSSettings(PluginConfig):
+    """CKKS's settings and their bounds: validates job.toml's `[secagg]` (kind = "ckks") and `CKKS(...)` alike."""
+
+    SECTION: ClassVar[str] = "secagg"
+
+    clip: float = Field(8.0, gt=0, allow_inf_nan=False)
+    max_weight: float = Field(10_000.0, gt=0)
+    poly_modulus_degree: Literal[8192, 16384] = 8192
+    scale_bits: int = Field(40, ge=20, le=50)
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,7 @@ class CKKS(Plugin):
     scale_bits: int = 40
 
     def __post_init__(self) -> None:
-        if self.poly_modulus_degree not in (8192, 16384):
-            raise ConfigError(f"secagg.poly_modulus_degree: use 8192 or 16384, got {self.poly_modulus_degree}")
-        if not (self.clip > 0 and self.max_weight > 0 and 20 <= self.scale_bits <= 50):
-            raise ConfigError("secagg: CKKS needs clip > 0, max_weight > 0 and scale_bits in [20, 50]")
+        CKKSSettings(**settings_of(self))  # the one validation, shared with job.toml's [secagg] kind = "ckks"
 
     def setup(self, rnd: int, clients: list[str], *, dim: int) -> CKKSSetupIns:
         if len(clients) < 2:

@@ -8,19 +8,21 @@ FedYogi, FedAdagrad and client-level DP (distributed) all aggregate this way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from tessera.core import serde
+from tessera.core.config import PluginConfig
 from tessera.core.errors import ConfigError, ProtocolError, RoundFailed
 from tessera.core.logging import get_logger
 from tessera.core.types import Params, check_compatible, is_finite
@@ -33,7 +35,7 @@ from tessera.secagg.graph import default_degree, failure_probability, share_thre
 from tessera.secagg.messages import STAGES, ClientState, SetupIns, Stage
 from tessera.secagg.pki import PKI, SimulatedPKI
 from tessera.secagg.prg import PRG_NAME
-from tessera.secagg.quantize import check_bits, levels_for
+from tessera.secagg.quantize import levels_for
 from tessera.secagg.server import SecAggServer
 
 if TYPE_CHECKING:
@@ -60,6 +62,26 @@ def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Params:
     if pos != vector.numel():
         raise ValueError(f"vector has {vector.numel()} values, params need {pos}")
     return out
+
+
+class SecAggPlusSettings(PluginConfig):
+    """SecAgg+'s settings and their bounds: validates job.toml's `[secagg]` and `SecAggPlus(...)` alike."""
+
+    SECTION: ClassVar[str] = "secagg"
+
+    threshold: float = Field(0.6, gt=0.5, le=1.0, description="more than half, so two disjoint groups cannot "
+                                                                "both unmask")
+    clip: float = Field(8.0, gt=0, allow_inf_nan=False)
+    bits: int = Field(32, ge=8, le=62, description="int64 arithmetic")
+    max_weight: float = Field(10_000.0, gt=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    degree: int | None = Field(None, ge=1)
+    l2_clip: float | None = Field(None, gt=0)
+
+
+def settings_of(plugin: Any) -> dict[str, Any]:
+    """A plugin dataclass's settings (every field but the keys it signs with)."""
+    return {f.name: getattr(plugin, f.name) for f in dataclasses.fields(plugin) if f.name != "pki"}
 
 
 @dataclass(frozen=True)
@@ -89,20 +111,7 @@ class SecAggPlus(Plugin):
     pki: PKI = field(default_factory=SimulatedPKI, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0.5 < self.threshold <= 1.0:
-            raise ConfigError(f"secagg.threshold: must be in (0.5, 1] (a fraction of share holders; more than half "
-                              f"so two disjoint groups cannot both unmask), got {self.threshold}")
-        if not (self.clip > 0 and math.isfinite(self.clip)):
-            raise ConfigError(f"secagg.clip: must be a positive number, got {self.clip}")
-        check_bits(self.bits)
-        if not self.max_weight > 0:
-            raise ConfigError(f"secagg.max_weight: must be positive, got {self.max_weight}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"secagg.dropout: must be in [0, 1), got {self.dropout}")
-        if self.l2_clip is not None and not self.l2_clip > 0:
-            raise ConfigError(f"secagg.l2_clip: must be positive, got {self.l2_clip}")
-        if self.degree is not None and self.degree < 1:
-            raise ConfigError(f"secagg.degree: must be at least 1, got {self.degree}")
+        SecAggPlusSettings(**settings_of(self))  # the one validation, shared with job.toml's [secagg]
 
     def setup(self, rnd: int, clients: list[str], *, dim: int, graph_seed: int,
               session: int | None = None) -> SetupIns:
