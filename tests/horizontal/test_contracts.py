@@ -220,3 +220,45 @@ def test_a_client_dry_runs_one_batch_before_its_first_round() -> None:
     with pytest.raises(RoundFailed, match=r"2 client\(s\) could not run the job; client c0: ShapeMismatch") as err:
         simulate(parts, rounds=1)
     assert "min_available" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_task_trains_on_the_data_of_each_round_over_grpc(tmp_path: Any) -> None:
+    """Per-round data through real gRPC parties (mutual TLS on loopback, parties on threads): the clients ask
+    their task for each round's data, and the result equals the plain-PyTorch oracle."""
+    import threading
+
+    from tessera.horizontal.server import Server, ServerConfig
+    from tessera.runtime.grpc import ClientParty, GrpcBackend
+    from tessera.runtime.grpc.certs import init_ca, issue
+    from tessera.runtime.grpc.config import build
+
+    init_ca(tmp_path)
+    routes = {"c0": "alice", "c1": "bob"}
+    for name in ("server", *routes.values()):
+        issue(tmp_path, name)
+
+    def fed(port: int) -> Any:
+        parties = [{"name": "server", "role": "coordinator", "address": f"127.0.0.1:{port}"},
+                   *({"name": n} for n in routes.values())]
+        settings = {"ca_cert": "ca.crt", "certs_dir": ".", "quorum_deadline_s": 30, "rpc_deadline_s": 30,
+                    "retry": {"initial_backoff_s": 0.05, "max_attempts": 100}}
+        return build({"federation": settings, "parties": parties}, source="test", base=tmp_path)
+
+    parts = JobParts(task=_round_task(), strategy=FedAvg(fraction_evaluate=0.0), clients=sorted(ROWS))
+    backend = GrpcBackend(fed(0), dict(routes), min_clients=2)
+    port = backend.listen()
+    parties = [ClientParty(fed(port), n, parts.client_app()) for n in routes.values()]
+    threads = [threading.Thread(target=p.run, daemon=True) for p in parties]
+    for t in threads:
+        t.start()
+    start = {k: v.clone() for k, v in nn.Linear(4, 3).state_dict().items()}
+    server = Server(strategy=parts.strategy, backend=backend, clients=parts.clients, initial_params=start,
+                    config=ServerConfig(rounds=3, seed=0))
+    history = server.run()
+    for t in threads:
+        t.join(15)
+    assert [r["clients_succeeded"] for r in history.records] == [2, 2, 2]
+    oracle = _oracle(start, 3)
+    for k in server.params:
+        assert torch.allclose(server.params[k], oracle[k], atol=1e-6), k
