@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.horizontal.job import compose
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params
 from tessera.horizontal.client import ClientContext
+from tessera.horizontal.job import compose
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAvg, FedMedian

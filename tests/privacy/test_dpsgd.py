@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.horizontal.job import compose
 from tessera.core.types import Params
 from tessera.horizontal.client import CallNext, ClientContext
+from tessera.horizontal.job import compose
 from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 from tessera.horizontal.strategies import FedAvg
