@@ -12,8 +12,13 @@ Integer buffers (counters) travel uncompressed. Bytes on the wire are those of t
 count the message they carry.
 
 The server side wraps the job's aggregation: replies are decoded (x + decoded delta) as they arrive, before
-validation, so every strategy aggregates ordinary params. Secure aggregation hides single replies, so compression
-is refused next to it (the decoder must read each reply; SecAgg+ already quantises what it masks).
+validation, so every strategy aggregates ordinary params. Secure aggregation hides single replies, so this plugin
+is refused next to it (the decoder must read each reply). Quantisation composes with SecAgg+ as
+`SecAggPlus(code_bits=8 | 4, clip=...)`: masked codes must sum, so every client rounds (stochastically, unbiased)
+on one shared grid [-clip, clip] instead of its own (lo, step), and the ring shrinks to the sum of n codes
+(ceil(log2(n (2^b - 1) + 1)) bits, masked words as int16 / int8). Top-k cannot compose: each client picks its own
+indices, and a masked sum of vectors with different supports would reveal which coordinates each client sent
+(or need dense masks, which sends every coordinate and saves nothing).
 """
 
 from __future__ import annotations

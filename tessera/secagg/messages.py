@@ -99,7 +99,7 @@ class MaskedInputIns:
 @dataclass(frozen=True)
 class MaskedInputRes:
     round: int
-    masked: torch.Tensor  # int32 (bits <= 32) or int64, length dim, uniform in Z_{2^bits}
+    masked: torch.Tensor  # int8/int16/int32/int64 (narrowest for bits), length dim, uniform in Z_{2^bits}
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -77,6 +77,8 @@ class SecAggPlusSettings(PluginConfig):
     dropout: float = Field(0.3, ge=0, lt=1)
     degree: int | None = Field(None, ge=1)
     l2_clip: float | None = Field(None, gt=0)
+    code_bits: int | None = Field(None, ge=2, le=16, description="compressed SecAgg+: b-bit codes per client; the "
+                                                                  "ring is sized to their sum (overrides bits)")
 
 
 def settings_of(plugin: Any) -> dict[str, Any]:
@@ -93,6 +95,10 @@ class SecAggPlus(Plugin):
     max_weight: num_examples at which the FedAvg weight saturates (w = min(n, max_weight) / max_weight);
     dropout: fraction of clients the round is sized to survive (picks the neighbour degree); degree: override;
     l2_clip: if set, clients scale their update delta to at most this L2 norm before quantising;
+    code_bits: compressed SecAgg+ (8 or 4 for Compression's q8/q4): each client stochastically rounds its update
+    to 2^code_bits - 1 levels on [-clip, clip] (unbiased inside the range), and the ring is just large enough for
+    the sum of n such codes, bits = ceil(log2(n (2^code_bits - 1) + 1)) <= code_bits + ceil(log2 n) (at least 8),
+    replacing `bits`; masked words travel as int8/int16, so the upload shrinks with the ring;
     pki: the party keys clients sign their round keys and the survivor story with (default: a simulated PKI
     shared by every party of this in-process or Ray job; a deployment passes `PartyKeys` bound to its certificates).
 
@@ -108,6 +114,7 @@ class SecAggPlus(Plugin):
     dropout: float = 0.3
     degree: int | None = None
     l2_clip: float | None = None
+    code_bits: int | None = None
     pki: PKI = field(default_factory=SimulatedPKI, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,11 +131,20 @@ class SecAggPlus(Plugin):
                                                                             dropout=self.dropout)
         if degree < n - 1 and degree % 2:
             degree += 1
+        bits, levels = self.ring(n)
         return SetupIns(round=rnd, clients=tuple(clients), threshold=share_threshold(self.threshold, degree),
-                        degree=min(degree, n - 1), graph_seed=graph_seed, bits=self.bits, clip=self.clip,
-                        levels=levels_for(clients=n, bits=self.bits), max_weight=float(self.max_weight), dim=dim,
+                        degree=min(degree, n - 1), graph_seed=graph_seed, bits=bits, clip=self.clip,
+                        levels=levels, max_weight=float(self.max_weight), dim=dim,
                         session=secrets.randbits(62) if session is None else session,
                         l2_clip=float(self.l2_clip or 0.0), prg=PRG_NAME)
+
+    def ring(self, clients: int) -> tuple[int, int]:
+        """(ring bits, quantisation levels per client) for a round of `clients`: code_bits' codes and the smallest
+        ring their sum cannot wrap, or `bits` and the levels that leave overflow headroom in it."""
+        if self.code_bits is None:
+            return self.bits, levels_for(clients=clients, bits=self.bits)
+        levels = 2**self.code_bits - 1
+        return max(8, (clients * levels).bit_length()), levels
 
     def contribute(self, parts: JobParts) -> Contribution:
         agg = SecAggPlusAggregation(self)

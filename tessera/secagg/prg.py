@@ -163,13 +163,19 @@ def expand(seed: bytes, n: int, *, bits: int, prg: str = CHACHA) -> torch.Tensor
 def to_words(t: torch.Tensor, *, bits: int) -> np.ndarray:
     """An int32/int64 tensor holding ring values (two's complement on the wire) -> a fresh unsigned word array."""
     a = t.detach().numpy()
+    if a.dtype in (np.int8, np.int16):  # a narrow ring (compressed SecAgg+): widen to the arithmetic word
+        return a.view(np.uint8 if a.dtype == np.int8 else np.uint16).astype(word(bits))
     if bits <= 32:
         return a.astype(np.uint32) if a.dtype == np.int64 else a.view(np.uint32).copy()
     return a.astype(np.int64).view(np.uint64).copy()
 
 
 def to_wire(acc: np.ndarray, *, bits: int) -> torch.Tensor:
-    """Unsigned words -> the int32 (bits <= 32) or int64 tensor that travels (shares acc's memory)."""
+    """Unsigned words -> the narrowest signed tensor that holds Z_{2^bits}: int8 (bits <= 8), int16 (<= 16), int32
+    (<= 32, shares acc's memory) or int64 (shares acc's memory)."""
+    if bits <= 16:
+        narrow = acc.astype(np.uint8 if bits <= 8 else np.uint16)
+        return torch.from_numpy(narrow.view(np.int8 if bits <= 8 else np.int16))
     return torch.from_numpy(acc.view(np.int32 if bits <= 32 else np.int64))
 
 

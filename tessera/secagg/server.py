@@ -159,7 +159,7 @@ class SecAggServer:
                 return "a sealed share of the wrong size"
         elif isinstance(reply, MaskedInputRes):
             m = reply.masked
-            if m.dtype not in (torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
+            if m.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64) or tuple(m.shape) != (s.dim,):
                 return f"masked input is {m.dtype}{tuple(m.shape)}, expected ({s.dim},)"
             if reply.num_examples < 0:
                 return "negative num_examples"

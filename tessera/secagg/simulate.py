@@ -59,7 +59,7 @@ class RoundReport:
 
 def run_round(updates: Sequence[Params], *, threshold: float | int, dropouts: Set[int], clip: float, bits: int,
               seed: int, drop_stage: Stage = Stage.COLLECT, degree: int | None = None,
-              dropout: float = 0.3) -> RoundReport:
+              dropout: float = 0.3, code_bits: int | None = None) -> RoundReport:
     """One SecAgg+ round among len(updates) in-process clients; clients in `dropouts` vanish at `drop_stage`."""
     n = len(updates)
     if n < 2:
@@ -68,7 +68,8 @@ def run_round(updates: Sequence[Params], *, threshold: float | int, dropouts: Se
     if isinstance(threshold, int):
         degree = degree or n - 1
         frac = threshold / (degree + 1)
-    cfg = SecAggPlus(threshold=frac, clip=clip, bits=bits, max_weight=1.0, degree=degree, dropout=dropout)
+    cfg = SecAggPlus(threshold=frac, clip=clip, bits=bits, max_weight=1.0, degree=degree, dropout=dropout,
+                     code_bits=code_bits)
     clients = [f"client{i}" for i in range(n)]
     setup = cfg.setup(1, clients, dim=sum(t.numel() for t in updates[0].values()) + 1,
                       graph_seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]), session=seed)

@@ -63,7 +63,8 @@ def test_top_k_error_feedback_keeps_exactly_what_was_not_sent() -> None:
 
 def _one_round(codec: Codec | None, **kw: Any) -> tuple[dict[str, torch.Tensor], Any]:
     data = make_data(num_clients=3, rows=64)
-    parts = JobParts(task=make_task(data, hidden=(256, 256)), strategy=FedAvg(fraction_evaluate=0.0), clients=list(data))
+    parts = JobParts(task=make_task(data, hidden=(256, 256)), strategy=FedAvg(fraction_evaluate=0.0),
+                     clients=list(data))
     plugins = [Compression(codec, **kw)] if codec is not None else []
     hist, params = simulate(parts, rounds=1, seed=1, plugins=plugins)
     return params, hist.records[0]
@@ -108,3 +109,43 @@ def test_compression_is_refused_next_to_secure_aggregation() -> None:
     parts = JobParts(task=make_task(data), strategy=FedAvg(), clients=list(data))
     with pytest.raises(ConfigError, match=r"compression\(topk\).*secagg"):
         simulate(parts, rounds=1, plugins=[Compression("topk"), SecAggPlus()])
+
+
+@pytest.mark.parametrize(("code_bits", "ring_bits", "wire_share"), [(8, 10, 0.5), (4, 8, 0.25)])
+def test_compressed_secagg_sum_equals_the_clear_sum_of_the_same_codes(code_bits: int, ring_bits: int,
+                                                                     wire_share: float) -> None:
+    # SecAggPlus(code_bits=b): each client's b-bit stochastic codes on [-clip, clip]; the ring holds their sum
+    import numpy as np
+
+    from tessera.secagg.client import encode_input
+    from tessera.secagg.plus import flatten
+    from tessera.secagg.quantize import step_size
+    from tessera.secagg.simulate import run_round
+
+    g = torch.Generator().manual_seed(5)
+    updates = [{"w": torch.randn(20_000, generator=g) * 0.05} for _ in range(3)]
+    clip = 0.25
+    rep = run_round(updates, threshold=0.6, dropouts=set(), clip=clip, bits=32, seed=3, code_bits=code_bits)
+    setup = rep.server.state.setup
+    assert (setup.bits, setup.levels) == (ring_bits, 2**code_bits - 1)  # ceil(log2(3 (2^b - 1) + 1)), at least 8
+    seeds = np.random.SeedSequence([3, 2]).generate_state(3).tolist()  # run_round's per-client rounding seeds
+    codes = [encode_input(flatten(u), 1, setup, int(s)) for u, s in zip(updates, seeds, strict=True)]
+    assert all(int(c.max()) <= setup.levels for c in codes)
+    assert rep.server.result is not None
+    assert torch.equal(rep.server.result.ring_sum, sum(codes))  # exact: the masked sum is the clear code sum
+    true = sum(u["w"].double().clamp(-clip, clip) for u in updates)
+    bound = 3 * step_size(clip=clip, levels=setup.levels)  # each client moves by less than one step
+    assert float((rep.sum["w"] - true).abs().max()) < bound
+    plain = run_round(updates, threshold=0.6, dropouts=set(), clip=clip, bits=32, seed=3)
+    ratio = rep.bytes_up / plain.bytes_up  # masked words int16 / int8 instead of int32 (+ the same key traffic)
+    assert wire_share <= ratio < wire_share + 0.02, ratio
+
+
+def test_top_k_and_per_client_quantisation_stay_refused_next_to_secagg() -> None:
+    from tessera.secagg.plus import SecAggPlus
+
+    data = make_data(num_clients=3)
+    parts = JobParts(task=make_task(data), strategy=FedAvg(), clients=list(data))
+    for codec in ("topk", "q8"):  # q8 under SecAgg+ is SecAggPlus(code_bits=8): a grid shared by every client
+        with pytest.raises(ConfigError, match=rf"compression\({codec}\).*secagg"):
+            simulate(parts, rounds=1, plugins=[Compression(codec), SecAggPlus()])
