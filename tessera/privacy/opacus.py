@@ -192,7 +192,8 @@ class DPTrainer:
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)
         self.wrapped.train()
         steps, count = 0, 0
-        losses: list[torch.Tensor] = []  # summed once at the end: no host sync per step on an accelerator
+        losses: list[torch.Tensor] = []  # read once at the end of the round: no host sync per step on a device
+        sizes: list[int] = []
         try:
             for _ in range(epochs):
                 for batch in dp_loader:
@@ -203,7 +204,8 @@ class DPTrainer:
                     self.optimizer.step()
                     steps += 1
                     if n := len(yb):  # a Poisson batch may be empty: still a (pure-noise) DP step, but no loss
-                        losses.append(loss.detach().double() * n)
+                        losses.append(loss.detach())
+                        sizes.append(n)
                         count += n
                     if steps >= planned:
                         break
@@ -216,7 +218,7 @@ class DPTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.rounds += 1
         eps = planned_eps if sigma == 0 or steps == planned else self.ledger.epsilon(self.party)
-        total = float(torch.stack(losses).sum()) if losses else 0.0
+        total = float(torch.stack(losses).cpu().double() @ torch.tensor(sizes, dtype=torch.float64)) if losses else 0.0
         return {"loss": total / max(count, 1), "steps": float(steps), "dp_noise_multiplier": sigma,
                 "dp_sample_rate": q, "dp_steps": float(steps), "epsilon": eps}
 

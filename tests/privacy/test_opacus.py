@@ -221,3 +221,21 @@ def test_unsupported_layers_and_bad_settings_are_refused() -> None:
         DPConfig(noise_multiplier=0.0, budget=1.0)
     with pytest.raises(ConfigError, match="max_grad_norm"):
         DPConfig(noise_multiplier=1.0, max_grad_norm=0.0)
+
+
+def test_round_loss_is_the_example_weighted_mean_of_the_step_losses() -> None:
+    # Prepare: a loss function that records what each step saw (the oracle, summed in Python floats)
+    seen: list[tuple[float, int]] = []
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(out, y)
+        seen.append((float(loss), len(y)))
+        return loss
+
+    trainer = DPTrainer(MLP(5, 3, [8]), sgd(), config=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    # Execute: two epochs of Poisson batches (some may be empty: a noise-only step with no loss)
+    metrics = trainer.train(DataLoader(data(40), batch_size=8), loss_fn=loss_fn, epochs=2, seed=3)
+    # Assert
+    kept = [(v, n) for v, n in seen if n]
+    assert metrics["steps"] == 10.0 and kept
+    assert metrics["loss"] == pytest.approx(sum(v * n for v, n in kept) / sum(n for _, n in kept), rel=1e-6)
