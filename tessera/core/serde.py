@@ -270,15 +270,19 @@ def message(cls: type[M]) -> type[M]:
     return cls
 
 
-def encode_message_parts(msg: Any) -> Parts:
-    """`encode_message` as buffers (see `encode_parts`)."""
+def message_envelope(msg: Any) -> dict[str, Any]:
+    """The tree `encode_message` encodes for a registered message: its type name and fields."""
     name = type(msg).__name__
     if not dataclasses.is_dataclass(msg) or isinstance(msg, type):
         raise SerdeError(f"{name} is not a message instance")
     if _REGISTRY.get(name) is not type(msg):
         raise SerdeError(f"{name} is not a registered message type")
-    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return encode_parts({"type": name, "fields": fields})
+    return {"type": name, "fields": {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
+
+
+def encode_message_parts(msg: Any) -> Parts:
+    """`encode_message` as buffers (see `encode_parts`)."""
+    return encode_parts(message_envelope(msg))
 
 
 def encode_message(msg: Any) -> bytes:

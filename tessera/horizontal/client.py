@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tessera.core.errors import ProtocolError
-from tessera.core.types import Params, get_params
+from tessera.core.types import Params, get_params, set_params
 from tessera.horizontal.checks import dry_run
-from tessera.horizontal.task import HasLoss, SelectsParams, Task, task_set_params
+from tessera.horizontal.task import HasLoss, SelectsParams, Task
 from tessera.runtime.messages import EvaluateIns, EvaluateRes, FitIns, FitRes
 
 
@@ -87,7 +87,13 @@ class TaskClient:
         return self.task.get_params(model) if isinstance(self.task, SelectsParams) else get_params(model, copy=False)
 
     def _set(self, model: nn.Module, params: Params) -> None:
-        task_set_params(self.task, model, params)
+        if isinstance(self.task, SelectsParams):
+            self.task.set_params(model, params)
+            return
+        # core.types.set_params only reads `params` (shape checks, copy_): received read-only tensors can skip
+        # their per-op write check here (three Python hook calls per tensor per round otherwise).
+        with torch._C.DisableTorchFunctionSubclass():
+            set_params(model, params)
 
     def fit(self, ins: FitIns, ctx: ClientContext) -> FitRes:
         model = self.model()  # built once per thread; params are copied into it in place (copy_), never rebuilt

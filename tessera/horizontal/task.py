@@ -219,8 +219,9 @@ class SupervisedTask:
         optimizer = self.optimizer_fn([p for p in model.parameters() if p.requires_grad])
         place, scaler = self.placement, self.placement.scaler()
         model.train()
-        steps, count = 0, 0
-        total: float | torch.Tensor = 0.0  # summed where the loss is, in float64: no host sync per step
+        steps = 0
+        losses: list[torch.Tensor] = []  # kept where they are and summed once at the end: no host sync per step
+        sizes: list[int] = []
         for _ in range(epochs):
             for batch in loader:
                 xb, yb = place.move(batch)
@@ -236,12 +237,12 @@ class SupervisedTask:
                         for k, p in named.items():
                             if p.grad is not None and k in correction:
                                 p.grad.add_(correction[k])
-                total = total + loss.detach().double() * len(yb)
-                count += len(yb)
+                losses.append(loss.detach())
+                sizes.append(len(yb))
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
-                    return _train_metrics(total, count, steps)
-        return _train_metrics(total, count, steps)
+                    return _train_metrics(losses, sizes)
+        return _train_metrics(losses, sizes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
@@ -262,9 +263,18 @@ class SupervisedTask:
         return total / count, {name: fn(logits, y) for name, fn in self.metrics.items()}
 
 
-def _train_metrics(total: float | torch.Tensor, count: int, steps: int) -> Metrics:
-    value = scalar(total) if isinstance(total, torch.Tensor) else total
-    return {"loss": value / max(count, 1), "steps": float(steps)}
+def _train_metrics(losses: list[torch.Tensor], sizes: list[int]) -> Metrics:
+    """Mean loss per example over the steps: one host sync, then the float64 sum of loss * rows in step order
+    (the same bits as a running float64 sum on the device)."""
+    total = 0.0
+    if losses:
+        stacked = torch.stack(losses).double().reshape(-1)
+        if stacked.device.type == "meta":
+            total = scalar(stacked.sum())
+        else:
+            for value, n in zip(stacked.tolist(), sizes, strict=True):
+                total += value * n
+    return {"loss": total / max(sum(sizes), 1), "steps": float(len(losses))}
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:

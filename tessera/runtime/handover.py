@@ -8,21 +8,24 @@ are `FrozenTensor`s: views of the coordinator's storage that refuse in-place wri
 (it loads them into its own model with `copy_`, which reads them). Whatever a frozen tensor yields without sharing
 its memory (`t * 2`, `t.clone()`) is a plain tensor again.
 
-`wire_size(msg)` is the exact number of bytes the encoded message would take (the envelope is encoded with the
-tensors' memory referenced, not copied), so traffic counts do not depend on whether the wire was used.
+`wire_size(msg)` is the exact number of bytes the encoded message would take (the header is encoded with each
+tensor's descriptor, computed from its dtype and shape; no tensor memory is touched), so traffic counts do not
+depend on whether the wire was used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 
-from tessera.core.errors import ProtocolError
-from tessera.core.serde import encode_message_parts, parts_size
+from tessera.core.errors import ProtocolError, SerdeError
+from tessera.core.serde import _DTYPES, _NAMES, MAGIC, _align, _Encoder, message_envelope
 
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__set__", "__delitem__", "__iadd__", "__isub__", "__imul__",
                                "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
@@ -30,6 +33,7 @@ _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__set__", "__delitem__", "__iadd_
 _ALLOWED = frozenset({"requires_grad_", "retain_grad", "share_memory_"})  # no change to the values
 
 
+@functools.cache
 def _writes(name: str) -> bool:
     if name in _ALLOWED:
         return False
@@ -45,16 +49,24 @@ class FrozenTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        # Runs for every op and attribute read on a received tensor (a client loading the global model reads each
+        # tensor a few times): the common cases return early.
         name = getattr(func, "__name__", "")
-        out = kwargs.get("out")
-        writes = _writes(name) or kwargs.get("inplace") is True  # F.relu(t, inplace=True) and the like
-        if (args and isinstance(args[0], FrozenTensor) and writes) or _any_frozen(out):
+        if kwargs:
+            out = kwargs.get("out")
+            writes = _writes(name) or kwargs.get("inplace") is True  # F.relu(t, inplace=True) and the like
+        else:
+            kwargs, out, writes = {}, None, _writes(name)
+        if (writes and args and isinstance(args[0], FrozenTensor)) or (out is not None and _any_frozen(out)):
             raise ProtocolError(
                 f"a received tensor is read-only (it is the sender's memory): '{name}' would change it; "
                 "copy it first (t.clone()) or load it into your model with copy_")
         with torch._C.DisableTorchFunctionSubclass():
             ret = func(*args, **kwargs)
+            if type(ret) is torch.Size or not isinstance(ret, (torch.Tensor, np.ndarray, list, tuple)):
+                return ret  # a shape, a number, a dtype: nothing that could share memory
+            if writes and args and ret is args[0] and type(ret) is torch.Tensor:
+                return ret  # dst.copy_(frozen): the plain tensor written to, as it was
             ptrs = {a.untyped_storage().data_ptr() for a in _tensors(args, kwargs) if isinstance(a, FrozenTensor)}
             return _rewrap(ret, ptrs)
 
@@ -92,10 +104,14 @@ def _rewrap(ret: Any, ptrs: set[int]) -> Any:
 
 def _tensor(t: torch.Tensor, frozen: bool, own: bool) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():
-        plain = t.detach().to("cpu").contiguous()  # what the wire delivers: CPU, contiguous, no autograd history
+        plain = t.detach()  # what the wire delivers: CPU, contiguous, no autograd history
+        if plain.device.type != "cpu" or not plain.is_contiguous():
+            plain = plain.to("cpu").contiguous()
         if own and plain.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             plain = plain.clone()
-    return plain.as_subclass(FrozenTensor) if frozen else plain.as_subclass(torch.Tensor)
+    if frozen:
+        return plain.as_subclass(FrozenTensor)
+    return plain if type(plain) is torch.Tensor else plain.as_subclass(torch.Tensor)
 
 
 def _value(v: Any, frozen: bool, own: bool) -> Any:
@@ -119,6 +135,25 @@ def hand_over(msg: Any, *, frozen: bool, own: bool = False) -> Any:
     return type(msg)(**values)
 
 
+class _Sizer(_Encoder):
+    """The encoder's header walk with each tensor's descriptor from its dtype and shape alone (no buffer views)."""
+
+    def tensor(self, obj: torch.Tensor) -> dict[str, Any]:
+        name = _NAMES.get(obj.dtype)
+        if name is None:
+            raise SerdeError(f"tensor dtype {obj.dtype} cannot be sent; cast to one of {sorted(_DTYPES)}")
+        nbytes = obj.numel() * obj.element_size()
+        off = _align(self.cursor) if nbytes else self.cursor
+        if nbytes:
+            self.cursor = off + nbytes
+        return {"$t": [name, list(obj.shape), off, nbytes]}
+
+
 def wire_size(msg: Any) -> int:
-    """Bytes of `encode_message(msg)`, without copying a tensor (raises SerdeError where encoding would)."""
-    return parts_size(encode_message_parts(msg))
+    """Bytes of `encode_message(msg)`, without touching a tensor's memory (raises SerdeError where encoding
+    would): the same header, padded to the alignment, then the tensors' bytes at their aligned offsets."""
+    envelope = message_envelope(msg)
+    sizer = _Sizer()
+    with torch._C.DisableTorchFunctionSubclass():
+        header = msgpack.packb(sizer.obj(envelope, 1), use_bin_type=True)
+    return _align(len(MAGIC) + 4 + len(header)) + sizer.cursor
