@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
                 run_split_owner(fed, name, app_, out, notify=_say)
             return
         assert job is not None
-        from tessera.cli.jobs import build_parts, build_plugins, load_job_file, preflight
+        from tessera.cli.jobs import build_parts, build_plugins, build_scheduling, load_job_file, preflight
         from tessera.horizontal.deploy import client_routes, run_client, run_coordinator
         from tessera.horizontal.job import compose
         from tessera.secagg.pki import CertPKI
@@ -130,6 +130,6 @@ def register(app: typer.Typer) -> None:
             j = cfg.job
             run_coordinator(fed, parts, rounds=j.rounds, seed=j.seed, output_dir=j.output_dir,
                             checkpoint_every=j.checkpoint_every, resume=resume, overwrite=overwrite, plots=plots,
-                            loggers=j.loggers(), notify=_say)
+                            loggers=j.loggers(), notify=_say, scheduling=build_scheduling(cfg))
         else:
             run_client(fed, name, parts, state_dir=state_dir, notify=_say)

@@ -14,6 +14,8 @@ from tessera.core.errors import ConfigError, ShapeMismatch
 from tessera.core.metrics import History, plot_history
 from tessera.core.runfolder import claim
 from tessera.demos.hfl import rounds_table
+from tessera.horizontal.scheduling import Scheduling
+from tessera.horizontal.server import Server
 from tessera.horizontal.simulation import simulate
 
 console = Console()
@@ -23,7 +25,7 @@ def run_job(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, pr
             source: Path | None = None) -> History:
     """Build the job, check one batch through the model, claim the output folder (a run already there needs
     `resume` or `overwrite`), simulate, plot. `source` (the job.toml) names the file in error messages."""
-    from tessera.cli.jobs import build_parts, build_plugins, preflight
+    from tessera.cli.jobs import build_parts, build_plugins, build_scheduling, preflight
 
     parts = build_parts(cfg)
     where = f"{source}: " if source is not None else ""
@@ -38,9 +40,15 @@ def run_job(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, pr
     history, _ = simulate(parts, rounds=cfg.job.rounds, seed=cfg.job.seed, output_dir=cfg.job.output_dir,
                           backend=cfg.job.backend, backend_options=cfg.ray if cfg.job.backend == "ray" else None,
                           resume=resume, progress=progress, plugins=build_plugins(cfg),
-                          checkpoint_every=cfg.job.checkpoint_every, loggers=cfg.job.loggers())
+                          checkpoint_every=cfg.job.checkpoint_every, loggers=cfg.job.loggers(),
+                          on_server=lambda server: _schedule(server, build_scheduling(cfg)))
     plot_history(history, cfg.job.output_dir)
     return history
+
+
+def _schedule(server: Server, policy: Scheduling | None) -> None:
+    if policy is not None:  # [schedule]: deadline rounds or asynchronous FedBuff instead of synchronous rounds
+        server.scheduling = policy
 
 
 def metrics_file(path: Path) -> Path:

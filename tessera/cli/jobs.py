@@ -20,6 +20,7 @@ from tessera.core.models import MLP
 from tessera.core.types import set_params
 from tessera.horizontal.job import JobParts, Plugin, compose
 from tessera.horizontal.partition import partition
+from tessera.horizontal.scheduling import Scheduling
 from tessera.horizontal.strategies import STRATEGIES, Strategy
 from tessera.horizontal.task import SupervisedTask
 
@@ -128,6 +129,20 @@ def build_parts(cfg: JobConfig, *, device: str | None = None) -> JobParts:
 
         parts.central_eval = central_eval
     return parts
+
+
+def build_scheduling(cfg: JobConfig) -> Scheduling | None:
+    """The coordinator's scheduling policy from [schedule] (None: synchronous rounds). One object per server: a
+    real-clock policy holds its dispatcher threads and counters."""
+    from tessera.horizontal.realtime import Asynchronous, Deadline, Late
+
+    s = cfg.schedule
+    if s is None or s.policy == "sync":
+        return None
+    if s.policy == "deadline":
+        return Deadline(seconds=s.seconds, steps=s.steps, grace=s.grace, late=Late(s.late),
+                        staleness_exponent=s.staleness_exponent)
+    return Asynchronous(buffer_size=s.buffer_size, concurrency=s.concurrency, max_failures=s.max_failures)
 
 
 def build_plugins(cfg: JobConfig, *, secagg_pki: Any = None) -> list[Plugin]:

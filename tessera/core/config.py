@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tessera.core.errors import ConfigError
 from tessera.core.logging import get_logger
@@ -75,12 +75,47 @@ class StrategySection(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ScheduleSection(_Section):
+    """How the coordinator schedules training (docs/pacing.md): `sync` rounds; `deadline` rounds on the real clock
+    (one of `seconds` or `steps` per round; late replies `drop` or `fold`); asynchronous `fedbuff` (a server step
+    every `buffer_size` updates, `concurrency` clients training; both default to the FedBuff strategy's)."""
+
+    POLICY_KEYS: ClassVar[dict[str, frozenset[str]]] = {
+        "sync": frozenset(),
+        "deadline": frozenset({"seconds", "steps", "grace", "late", "staleness_exponent"}),
+        "fedbuff": frozenset({"buffer_size", "concurrency", "max_failures"}),
+    }
+
+    policy: Literal["sync", "deadline", "fedbuff"] = "sync"
+    seconds: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1)
+    grace: float | None = Field(None, ge=0)
+    late: Literal["drop", "fold"] = "drop"
+    staleness_exponent: float = Field(0.5, ge=0)
+    buffer_size: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    max_failures: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fits_policy(self) -> ScheduleSection:
+        foreign = sorted((self.model_fields_set - {"policy"}) - self.POLICY_KEYS[self.policy])
+        if foreign:
+            owner = next((p for p, keys in self.POLICY_KEYS.items() if foreign[0] in keys), "")
+            raise ValueError(f"{foreign[0]} is an option of policy = {owner!r}, not {self.policy!r}; remove it or "
+                             f"set policy = {owner!r}")
+        if self.policy == "deadline" and (self.seconds is None) == (self.steps is None):
+            raise ValueError("policy = 'deadline' needs exactly one of seconds (a wall-clock budget per round) "
+                             "or steps (a step budget)")
+        return self
+
+
 class JobConfig(_Section):
     job: JobSection = JobSection()
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     strategy: StrategySection = StrategySection()
+    schedule: ScheduleSection | None = None
     secagg: dict[str, Any] | None = None
     dp: dict[str, Any] | None = None
     ray: dict[str, Any] | None = None

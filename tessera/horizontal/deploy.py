@@ -16,6 +16,7 @@ from tessera.core.logging import get_logger
 if TYPE_CHECKING:
     from tessera.core.metrics import History
     from tessera.horizontal.job import JobParts
+    from tessera.horizontal.scheduling import Scheduling
     from tessera.horizontal.server import Server
     from tessera.runtime.grpc.config import FederationConfig
     from tessera.runtime.grpc.party import ClientStats
@@ -35,13 +36,15 @@ def client_routes(fed: FederationConfig, clients: list[str]) -> dict[str, str]:
 
 def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed: int, output_dir: str | Path,
                     checkpoint_every: int = 1, resume: bool = False, overwrite: bool = False, plots: bool = True,
-                    loggers: tuple[str, ...] = (), notify: Notify = log.info) -> History:
+                    loggers: tuple[str, ...] = (), notify: Notify = log.info,
+                    scheduling: Scheduling | None = None) -> History:
     """Drive `rounds` rounds over the federation's client parties. SIGTERM/SIGINT once: finish the round in
     flight, checkpoint, return; twice: abandon it. A spent privacy budget ends the run cleanly, as in simulation.
     Writes metrics, checkpoint, transport.json (one labelled entry per session) and plots.
 
     A folder that already holds a run is refused unless `resume` (continue it) or `overwrite` (replace it), and a
-    session that ran no round leaves the folder's checkpoint as it was."""
+    session that ran no round leaves the folder's checkpoint as it was. `scheduling`: the policy (default
+    synchronous rounds; realtime.Deadline / Asynchronous dispatch each client's request from their own threads)."""
     from tessera.core.metrics import plot_history
     from tessera.core.runfolder import claim
     from tessera.horizontal.server import Server, ServerConfig
@@ -61,7 +64,8 @@ def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed
                     initial_params=initial_params(parts.task, seed),
                     config=ServerConfig(rounds=rounds, seed=seed, output_dir=output_dir, loggers=loggers,
                                         checkpoint_every=checkpoint_every, fit_timeout=fed.settings.round_deadline_s),
-                    aggregation=parts.aggregation, central_eval=parts.central_eval, extensions=parts.extensions)
+                    aggregation=parts.aggregation, central_eval=parts.central_eval, extensions=parts.extensions,
+                    scheduling=scheduling)
     stopper = Stopper(backend)
     if resume:
         server.resume()

@@ -231,3 +231,50 @@ def test_wall_clock_deadline_over_grpc_drops_the_straggler(certs: Path) -> None:
     rec = hist.records[0]
     assert rec["clients_succeeded"] == 2 and [f["client"] for f in rec["failures"]] == ["c2"]
     assert rec["failures"][0]["kind"] == "timeout"
+
+
+# ------------------------------------------------------------------------------------------------- over Ray
+def _policy_run(backend: str, policy: Any, strategy: Any, rounds: int) -> tuple[Any, Params]:
+    data = make_data(num_clients=3)
+    parts = JobParts(task=make_task(data, shuffle=False), strategy=strategy, clients=list(data))
+    return simulate(parts, rounds=rounds, seed=2, backend=backend,
+                    on_server=lambda s: setattr(s, "scheduling", policy()))
+
+
+@pytest.mark.slow
+def test_real_clock_policies_over_ray_equal_the_in_process_runs(ray_cluster: None) -> None:
+    from tessera.horizontal.realtime import Asynchronous
+    from tessera.horizontal.strategies import FedBuff
+
+    # Deterministic schedules: a step budget per round; one client training at a time (arrival order is fixed)
+    cases = [(lambda: Deadline(steps=2), lambda: FedNova(fraction_evaluate=0.0), 2),
+             (lambda: Asynchronous(buffer_size=2, concurrency=1),
+              lambda: FedBuff(buffer_size=2, fraction_evaluate=0.0), 3)]
+    for policy, strategy, rounds in cases:
+        h_local, p_local = _policy_run("inprocess", policy, strategy(), rounds)
+        h_ray, p_ray = _policy_run("ray", policy, strategy(), rounds)
+        assert params_equal(p_ray, p_local), policy()
+        assert h_ray["clients_succeeded"] == h_local["clients_succeeded"]
+    assert h_ray["updates"] == [2, 4, 6]
+
+
+# ------------------------------------------------------------------------------------------------- job.toml
+def test_schedule_section_picks_and_validates_the_policy() -> None:
+    from tessera.cli.jobs import build_scheduling
+    from tessera.core.config import JobConfig, validate
+    from tessera.horizontal.realtime import Asynchronous
+
+    def cfg(**schedule: Any) -> Any:
+        return validate(JobConfig, {"schedule": schedule}, source="job.toml")
+
+    assert build_scheduling(cfg(policy="sync")) is None and build_scheduling(JobConfig()) is None
+    fedbuff = build_scheduling(cfg(policy="fedbuff", buffer_size=5, concurrency=4))
+    assert isinstance(fedbuff, Asynchronous) and (fedbuff.buffer_size, fedbuff.concurrency) == (5, 4)
+    deadline = build_scheduling(cfg(policy="deadline", seconds=0.5, late="fold"))
+    assert isinstance(deadline, Deadline) and deadline.seconds == 0.5 and deadline.late is Late.FOLD
+    with pytest.raises(ConfigError, match="exactly one of seconds"):
+        cfg(policy="deadline")
+    with pytest.raises(ConfigError, match=r"buffer_size is an option of policy = 'fedbuff', not 'deadline'"):
+        cfg(policy="deadline", steps=3, buffer_size=2)
+    with pytest.raises(ConfigError, match=r"schedule.policy"):
+        cfg(policy="async")
