@@ -21,7 +21,14 @@ import torch
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params, Scalar
-from tessera.horizontal.strategies.base import FitAccumulator, FitResults, MeanStrategy, RunningMean
+from tessera.horizontal.strategies.base import (
+    FitAccumulator,
+    FitResults,
+    MeanStrategy,
+    RunningMean,
+    add_rounded,
+    sub_wide,
+)
 from tessera.runtime.messages import FitRes
 
 
@@ -39,7 +46,7 @@ class MeanDelta(FitAccumulator):
 
     def delta(self) -> Params:
         mean = self.running.mean()
-        return {k: mean[k].sub_(c) for k, c in self.current.items()}  # float64 - float32: exact widening
+        return {k: sub_wide(mean[k], c) for k, c in self.current.items()}  # float64 - float32: exact widening
 
     def finish(self) -> Params:
         return self.strategy.apply(self.rnd, self.current, self.delta())
@@ -188,7 +195,7 @@ def _step(current: Params, step: Params) -> Params:
     out: Params = {}
     for k, x in current.items():
         if x.is_floating_point():  # computed in float64, rounded once into x's dtype: no float64 temporary
-            out[k] = torch.add(step[k].double(), x, out=torch.empty_like(x))
+            out[k] = add_rounded(step[k].double(), x)
         else:
             out[k] = (x.double() + step[k].double()).round_().to(x.dtype)
     return out
