@@ -157,3 +157,23 @@ def test_client_stop_leaves_cleanly(running: Any) -> None:
     carol.stop()
     t.join(10)
     assert not t.is_alive() and carol.stats.connections == 1
+
+
+def test_exchange_each_folds_each_reply_as_it_arrives_not_in_request_order(running: Any) -> None:
+    """c0 is held until c1's reply has been folded: only a backend that hands over each reply on arrival lets c0
+    finish within the exchange (in request order it would wait for c0 first and time it out)."""
+    backend, echo, _, _ = running
+    order: list[str] = []
+
+    def fold(cid: str, reply: Any) -> Any:
+        order.append(cid)
+        if cid == "c1":
+            echo.release.set()
+        return ("folded", type(reply).__name__)
+
+    ins = EvaluateIns(round=1, params={"w": torch.ones(3)}, config={"block": "c0"})
+    kept = backend.exchange_each({"c0": ins, "c1": ins, "c2": ins}, fold, timeout=15)
+    assert order == ["c2", "c1", "c0"]  # carol never connected: failed before anything was sent
+    assert kept == {"c0": ("folded", "EvaluateRes"), "c1": ("folded", "EvaluateRes"),
+                    "c2": ("folded", "ClientFailure")}
+    assert list(kept) == ["c0", "c1", "c2"]

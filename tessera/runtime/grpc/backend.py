@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import grpc
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message_parts, parts_size
-from tessera.runtime.backend import ClientFailure, FailureKind, Reply, Traffic, failure_from_error
+from tessera.runtime.backend import ClientFailure, FailureKind, OnReply, Reply, Traffic, failure_from_error
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
 from tessera.runtime.grpc.config import FederationConfig
@@ -301,29 +301,44 @@ class GrpcBackend:
                                  f"{self.fed.settings.quorum_deadline_s} (need {self.min_clients}); missing: {gone}")
 
     def exchange(self, requests: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Reply]:
+        return self.exchange_each(requests, _keep, timeout=timeout)
+
+    def exchange_each(self, requests: Mapping[str, Any], on_reply: OnReply, *,
+                      timeout: float | None = None) -> dict[str, Reply]:
+        """Send every request, then decode each reply as soon as it is reassembled and pass it to `on_reply` (one
+        call at a time, in arrival order) before the next: a caller that folds replies into a running sum holds
+        one decoded reply plus the replies still arriving, never all of them. Returns what `on_reply` kept."""
         s = self.fed.settings
         budget = s.rpc_deadline_s if timeout is None else min(timeout, s.rpc_deadline_s)
         self._maybe_wait_for_rejoin(requests)
         deadline = time.monotonic() + budget
         out: dict[str, Reply] = {}
-        sent: dict[str, tuple[Session, Future[bytearray]]] = {}
+        sent: dict[Future[bytearray], tuple[str, Session]] = {}
         for cid, msg in requests.items():
             with self._cond:
                 session = None if self._stopping else self._live(self.routes[cid])
             if session is None:
-                out[cid] = ClientFailure(cid, f"party {self.routes[cid]} is not connected", FailureKind.UNREACHABLE)
+                out[cid] = on_reply(cid, ClientFailure(cid, f"party {self.routes[cid]} is not connected",
+                                                       FailureKind.UNREACHABLE))
                 continue
             parts = encode_message_parts(msg)  # the envelope and views of the tensors: no copy of the model
             size = parts_size(parts)
             if s.max_message_bytes is not None and size > s.max_message_bytes:  # the peer would refuse it
-                out[cid] = ClientFailure(cid, f"{type(msg).__name__} of {size} bytes exceeds max_message_bytes="
-                                              f"{s.max_message_bytes}; raise it in federation.toml on every party",
-                                         FailureKind.MALFORMED)
+                out[cid] = on_reply(cid, ClientFailure(
+                    cid, f"{type(msg).__name__} of {size} bytes exceeds max_message_bytes={s.max_message_bytes}; "
+                    "raise it in federation.toml on every party", FailureKind.MALFORMED))
                 continue
             self.traffic.add(cid, down=size, up=0)
-            sent[cid] = (session, session.send(parts))
-        for cid, (session, fut) in sent.items():
-            out[cid] = self._await_reply(cid, session, fut, deadline, budget)
+            sent[session.send(parts)] = (cid, session)
+        try:
+            for fut in as_completed(list(sent), timeout=max(0.0, deadline - time.monotonic())):
+                cid, session = sent.pop(fut)
+                out[cid] = on_reply(cid, self._reply(cid, session, fut, budget))
+                del fut  # the future holds the reassembled bytes: drop them before the next reply
+        except TimeoutError:
+            pass
+        for fut, (cid, session) in sent.items():  # past the deadline
+            out[cid] = on_reply(cid, self._reply(cid, session, fut, budget))
         return {c: out[c] for c in requests}
 
     def _maybe_wait_for_rejoin(self, requests: Mapping[str, Any]) -> None:
@@ -336,10 +351,13 @@ class GrpcBackend:
         self._rejoin_round = max(rounds)
         self.wait_for(list(requests), wait)
 
-    def _await_reply(self, cid: str, session: Session, fut: Future[bytearray], deadline: float,
-                     budget: float) -> Reply:
+    def _reply(self, cid: str, session: Session, fut: Future[bytearray], budget: float) -> Reply:
+        """The decoded reply of a finished request, or why there is none (not finished: its deadline passed)."""
+        if not fut.done():
+            session.forget(fut)
+            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
         try:
-            blob = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            blob = fut.result(timeout=0)
         except TimeoutError:
             session.forget(fut)
             return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
@@ -387,6 +405,10 @@ class GrpcBackend:
         if self._server is not None:
             self._server.stop(grace=5.0).wait(10.0)
             self._server = None
+
+
+def _keep(client: str, reply: Reply) -> Reply:
+    return reply
 
 
 def _port_free(addr: str) -> bool:
