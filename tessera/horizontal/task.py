@@ -218,15 +218,16 @@ class SupervisedTask:
         anchor = {k: p.detach().clone() for k, p in named.items()} if mu > 0 else None
         optimizer = self.optimizer_fn([p for p in model.parameters() if p.requires_grad])
         place, scaler = self.placement, self.placement.scaler()
+        moves, autocast = place.explicit, place.autocast()  # one context, entered once per step (it re-enters)
         model.train()
         steps = 0
         losses: list[torch.Tensor] = []  # kept where they are and summed once at the end: no host sync per step
         sizes: list[int] = []
         for _ in range(epochs):
             for batch in loader:
-                xb, yb = place.move(batch)
+                xb, yb = place.move(batch) if moves else batch
                 optimizer.zero_grad(set_to_none=True)
-                with place.autocast():
+                with autocast:
                     loss = self.loss_fn(model(xb), yb)
                 objective = loss
                 if anchor is not None:
