@@ -1,7 +1,8 @@
 """Stragglers and slow links: time to a target accuracy per scheduling policy, bytes to it per compression codec.
 
-Digits, 10 IID clients (MLP 64-64-10, SGD lr 0.1, batch 16, 1 local epoch = 9 steps), in-process with every client
-on its own thread and an injected delay per local step drawn log-uniformly with a 10x spread (4-40 ms; `Pacing`).
+Digits, 10 IID clients (MLP 64-64-10, SGD lr 0.1, batch 16, 1 local epoch = 9 steps), each a gRPC client party
+(loopback, mutual TLS, on its own thread of this process; `--transport inprocess`: the in-process backend's threads)
+with an injected delay per local step drawn log-uniformly with a 10x spread (4-40 ms; `Pacing`).
 Policies: synchronous FedAvg; deadline rounds (80 ms budget + 40 ms grace, FedNova, late updates folded with weight
 (1 + s)^-1/2); FedBuff on the real clock (K = 5, all 10 clients training continuously). Time = the sum of the
 server steps' wall seconds (training, aggregation and the server's held-out evaluation) until the held-out
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report
 
-from tessera.demos.pacing import CODECS, run_codec, run_policy
+from tessera.demos.pacing import CODECS, TRANSPORTS, run_codec, run_policy
 
 
 def main() -> None:
@@ -31,14 +32,16 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.90)
     ap.add_argument("--codec-target", type=float, default=0.90)
     ap.add_argument("--quick", action="store_true", help="fewer rounds (targets may not be reached)")
+    ap.add_argument("--transport", choices=TRANSPORTS, default="grpc")
     args = ap.parse_args()
     scale = 0.4 if args.quick else 1.0
-    run_policy("synchronous", rounds=1)  # warm-up: thread pools, first model builds
+    tr = args.transport
+    run_policy("synchronous", rounds=1, transport=tr)  # warm-up: threads, channels, first model builds
     steps = {"synchronous": 30, "deadline": 60, "fedbuff": 90}
     rows = []
     times: dict[str, float | None] = {}
     for policy, n in steps.items():
-        c = run_policy(policy, rounds=max(2, int(n * scale)))
+        c = run_policy(policy, rounds=max(2, int(n * scale)), transport=tr)
         t = c.first(args.target, "seconds")
         times[policy] = t
         k = c.first(args.target, "steps")
@@ -47,7 +50,7 @@ def main() -> None:
     base_bytes: float | None = None
     base_rounds: float | None = None
     for codec in CODECS:
-        c = run_codec(codec, rounds=max(2, int(25 * scale)))
+        c = run_codec(codec, rounds=max(2, int(25 * scale)), transport=tr)
         mb = c.first(args.codec_target, "mb_up")
         k = c.first(args.codec_target, "steps")
         per_round = c.mb_up[0]
@@ -61,7 +64,7 @@ def main() -> None:
     report("pacing", ["run", "B/round", "s", "steps", "updates", "final acc", "total s", "MB up", "B vs fp32"], rows,
            ratio=ratio, ratio_means=f"synchronous / FedBuff wall seconds to {args.target:.0%} held-out accuracy "
                                     "(10 clients, 10x speed spread); target >= 2",
-           extra={"target": args.target, "times": times, "base_rounds": base_rounds})
+           extra={"target": args.target, "times": times, "base_rounds": base_rounds, "transport": tr})
 
 
 if __name__ == "__main__":

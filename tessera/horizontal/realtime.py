@@ -5,8 +5,9 @@ pool, so clients train concurrently on the in-process backend (whatever its max_
 (one request per party, each awaited by its own thread), and the coordinator reacts to each reply as it lands.
 
 `Deadline(seconds=T)`: every sampled client gets `time_budget = T` (PacedTask stops stepping when it would run
-past it) and reports the steps it took; FedNova normalises by them. The coordinator waits `T + grace`; a reply
-after that is late and handled by `late`: `Late.DROP` makes it a TIMEOUT failure, `Late.FOLD` keeps the client
+past it) and reports the steps it took; FedNova normalises by them. The coordinator waits `T + grace` (longer only
+while fewer than `min_available` updates have arrived: then until they have, recorded as `deadline_extended`); a
+reply after that is late and handled by `late`: `Late.DROP` makes it a TIMEOUT failure, `Late.FOLD` keeps the client
 busy and folds its update into the first step in which it has arrived, rebased onto the current model and scaled
 by `(1 + s) ** -staleness_exponent` (s = steps since it was sent). `Deadline(steps=N)` sends a step budget
 instead: the schedule is then deterministic and equals the in-process run with the same injected delays.
@@ -133,32 +134,36 @@ class Deadline:
         for cid, ins in plan:
             d.send(server, cid, self._budget(with_seed(ins, client_seed(server.config.seed, rnd, cid))), rnd)
         wait_until = None if self.seconds is None else time.monotonic() + self.seconds + (self.grace or 0.0)
-        ok, failed, folded = self._gather(server, rnd, {c for c, _ in plan}, wait_until)
+        ok, failed, folded, extended = self._gather(server, rnd, {c for c, _ in plan}, wait_until)
         require_quorum(rnd, len(ok), failed, server.strategy)
         params = server.strategy.aggregate_fit(rnd, ok, server.params)
         steps = {c: float(r.metrics.get("steps", 0.0)) for c, r in ok}
         kept = [(c, FitRes(params={}, num_examples=r.num_examples, metrics=r.metrics)) for c, r in ok]
-        record = {"steps": steps, "late_folded": folded, "late_pending": sorted(d.busy)}
+        record = {"steps": steps, "late_folded": folded, "late_pending": sorted(d.busy), "deadline_extended": extended}
         if rnd >= server.config.rounds:
             self.close()
         return Step(FitOutcome(params, kept, failed), len(plan), record)
 
     def _gather(self, server: Server, rnd: int, asked: set[str],
-                wait_until: float | None) -> tuple[FitResults, list[ClientFailure], list[str]]:
+                wait_until: float | None) -> tuple[FitResults, list[ClientFailure], list[str], bool]:
         assert self._dispatch is not None
         d = self._dispatch
         ok: FitResults = []
         failed: list[ClientFailure] = []
         folded: list[str] = []
         waiting = set(asked)
+        extended = False
         while waiting or (not d.done.empty()):
             left = None if wait_until is None else wait_until - time.monotonic()
             if waiting and left is not None and left <= 0:
-                break
+                if len(ok) >= server.strategy.min_available:
+                    break
+                # Past the deadline without a quorum: the clock alone never fails a round; wait for the next reply
+                left, extended = None, True
             try:
                 job = d.done.get(timeout=left if waiting else 0)
             except queue.Empty:
-                break
+                continue  # the deadline passed: the check above ends the round or extends it
             reply = d.reply(job)
             good, bad = validate_fit({job.client: reply}, job.params)
             if job.client in waiting:
@@ -175,7 +180,7 @@ class Deadline:
         for cid in sorted(waiting):
             failed.append(ClientFailure(cid, f"no reply within the deadline of {self.seconds} s (+ grace); "
                                              f"late policy: {self.late.value}", FailureKind.TIMEOUT))
-        return ok, failed, folded
+        return ok, failed, folded, extended
 
     def close(self) -> None:
         if self._dispatch is not None:

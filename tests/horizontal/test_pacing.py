@@ -159,6 +159,16 @@ def test_late_update_is_folded_into_a_later_round_with_its_staleness_weight() ->
         assert torch.equal(late.params[k], expected)
 
 
+def test_a_deadline_nobody_meets_waits_for_a_quorum_instead_of_failing_the_round() -> None:
+    delays = {"c0": 0.3, "c1": 0.3, "c2": 0.3}  # everyone's first (obligatory) step outlasts 50 ms
+    hist, _, strategy, _ = _deadline_run(delays, Deadline(seconds=0.05, grace=0.0), 1, rows=8, workers=3)
+    rec = hist.records[0]
+    assert rec["deadline_extended"] is True and rec["clients_succeeded"] >= 1  # min_available = 1
+    assert rec["clients_succeeded"] + rec["clients_failed"] == 3
+    assert all(f["kind"] == "timeout" for f in rec["failures"])
+    assert len(strategy.seen[0][1]) == rec["clients_succeeded"]
+
+
 def test_deadline_refuses_ambiguous_budgets() -> None:
     with pytest.raises(ConfigError, match="exactly one"):
         Deadline(seconds=1.0, steps=3)
