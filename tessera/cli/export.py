@@ -21,16 +21,15 @@ def export_job(job: Path, out: Path, *, fp16: bool = False, onnx: bool = False, 
     import torch
 
     from tessera.cli.jobs import build_model_fn, load_job_file, split_data
-    from tessera.core import serde
     from tessera.core.types import set_params
     from tessera.export import Provenance, save_bundle
-    from tessera.horizontal.server import CHECKPOINT
+    from tessera.horizontal.checkpoint import CHECKPOINT, load_checkpoint
 
     cfg = load_job_file(job)
     ckpt = Path(cfg.job.output_dir) / CHECKPOINT
     if not ckpt.is_file():
         raise TesseraError(f"{ckpt} does not exist; run `tessera simulate {job}` first")
-    state = serde.loads(ckpt.read_bytes())
+    state = load_checkpoint(ckpt)
     data, central, in_features, num_classes = split_data(cfg)
     model = build_model_fn(cfg, in_features, num_classes)()
     set_params(model, state["params"], who="checkpoint params")

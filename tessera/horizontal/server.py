@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tessera.core import serde
-from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError, ShapeMismatch
-from tessera.core.io import atomic_write_parts, read_into
+from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, ShapeMismatch
 from tessera.core.logging import get_logger
 from tessera.core.metrics import History, MetricsWriter
 from tessera.core.tracking import RecordLogger
 from tessera.core.types import Params, check_compatible, clone
 from tessera.horizontal.aggregation import Aggregation, CentralEval, PlainAggregation
+from tessera.horizontal.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from tessera.horizontal.job import Extension
 from tessera.horizontal.scheduling import Scheduling, Synchronous
 from tessera.horizontal.strategies.base import FitResults, Strategy
@@ -36,7 +35,6 @@ from tessera.runtime.backend import Backend
 from tessera.runtime.messages import EvaluateRes
 
 log = get_logger(__name__)
-CHECKPOINT = "checkpoint.tsr"
 
 
 @dataclass
@@ -48,6 +46,8 @@ class ServerConfig:
     fit_timeout: float | None = None
     progress: bool = False
     loggers: tuple[str | RecordLogger, ...] = ()  # also write each record to TensorBoard/MLflow
+    shard_bytes: int | None = None  # params above this are checkpointed as safetensors shards of this size
+    #                                 (None: checkpoint.SHARD_BYTES, 1 GiB)
 
 
 class Server:
@@ -116,19 +116,16 @@ class Server:
 
     def save_checkpoint(self) -> None:
         """Write the state atomically, tensor by tensor from their own memory (the model is never copied into one
-        blob first: a checkpoint costs the envelope, not another model size)."""
+        blob first: a checkpoint costs the envelope, not another model size); params above
+        `config.shard_bytes` go to safetensors shards beside checkpoint.tsr (horizontal/checkpoint.py)."""
         if self.out is not None:
-            atomic_write_parts(self.out / CHECKPOINT, serde.encode_parts(self.state_dict()))
+            save_checkpoint(self.out, self.state_dict(), shard_bytes=self.config.shard_bytes)
 
     def resume(self) -> bool:
         """Load the checkpoint in output_dir if there is one; returns whether it did."""
         if self.out is None or not (self.out / CHECKPOINT).exists():
             return False
-        try:
-            state = serde.loads(read_into(self.out / CHECKPOINT), take=True)  # tensors are views: one copy
-        except SerdeError as exc:
-            raise ConfigError(f"{self.out / CHECKPOINT} is not a valid checkpoint ({exc}); move it away") from None
-        self.load_state_dict(state, source=str(self.out / CHECKPOINT))
+        self.load_state_dict(load_checkpoint(self.out), source=str(self.out / CHECKPOINT))
         if self.writer is not None:
             self.writer.reset(self.history.records)
         log.info("resumed from round %d", self.round)

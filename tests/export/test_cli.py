@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from tessera.core.config import JobConfig, validate
 from tessera.core.errors import ExportError
 from tessera.export import load_bundle
+from tessera.horizontal.checkpoint import load_checkpoint
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -40,9 +41,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_export_writes_the_checkpointed_model_with_its_provenance(exported: Path) -> None:
-    from tessera.core import serde
 
-    state = serde.loads((exported.parent / "out" / "checkpoint.tsr").read_bytes())
+    state = load_checkpoint(exported.parent / "out")
     loaded = load_bundle(exported)
     assert all(torch.equal(v, state["params"][k]) for k, v in loaded.state_dict().items())
     result = CliRunner().invoke(_app(), ["inspect", str(exported)])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tessera.core import serde
 from tessera.core.errors import ConfigError
 from tessera.core.models import MLP
 from tessera.core.types import get_params, set_params
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.simulation import JobParts, initial_params, simulate
 from tessera.horizontal.strategies import ClipUpdates, FedAvg, Scaffold
 from tests.fixtures import digits_parts
@@ -77,8 +77,8 @@ def test_scaffold_state_survives_resume_bit_for_bit(tmp_path: Path) -> None:
     assert params_equal(full, resumed)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full_hist.records]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed_hist.records]
-    a = serde.loads((tmp_path / "full" / "checkpoint.tsr").read_bytes())
-    b = serde.loads((tmp_path / "cut" / "checkpoint.tsr").read_bytes())
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "cut")
     assert params_equal(a["strategy"]["c"], b["strategy"]["c"])
     assert any(v.abs().sum() > 0 for v in a["strategy"]["c"].values())
     assert sorted(a["extensions"]["clients"]) == sorted(b["extensions"]["clients"])

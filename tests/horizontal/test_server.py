@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.core import serde
 from tessera.core.errors import RoundFailed
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import FedAdam, FedAvg
 
@@ -49,7 +49,7 @@ def test_resume_after_kill_equals_uninterrupted_run_bit_for_bit(tmp_path: Path, 
     assert params_equal(full, resumed)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full_hist.records]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed_hist.records]
-    ckpt = serde.loads((tmp_path / "cut" / "checkpoint.tsr").read_bytes())
+    ckpt = load_checkpoint(tmp_path / "cut")
     assert ckpt["round"] == 5
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["round"] for s in lines] == [1, 2, 3, 4, 5]
