@@ -114,10 +114,15 @@ def _tensor(t: torch.Tensor, frozen: bool, own: bool) -> torch.Tensor:
     return plain if type(plain) is torch.Tensor else plain.as_subclass(torch.Tensor)
 
 
+_ATOMS = frozenset({int, float, str, bool, bytes, type(None)})
+
+
 def _value(v: Any, frozen: bool, own: bool) -> Any:
+    if type(v) in _ATOMS:  # most of a message's leaves; checked before the ABC isinstance below
+        return v
     if isinstance(v, torch.Tensor):
         return _tensor(v, frozen, own)
-    if isinstance(v, Mapping):
+    if type(v) is dict or isinstance(v, Mapping):
         return {k: _value(x, frozen, own) for k, x in v.items()}
     if isinstance(v, list):
         return [_value(x, frozen, own) for x in v]
@@ -131,8 +136,14 @@ def _value(v: Any, frozen: bool, own: bool) -> Any:
 def hand_over(msg: Any, *, frozen: bool, own: bool = False) -> Any:
     """A copy of message `msg` whose containers are new and whose tensors share `msg`'s memory (frozen: read-only),
     or with `own=True` are copies (a reply the receiver keeps after the sender reuses its memory)."""
-    values = {f.name: _value(getattr(msg, f.name), frozen, own) for f in dataclasses.fields(msg)}
-    return type(msg)(**values)
+    cls = type(msg)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(msg))
+    return cls(**{name: _value(getattr(msg, name), frozen, own) for name in names})
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}  # a message type's field names (dataclasses.fields is slow per call)
 
 
 class _Sizer(_Encoder):
