@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tessera.core import serde
+from tessera.horizontal.checkpoint import load_checkpoint
 
 JOB = """
 [job]
@@ -52,7 +52,7 @@ def test_simulate_writes_metrics_plots_checkpoint_and_resumes(tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     rounds = [json.loads(s)["round"] for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
-    assert serde.loads((out / "checkpoint.tsr").read_bytes())["round"] == 3
+    assert load_checkpoint(out)["round"] == 3
 
 
 @pytest.mark.parametrize(

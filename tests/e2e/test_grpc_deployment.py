@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tessera.cli.jobs import build_parts
-from tessera.core import serde
 from tessera.core.config import load_job
 from tessera.core.serde import encode_message
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.server import Server, ServerConfig
 from tessera.horizontal.simulation import initial_params, simulate
 from tessera.runtime.backend import InProcessBackend
@@ -39,7 +39,7 @@ def _setup(tmp_path: Path, *, extra: str = "", rounds: int = 3, rpc_deadline: fl
 
 
 def _checkpoint(out: Path) -> dict[str, Any]:
-    return serde.loads((out / "checkpoint.tsr").read_bytes())  # type: ignore[no-any-return]
+    return load_checkpoint(out)
 
 
 def _records(out: Path) -> list[dict[str, Any]]:

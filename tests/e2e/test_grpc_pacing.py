@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.core import serde
+from tessera.horizontal.checkpoint import load_checkpoint
 from tests.e2e.grpc_helpers import CLIENTS, Party, free_port, make_certs, parties, write_federation, write_job
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ concurrency = 3
 
 
 def _checkpoint(out: Path) -> dict[str, Any]:
-    return serde.loads((out / "checkpoint.tsr").read_bytes())  # type: ignore[no-any-return]
+    return load_checkpoint(out)
 
 
 def test_fedbuff_over_grpc_survives_a_coordinator_kill_and_resumes_without_losing_updates(tmp_path: Path) -> None:

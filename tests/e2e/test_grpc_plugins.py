@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tessera.cli.jobs import build_parts, build_plugins
-from tessera.core import serde
 from tessera.core.config import load_job
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.simulation import simulate
 from tests.e2e.grpc_helpers import CLIENTS, Party, free_port, make_certs, parties, write_federation, write_job
 
@@ -43,7 +43,7 @@ def test_plugin_job_over_grpc_equals_simulation(tmp_path: Path, section: str) ->
 
     cfg = load_job(job)
     history, want = simulate(build_parts(cfg), rounds=2, seed=cfg.job.seed, plugins=build_plugins(cfg))
-    got = serde.loads((tmp_path / "out" / "checkpoint.tsr").read_bytes())["params"]
+    got = load_checkpoint(tmp_path / "out")["params"]
     assert list(got) == list(want)
     for k, w in want.items():
         assert torch.equal(got[k], w), f"{k} differs by {float((got[k] - w).abs().max())}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tessera.core import serde
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.state_store import ClientStateStore
 from tessera.privacy.ledger import Accountant, compute_epsilon
 from tests.e2e.grpc_helpers import FAULT_ENV, Party, free_port, make_certs, parties, write_federation, write_job
@@ -64,7 +64,7 @@ def test_budget_holds_when_a_client_is_killed_and_restarted(tmp_path: Path, pers
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3]
     assert all(eps <= BUDGET for r in records for eps in r["epsilon"].values())
-    mirror = serde.loads((tmp_path / "out" / "checkpoint.tsr").read_bytes())["extensions"]["dp"]["ledger"]["history"]
+    mirror = load_checkpoint(tmp_path / "out")["extensions"]["dp"]["ledger"]["history"]
     (z, q, steps), = mirror["client0"]
     assert mirror == {c: [[z, q, steps]] for c in ("client0", "client1", "client2")} and steps == 24
     assert records[-1]["epsilon"]["client0"] == pytest.approx(

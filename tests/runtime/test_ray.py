@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tessera.core import serde
+from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.client import CallNext, ClientContext
 from tessera.horizontal.simulation import JobParts, simulate
 from tessera.horizontal.strategies import FedAvg, Scaffold
@@ -60,7 +60,7 @@ def scaffold_parts() -> JobParts:
 
 
 def client_states(out: Path) -> dict[str, Any]:
-    state: dict[str, Any] = serde.loads((out / "checkpoint.tsr").read_bytes())["extensions"]["clients"]
+    state: dict[str, Any] = load_checkpoint(out)["extensions"]["clients"]
     return state
 
 
