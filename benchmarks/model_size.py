@@ -7,6 +7,11 @@ load the mean. Each point runs in a fresh process so its peak RSS (ru_maxrss) is
 2 rounds only (model construction excluded on both sides). Each point runs `--repeats` times (default 3; 200M
 once) and keeps the fastest time, since other jobs on a shared machine only ever add time.
 
+`--grpc` adds the deployed point: a coordinator process serving FedAvg at 50M over loopback gRPC + mutual TLS to 3
+client processes (the same Server with an in-process backend, in its own fresh process, gives the round it is
+compared with). Reported: round time (round 2, warm) against the in-process round, and the peak RSS of the
+coordinator and of each client, in GiB and in model sizes (targets: coordinator <= 3 model sizes, round <= 2x).
+
 ratio = tessera / plain wall time at 50M parameters and 8 clients (target <= 1.2; peak RSS <= 1.3x).
 """
 
@@ -15,9 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import resource
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report
 
 import tessera
-from tessera.horizontal.client import client_seed
+from tessera.horizontal.client import ClientApp, TaskClient, client_seed
+from tessera.horizontal.server import Server, ServerConfig
+from tessera.horizontal.strategies import FedAvg
+from tessera.horizontal.task import SupervisedTask
+from tessera.runtime.backend import Handler, InProcessBackend
+from tessera.runtime.grpc import ClientParty, GrpcBackend, init_ca, issue, load_federation
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, ROWS, BATCH, LR, SEED = 2, 64, 32, 0.01, 0
@@ -101,6 +114,87 @@ def point(kind: str, size: str, clients: int) -> dict[str, Any]:
             "tessera": str(Path(tessera.__file__).parent)}
 
 
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _app(size: str, clients: int) -> Handler:
+    """The clients' side of the deployed point: FLModel's task (same model, data, loss, optimizer) as a ClientApp."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    width, depth = SIZES[size]
+    xs, ys = data(width, clients)
+
+    def data_fn(cid: str, rnd: int) -> tuple[DataLoader[Any], None]:
+        i = int(cid[1:])
+        return DataLoader(TensorDataset(xs[i], ys[i]), batch_size=BATCH, shuffle=True), None
+
+    task = SupervisedTask(model_fn=lambda: build(width, depth), loss_fn=nn.CrossEntropyLoss(),
+                          optimizer_fn=lambda p: torch.optim.SGD(p, lr=LR), data_fn=data_fn)
+    return ClientApp(TaskClient(task))
+
+
+def _server(size: str, clients: int, backend: Any) -> tuple[Server, int]:
+    torch.manual_seed(SEED)
+    model = build(*SIZES[size])
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    nbytes = sum(v.numel() * v.element_size() for v in params.values())
+    del model
+    strategy = FedAvg(min_available=clients, fraction_evaluate=0.0)
+    server = Server(strategy=strategy, backend=backend, clients=[f"c{i}" for i in range(clients)],
+                    initial_params=params, config=ServerConfig(rounds=ROUNDS, seed=SEED))
+    return server, nbytes
+
+
+def _party(fed_path: str, name: str, cid: str, spec: tuple[str, int], out: str) -> None:
+    torch.set_num_threads(1)
+    ClientParty(load_federation(fed_path), name, _app(*spec), expected_client_id=cid).run()
+    Path(out).write_text(json.dumps({"party": name, "peak_rss_gib": _rss() / 1024**3}))
+
+
+def deployed_point(kind: str, size: str, clients: int) -> dict[str, Any]:
+    """The Server's rounds with an in-process backend (`inproc`) or over gRPC to client processes (`grpc`)."""
+    torch.set_num_threads(1)
+    base = _rss()
+    if kind == "inproc":
+        server, nbytes = _server(size, clients, InProcessBackend(_app(size, clients)))
+        server.run()
+        parties: list[dict[str, Any]] = []
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            names = [f"p{i}" for i in range(clients)]
+            init_ca(folder / "certs")
+            for name in ("server", *names):
+                issue(folder / "certs", name)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            fed_path = folder / "federation.toml"
+            fed_path.write_text('[federation]\nca_cert = "certs/ca.crt"\n[[parties]]\nname = "server"\n'
+                                f'role = "coordinator"\naddress = "127.0.0.1:{port}"\n'
+                                + "".join(f'[[parties]]\nname = "{n}"\nrole = "client"\n' for n in names))
+            fed = load_federation(fed_path)
+            routes = {f"c{i}": n for i, n in enumerate(names)}
+            server, nbytes = _server(size, clients, GrpcBackend(fed, routes, min_clients=clients))
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=_party, args=(str(fed_path), n, c, (size, clients), str(folder / f"{n}.json")))
+                     for c, n in routes.items()]
+            for p in procs:
+                p.start()
+            try:
+                server.run()
+            finally:
+                for p in procs:
+                    p.join(120)
+            parties = [json.loads((folder / f"{n}.json").read_text()) for n in names]
+    seconds = [r["seconds"] for r in server.history.records]
+    checksum = float(sum(v.double().sum() for v in server.params.values()))
+    return {"kind": kind, "size": size, "clients": clients, "round_seconds": seconds, "model_gib": nbytes / 1024**3,
+            "peak_rss_gib": _rss() / 1024**3, "base_rss_gib": base / 1024**3, "parties": parties,
+            "checksum": checksum}
+
+
 def run_point(kind: str, size: str, clients: int, repeats: int) -> dict[str, Any]:
     """The point measured `repeats` times, each in a fresh process: the fastest run's time (other jobs on the
     shared machine only ever add time) and the largest peak RSS."""
@@ -109,6 +203,8 @@ def run_point(kind: str, size: str, clients: int, repeats: int) -> dict[str, Any
         out = subprocess.run([sys.executable, __file__, "--point", kind, size, str(clients)], cwd=ROOT,
                              capture_output=True, text=True, check=True)
         runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1])))
+    if "seconds" not in runs[0]:
+        return runs[0]
     best = min(runs, key=lambda r: r["seconds"])
     return {**best, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
 
@@ -120,10 +216,12 @@ def main() -> None:
     ap.add_argument("--clients", default="2,8")
     ap.add_argument("--name", default="model_size")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per point (fastest time is kept)")
+    ap.add_argument("--grpc", default="", help="comma-separated client counts for the deployed 50M point (e.g. 1,3)")
     args = ap.parse_args()
     if args.point:
         kind, size, clients = args.point
-        print(json.dumps(point(kind, size, int(clients))))
+        measure = deployed_point if kind in ("grpc", "inproc") else point
+        print(json.dumps(measure(kind, size, int(clients))))
         return
     rows: list[list[Any]] = []
     points: list[dict[str, Any]] = []
@@ -137,6 +235,19 @@ def main() -> None:
             rows.append([size, clients, p["seconds"], t["seconds"], t["seconds"] / p["seconds"],
                          p["peak_rss_gib"], t["peak_rss_gib"], t["peak_rss_gib"] / p["peak_rss_gib"]])
             print(json.dumps(rows[-1]), file=sys.stderr)
+    for clients in (int(c) for c in args.grpc.split(",") if c):
+        local, remote = run_point("inproc", "50M", clients, 1), run_point("grpc", "50M", clients, 1)
+        points += [local, remote]
+        model = remote["model_gib"]
+        coord = remote["peak_rss_gib"]
+        worst = max(p["peak_rss_gib"] for p in remote["parties"])
+        print(json.dumps({"grpc_clients": clients, "round_s": remote["round_seconds"],
+                          "inproc_round_s": local["round_seconds"], "coordinator_gib": coord,
+                          "coordinator_base_gib": remote["base_rss_gib"], "client_gib": worst, "model_gib": model,
+                          "same_params": remote["checksum"] == local["checksum"]}), file=sys.stderr)
+        rows.append(["50M gRPC (coord)", clients, local["round_seconds"][-1], remote["round_seconds"][-1],
+                     remote["round_seconds"][-1] / local["round_seconds"][-1], model, coord, coord / model])
+        rows.append(["50M gRPC (client)", clients, "", "", "", model, worst, worst / model])
     headline = [r for r in rows if r[0] == "50M" and r[1] == 8]
     ratio = headline[0][4] if headline else rows[-1][4]
     report(args.name, ["size", "clients", "plain s", "tessera s", "time x", "plain GiB", "tessera GiB", "RSS x"],
