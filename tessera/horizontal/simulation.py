@@ -40,9 +40,12 @@ class _StoredStates(Extension):
 
 
 def initial_params(task: Task, seed: int) -> Params:
-    """The global model's starting params: `model_fn()` under `torch.manual_seed(seed)`."""
+    """The global model's starting params: `model_fn()` with torch's CPU generator seeded by `seed`.
+
+    (`torch.manual_seed` would also queue lazy CUDA seeding, which formats a stack trace: 0.4 ms per call. Models
+    are built on the CPU, so the CPU generator is the one that matters.)"""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return task_get_params(task, task.model_fn())
 
 
