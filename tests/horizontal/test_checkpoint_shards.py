@@ -3,6 +3,7 @@
 the server's params; a crash mid-write leaves the previous checkpoint; a broken shard is a ConfigError naming it."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from tessera.core import serde
 from tessera.core.errors import ConfigError
+from tessera.core.io import atomic_write_parts
 from tessera.horizontal import checkpoint
 from tessera.horizontal.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from tessera.horizontal.simulation import JobParts, simulate
@@ -98,13 +100,12 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path: Path, monkey
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     calls = []
 
-    def crash(path: Path, parts: object) -> None:
+    def crash(path: Path, parts: Sequence[bytes | memoryview]) -> None:
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        real(path, parts)
+        atomic_write_parts(path, parts)
 
-    real = checkpoint.atomic_write_parts
     monkeypatch.setattr(checkpoint, "atomic_write_parts", crash)
     newer = {k: v + 1 for k, v in params.items()}
     with pytest.raises(OSError, match="disk full"):

@@ -23,7 +23,8 @@ class Counted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.fc(x)
+        out: torch.Tensor = self.fc(x)
+        return out
 
 
 def _batch(rows: int = 8, features: int = 5, top: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
