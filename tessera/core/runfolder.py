@@ -15,6 +15,7 @@ from tessera.core.errors import ConfigError
 
 CHECKPOINT = "checkpoint.tsr"
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "transport.json")
+SHARDS = "checkpoint-*.safetensors"
 LOGGER_DIRS = ("tensorboard", "mlruns")  # written by the run's loggers; replaced with it
 
 
@@ -59,6 +60,8 @@ def claim(out: str | Path, *, resume: bool, overwrite: bool, where: str = "outpu
                           "or --overwrite to replace it, or choose another folder")
     for name in present:
         (path / name).unlink()
+    for shard in path.glob(SHARDS):  # a large model's checkpoint params (horizontal/checkpoint.py)
+        shard.unlink()
     for name in LOGGER_DIRS:
         if (path / name).is_dir():
             shutil.rmtree(path / name)

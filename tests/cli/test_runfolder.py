@@ -29,7 +29,8 @@ def test_fresh_folder_is_claimed_and_a_run_is_refused_without_a_choice(tmp_path:
 
 
 def test_overwrite_removes_the_run_files_only(tmp_path: Path) -> None:
-    for name in ("checkpoint.tsr", "metrics.jsonl", "transport.json", "notes.txt"):
+    for name in ("checkpoint.tsr", "metrics.jsonl", "transport.json", "notes.txt",
+                 "checkpoint-a1b2-00001-of-00002.safetensors", "checkpoint-a1b2-00002-of-00002.safetensors"):
         (tmp_path / name).write_text("x")
     (tmp_path / "tensorboard").mkdir()
     (tmp_path / "tensorboard" / "events").write_text("x")
