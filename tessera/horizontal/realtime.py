@@ -37,7 +37,7 @@ from tessera.core.types import Params
 from tessera.horizontal.aggregation import FitOutcome, PlainAggregation, require_quorum, validate_fit
 from tessera.horizontal.client import client_seed
 from tessera.horizontal.pacing import TIME_BUDGET
-from tessera.horizontal.scheduling import Step, with_seed
+from tessera.horizontal.scheduling import Step, buffer_step, with_seed
 from tessera.horizontal.strategies.base import FitResults
 from tessera.runtime.backend import ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns, FitRes
@@ -249,15 +249,11 @@ class Asynchronous:
                 continue
             buffer.append((job.client, rebase(good[0][1], job.params, server.params,
                                               metrics={"staleness": float(self.version - job.version)})))
-        params = server.strategy.aggregate_fit(rnd, buffer, server.params)
+        params, kept, staleness = buffer_step(server.strategy, rnd, buffer, server.params)
         self.version += 1
         self.updates += len(buffer)
         self.failures += len(failures)
-        stale = [r.metrics["staleness"] for _, r in buffer]
-        kept = [(c, FitRes(params={}, num_examples=r.num_examples,
-                           metrics={m: v for m, v in r.metrics.items() if m != "staleness"})) for c, r in buffer]
-        record = {"wall_time": time.monotonic() - self.started, "updates": self.updates,
-                  "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale)}
+        record = {"wall_time": time.monotonic() - self.started, "updates": self.updates, **staleness}
         if rnd >= server.config.rounds:
             self.close()
         return Step(FitOutcome(params, kept, failures), len(buffer) + len(failures), record)

@@ -26,7 +26,7 @@ from tessera.core.errors import ConfigError, RoundFailed
 from tessera.core.types import Params
 from tessera.horizontal.aggregation import FitOutcome, PlainAggregation, validate_fit
 from tessera.horizontal.client import client_seed
-from tessera.horizontal.strategies.base import FitResults
+from tessera.horizontal.strategies.base import FitResults, Strategy
 from tessera.runtime.backend import ClientFailure, FailureKind
 from tessera.runtime.messages import FitIns, FitRes
 
@@ -143,15 +143,11 @@ class Buffered:
                                       "fix the failing clients (see the warnings) or raise max_failures")
                 continue
             buffer.append((a.client, _rebased(a, server.params, self.version)))
-        params = server.strategy.aggregate_fit(rnd, buffer, server.params)
+        params, kept, staleness = buffer_step(server.strategy, rnd, buffer, server.params)
         self.version += 1
         self.updates += len(buffer)
         self.failures += len(failures)
-        stale = [r.metrics["staleness"] for _, r in buffer]
-        kept = [(c, FitRes(params={}, num_examples=r.num_examples,
-                           metrics={m: v for m, v in r.metrics.items() if m != "staleness"})) for c, r in buffer]
-        record = {"sim_time": self.clock, "updates": self.updates, "staleness_mean": float(np.mean(stale)),
-                  "staleness_max": float(max(stale))}
+        record = {"sim_time": self.clock, "updates": self.updates, **staleness}
         return Step(FitOutcome(params, kept, failures), len(buffer) + len(failures), record)
 
     # ------------------------------------------------------------------------------------------- checkpointing
@@ -202,3 +198,14 @@ def _reply_load(q: dict[str, Any]) -> FitRes | ClientFailure:
 
 def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.to(like.dtype) if like.is_floating_point() else x.round().to(like.dtype)
+
+
+def buffer_step(strategy: Strategy, rnd: int, buffer: FitResults,
+                current: Params) -> tuple[Params, FitResults, dict[str, float]]:
+    """The server step of a buffered (FedBuff) policy: the new params, the replies as the round records them
+    (counts and metrics, staleness taken out) and the staleness facts for the record."""
+    params = strategy.aggregate_fit(rnd, buffer, current)
+    stale = [r.metrics["staleness"] for _, r in buffer]
+    kept = [(c, FitRes(params={}, num_examples=r.num_examples,
+                       metrics={m: v for m, v in r.metrics.items() if m != "staleness"})) for c, r in buffer]
+    return params, kept, {"staleness_mean": float(np.mean(stale)), "staleness_max": float(max(stale))}
