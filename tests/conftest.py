@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,3 +42,15 @@ def ray_cluster() -> Iterator[None]:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     with ray_session(num_cpus=2, object_store_memory="100MiB"):
         yield
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation CA and certificates for server, alice, bob and carol (fresh per test module)."""
+    from tessera.runtime.grpc.certs import init_ca, issue
+
+    d = tmp_path_factory.mktemp("certs")
+    init_ca(d)
+    for n in ("server", "alice", "bob", "carol"):
+        issue(d, n)
+    return d

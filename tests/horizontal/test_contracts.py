@@ -223,27 +223,23 @@ def test_a_client_dry_runs_one_batch_before_its_first_round() -> None:
 
 
 @pytest.mark.slow
-def test_a_task_trains_on_the_data_of_each_round_over_grpc(tmp_path: Any) -> None:
+def test_a_task_trains_on_the_data_of_each_round_over_grpc(certs: Any) -> None:
     """Per-round data through real gRPC parties (mutual TLS on loopback, parties on threads): the clients ask
     their task for each round's data, and the result equals the plain-PyTorch oracle."""
     import threading
 
     from tessera.horizontal.server import Server, ServerConfig
     from tessera.runtime.grpc import ClientParty, GrpcBackend
-    from tessera.runtime.grpc.certs import init_ca, issue
     from tessera.runtime.grpc.config import build
 
-    init_ca(tmp_path)
     routes = {"c0": "alice", "c1": "bob"}
-    for name in ("server", *routes.values()):
-        issue(tmp_path, name)
 
     def fed(port: int) -> Any:
         parties = [{"name": "server", "role": "coordinator", "address": f"127.0.0.1:{port}"},
                    *({"name": n} for n in routes.values())]
         settings = {"ca_cert": "ca.crt", "certs_dir": ".", "quorum_deadline_s": 30, "rpc_deadline_s": 30,
                     "retry": {"initial_backoff_s": 0.05, "max_attempts": 100}}
-        return build({"federation": settings, "parties": parties}, source="test", base=tmp_path)
+        return build({"federation": settings, "parties": parties}, source="test", base=certs)
 
     parts = JobParts(task=_round_task(), strategy=FedAvg(fraction_evaluate=0.0), clients=sorted(ROWS))
     backend = GrpcBackend(fed(0), dict(routes), min_clients=2)

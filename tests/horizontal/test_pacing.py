@@ -179,17 +179,6 @@ def test_deadline_refuses_ambiguous_budgets() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- over gRPC
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tessera.runtime.grpc.certs import init_ca, issue
-
-    d = tmp_path_factory.mktemp("certs")
-    init_ca(d)
-    for n in ("server", "alice", "bob", "carol"):
-        issue(d, n)
-    return d
-
-
 ROUTES = {"c0": "alice", "c1": "bob", "c2": "carol"}
 
 
