@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
-
 from tessera.core.errors import ConfigError, RoundFailed, ShapeMismatch
 from tessera.core.logging import get_logger
 from tessera.core.types import Metrics, Params, check_compatible, is_finite
@@ -52,21 +50,11 @@ def check_fit(cid: str, rep: Any, current: Params) -> ClientFailure | None:
         except ShapeMismatch as exc:
             failure = ClientFailure(cid, f"rejected: {exc}", FailureKind.REJECTED)
         else:
-            if not all_finite(rep.params):
+            if not is_finite(rep.params):
                 failure = ClientFailure(cid, "rejected: update contains NaN or Inf", FailureKind.REJECTED)
     if failure is not None:
         log.warning("client %s: update rejected before aggregation", cid)
     return failure
-
-
-def all_finite(params: Params) -> bool:
-    """Whether no floating tensor holds a NaN or an Inf, in one read of each tensor and no temporary: a sum is
-    finite only if every term is (a NaN or Inf term makes it NaN or Inf). A finite update whose float sum overflows
-    gets the exact elementwise check, so the answer is always `is_finite`'s."""
-    for t in params.values():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not is_finite({"t": t}):
-            return False
-    return True
 
 
 def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, list[ClientFailure]]:
