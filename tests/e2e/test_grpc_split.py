@@ -67,7 +67,8 @@ def _assert_like_in_process(tmp: Path) -> None:
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in oracle.history.records]
 
 
-def test_split_learning_over_grpc_equals_the_in_process_split_trainer(tmp_path: Path) -> None:
+def _train_deployed(tmp_path: Path) -> Path:
+    """Certificates, a federation file and one whole deployed training run (every party exits 0)."""
     make_certs(tmp_path / "certs", ("server", *OWNERS))
     fed = write_federation(tmp_path / "federation.toml", port=free_port(), clients=OWNERS)
     with parties() as ps:
@@ -76,6 +77,11 @@ def test_split_learning_over_grpc_equals_the_in_process_split_trainer(tmp_path: 
         assert coord.wait() == 0, coord.output()
         for p in owners:
             assert p.wait() == 0, p.output()
+    return fed
+
+
+def test_split_learning_over_grpc_equals_the_in_process_split_trainer(tmp_path: Path) -> None:
+    _train_deployed(tmp_path)
     _assert_like_in_process(tmp_path)
     traffic = json.loads((tmp_path / "server" / "transport.json").read_text())
     assert set(traffic["per_client"]) == set(OWNERS) and traffic["refused"] == []
@@ -146,14 +152,7 @@ def test_sigterm_at_the_label_party_finishes_the_epoch_and_resume_finishes_like_
 
 
 def test_serve_mode_predicts_like_the_in_process_model_and_owners_log_requests(tmp_path: Path) -> None:
-    make_certs(tmp_path / "certs", ("server", *OWNERS))
-    fed = write_federation(tmp_path / "federation.toml", port=free_port(), clients=OWNERS)
-    with parties() as ps:
-        coord, owners = _run(fed, tmp_path)
-        ps += [coord, *owners]
-        assert coord.wait() == 0, coord.output()
-        for p in owners:
-            assert p.wait() == 0, p.output()
+    fed = _train_deployed(tmp_path)
     serve = ("--serve", "--serve-split", "train")
     with parties() as ps:
         coord = Party(fed, "server", args=("--split", APP, "--out", str(tmp_path / "server"), *serve))
