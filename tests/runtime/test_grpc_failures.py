@@ -120,19 +120,6 @@ class _Running:
             t.join(10)
 
 
-@pytest.fixture
-def start(certs: Path) -> Iterator[Callable[..., _Running]]:
-    made: list[_Running] = []
-
-    def make(names: tuple[str, ...], **kw: Any) -> _Running:
-        made.append(_Running(certs, names, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
 def test_backoff_schedule_grows_by_the_multiplier_up_to_the_cap() -> None:
     retry = RetrySection(initial_backoff_s=0.5, max_backoff_s=3.0, multiplier=2.0)
     assert list(itertools.islice(backoff_delays(retry), 6)) == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]

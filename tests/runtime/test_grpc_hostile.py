@@ -9,7 +9,7 @@ streams end with the stated status and reason; the attack's precondition is chec
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,7 @@ from tessera.runtime.grpc.config import build
 from tessera.runtime.messages import FitIns, FitRes
 from tests.e2e.grpc_helpers import open_session
 from tests.runtime.test_grpc_backend import ROUTES, Echo
-from tests.runtime.test_grpc_failures import _Running, _until
-
-
-@pytest.fixture
-def start(certs: Path) -> Iterator[Callable[..., _Running]]:
-    made: list[_Running] = []
-
-    def make(names: tuple[str, ...], **kw: Any) -> _Running:
-        made.append(_Running(certs, names, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+from tests.runtime.test_grpc_failures import _until
 
 
 def _fit(n: int, rnd: int = 1) -> FitIns:
