@@ -28,7 +28,7 @@ from tessera.core.errors import ProtocolError
 from tessera.core.logging import get_logger
 from tessera.core.types import Scalar
 from tessera.secagg import crypto, shamir
-from tessera.secagg.graph import neighbours
+from tessera.secagg.graph import neighbours_of
 from tessera.secagg.messages import (
     ClientState,
     ConsistencyIns,
@@ -60,7 +60,7 @@ from tessera.secagg.prg import (
 
 log = get_logger(__name__)
 
-# train(params, config) -> (update vector float64 of length dim - 1, num_examples, metrics)
+# train(params, config) -> (update vector of length dim - 1, float32 or float64, num_examples, metrics)
 TrainFn = Callable[[MaskedInputIns], tuple[torch.Tensor, int, dict[str, float]]]
 
 
@@ -109,9 +109,9 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
     setup = st.setup
     if msg.c_pks.get(me) != crypto.public_of(st.c_sk) or msg.s_pks.get(me) != crypto.public_of(st.s_sk):
         raise ProtocolError("ShareKeysIns carries a wrong public key for this client; the server swapped keys")
-    graph = neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)
+    near = set(neighbours_of(setup.clients, me, degree=setup.degree, graph_seed=setup.graph_seed))
     holders = [c for c in setup.clients if c in msg.c_pks]
-    if set(msg.c_pks) != set(msg.s_pks) or any(c != me and c not in graph[me] for c in holders):
+    if set(msg.c_pks) != set(msg.s_pks) or any(c != me and c not in near for c in holders):
         raise ProtocolError("ShareKeysIns lists clients that are not this client's neighbours")
     keys = list(msg.c_pks.values()) + list(msg.s_pks.values())
     if len(set(keys)) != len(keys):
@@ -138,18 +138,17 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
     x_me = setup.clients.index(me) + 1
     new = dataclasses.replace(st, stage=Stage.COLLECT.value, b_seed=b_seed, c_pks=dict(msg.c_pks),
                               s_pks=dict(msg.s_pks), held_b={me: b_sh[x_me]}, held_sk={me: sk_sh[x_me]},
-                              certs={c: msg.certs.get(c, b"") for c in holders if c != me})
+                              certs={c: msg.certs.get(c, b"") for c in holders if c != me}, share_keys=enc)
     return new, ShareKeysRes(round=setup.round, shares=sealed)
 
 
 def _open_shares(st: ClientState, msg: MaskedInputIns, me: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
     held_b, held_sk = dict(st.held_b), dict(st.held_sk)
     rnd = st.setup.round
-    if any(sender == me or sender not in st.c_pks for sender in msg.shares):
+    if any(sender == me or sender not in st.share_keys for sender in msg.shares):
         raise ProtocolError("received a share from a client that is not a neighbour in this round")
-    keys = crypto.agree_many(st.c_sk, {u: st.c_pks[u] for u in msg.shares}, info=crypto.SHARE_INFO)
     for sender, blob in msg.shares.items():
-        key = keys[sender]
+        key = st.share_keys[sender]  # agreed with every share holder in the share-keys stage
         body = serde.loads(crypto.open_sealed(key, blob, aad=aad(rnd, sender, me)))
         if not (isinstance(body, dict) and body.get("round") == rnd and body.get("sender") == sender
                 and body.get("receiver") == me and isinstance(body.get("b"), bytes)
@@ -186,7 +185,10 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
     on the thread pool."""
     if vector.numel() != setup.dim - 1:
         raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
-    v = vector.detach().reshape(-1).double().numpy()
+    flat = vector.detach().reshape(-1)
+    if flat.dtype != torch.float32 or setup.l2_clip > 0:
+        flat = flat.double()  # (float32 is widened chunk by chunk below, exactly)
+    v = flat.numpy()
     scale = 1.0
     if setup.l2_clip > 0:
         scale = min(1.0, setup.l2_clip / max(float(np.linalg.norm(v)), 1e-300))
@@ -199,9 +201,13 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
     to_unit = setup.levels / (2.0 * setup.clip)
 
     def chunk(start: int, stop: int) -> None:
-        y = v[start:stop] * scale if scale != 1.0 else v[start:stop].copy()
-        np.clip(y, -setup.clip, setup.clip, out=y)
-        y *= w
+        if scale != 1.0:
+            y = v[start:stop] * scale
+            np.clip(y, -setup.clip, setup.clip, out=y)
+        else:  # copy and clip in one pass, in float64
+            y = np.clip(v[start:stop], -setup.clip, setup.clip, dtype=np.float64)
+        if w != 1.0:  # y * 1.0 == y exactly
+            y *= w
         y += setup.clip
         y *= to_unit  # in [0, levels]
         low = np.floor(y)
@@ -242,7 +248,7 @@ def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
 def check_neighbourhood(setup: SetupIns, me: str, survivors: set[str]) -> None:
     """At least t of this client's share holders (itself and its neighbours) survived: counted in its own
     neighbourhood, never over the whole round (a coordinator could pad the list with far-away clients)."""
-    near = set(neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)[me]) | {me}
+    near = set(neighbours_of(setup.clients, me, degree=setup.degree, graph_seed=setup.graph_seed)) | {me}
     alive = len(near & survivors)
     if alive < setup.threshold:
         raise ProtocolError(f"only {alive} of this client's share holders survived (threshold {setup.threshold}); "
@@ -253,7 +259,7 @@ def check_confirmations(st: ClientState, msg: UnmaskIns, me: str, pki: PKI) -> N
     """Every neighbour's signature forwarded is over the very story this client signed, and at least t holders of
     its neighbourhood (itself included) signed it: the coordinator told them all the same story."""
     setup = st.setup
-    near = set(neighbours(setup.clients, degree=setup.degree, graph_seed=setup.graph_seed)[me])
+    near = set(neighbours_of(setup.clients, me, degree=setup.degree, graph_seed=setup.graph_seed))
     for v, sig in msg.sigs.items():
         if v not in near or v not in msg.survivors or not pki.verify(v, st.statement, sig, st.certs.get(v, b"")):
             raise ProtocolError(f"{v!r} did not sign the survivor story this client was told: the coordinator tells "

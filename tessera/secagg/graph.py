@@ -43,14 +43,29 @@ def default_degree(n: int, *, threshold: float, dropout: float, failure: float =
     return n - 1
 
 
+def _ring_order(n: int, degree: int, graph_seed: int) -> list[int]:
+    if degree < 2 or degree % 2:
+        raise ValueError(f"a sparse neighbour graph needs an even degree >= 2, got {degree}")
+    return list(np.random.default_rng(graph_seed).permutation(n).tolist())
+
+
+def neighbours_of(clients: Sequence[str], me: str, *, degree: int, graph_seed: int) -> tuple[str, ...]:
+    """`neighbours(...)[me]` in O(n): what one client needs (the coordinator computes the whole graph)."""
+    n = len(clients)
+    if degree >= n - 1:
+        return tuple(x for x in clients if x != me)
+    order = _ring_order(n, degree, graph_seed)
+    p = order.index(clients.index(me))
+    near = {order[(p + d) % n] for d in range(-degree // 2, degree // 2 + 1) if d}
+    return tuple(clients[i] for i in sorted(near))
+
+
 def neighbours(clients: Sequence[str], *, degree: int, graph_seed: int) -> dict[str, tuple[str, ...]]:
     """Each client's neighbours (sorted by position in `clients`); symmetric, no self loops."""
     n = len(clients)
     if degree >= n - 1:
         return {c: tuple(x for x in clients if x != c) for c in clients}
-    if degree < 2 or degree % 2:
-        raise ValueError(f"a sparse neighbour graph needs an even degree >= 2, got {degree}")
-    order = np.random.default_rng(graph_seed).permutation(n).tolist()
+    order = _ring_order(n, degree, graph_seed)
     pos = {clients[i]: p for p, i in enumerate(order)}
     index = {c: i for i, c in enumerate(clients)}
     out: dict[str, tuple[str, ...]] = {}

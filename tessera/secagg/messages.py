@@ -155,6 +155,7 @@ class ClientState:
     masked_with: tuple[str, ...] = ()
     statement: bytes = b""  # the survivor statement this client signed (consistency stage)
     certs: dict[str, bytes] = field(default_factory=dict)  # neighbours' credentials, to check their signatures
+    share_keys: dict[str, bytes] = field(default_factory=dict)  # AEAD keys agreed with each share holder
 
     @functools.cached_property
     def setup(self) -> SetupIns:

@@ -8,9 +8,16 @@ Two PRGs, both from `cryptography` (OpenSSL), chosen per round by the coordinato
   table-free AES is slow).
 Never numpy's RandomState seeded by a folded secret: a 32-bit seed can be brute-forced from one masked vector.
 
-Both are seekable (the counter block gives the position), so a vector is expanded in chunks of `CHUNK` words that
-stay in cache: the keystream of each chunk is written into a reusable buffer and added into the accumulator in
-place (no int64 copies), and chunks run on a thread pool (OpenSSL and numpy release the GIL).
+A mask is expanded as one sequential stream per seed, in chunks of `CHUNK` words that stay in cache: the keystream
+of each chunk is written into a reusable per-thread buffer (`update_into`) and added into the accumulator in place
+(no int64 copies, no allocation per mask). Several masks are split over a thread pool (OpenSSL and numpy release
+the GIL), each thread summing its share of the masks into its own accumulator.
+
+Where the CPU has vector AES and carry-less multiply (x86 `vaes` + `vpclmulqdq`), OpenSSL's AES-GCM runs about twice
+as fast as its AES-CTR (about 20 against 10 GB/s here): GCM encrypts with AES-CTR from counter block
+nonce || 2 (32-bit increment), so with a zero 96-bit nonce its ciphertext of zeros IS this PRG's keystream from
+counter block 2 on (for fewer than 2^32 blocks, 64 GiB). The first two blocks come from AES-ECB of counters 0 and 1;
+the GHASH tag is computed and discarded. Same stream, same test vectors (`read_stream` is checked against AES-CTR).
 
 Ring arithmetic runs on unsigned words (uint32 for bits <= 32, else uint64) whose wrap-around is reduction
 modulo 2^32 / 2^64; since 2^bits divides both, a final AND with 2^bits - 1 gives the value in Z_{2^bits}.
@@ -44,18 +51,24 @@ _AES_INFO = b"tessera/secagg/prg/aes-128-ctr"
 _ZEROS = bytes(CHUNK * 8)
 
 
-def cpu_has_aes() -> bool:
-    """Whether this CPU has AES instructions (x86 `aes` flag; arm64 cores that run this all have them)."""
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return True
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(line.startswith("flags") and " aes " in f" {line} " for line in text.splitlines())
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_has_aes() -> bool:
+    """Whether this CPU has AES instructions (x86 `aes` flag; arm64 cores that run this all have them)."""
+    return platform.machine().lower() in ("arm64", "aarch64") or "aes" in _cpu_flags()
 
 
 PRG_NAME = AES if cpu_has_aes() else CHACHA  # what this machine proposes when it coordinates a round
+# Expand AES-128-CTR through OpenSSL's AES-GCM (the same keystream; twice as fast with VAES, see the docstring).
+AES_VIA_GCM = {"vaes", "vpclmulqdq"} <= _cpu_flags()
+_GCM_MAX_BYTES = (1 << 36) - 64  # GCM's 32-bit block counter: at most 2^32 - 2 blocks from one nonce
+_HEAD = (0).to_bytes(16, "big") + (1).to_bytes(16, "big")  # counter blocks 0 and 1 (GCM starts at block 2)
 
 
 def word(bits: int) -> type[np.unsignedinteger]:
@@ -109,9 +122,12 @@ def keystream_chunk(seed: bytes, start: int, stop: int, dtype: type[np.unsignedi
     return np.frombuffer(out, dtype=dtype, count=stop - start)
 
 
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="tessera-prg")
+    return ThreadPoolExecutor(_THREADS, thread_name_prefix="tessera-prg")
 
 
 def for_chunks(n: int, fn: Callable[[int, int], None]) -> None:
@@ -126,20 +142,82 @@ def for_chunks(n: int, fn: Callable[[int, int], None]) -> None:
         f.result()
 
 
-def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int, prg: str = CHACHA) -> None:
-    """acc += sum of sign * PRG(seed) over `masks` [(seed, +1 | -1)], in place, wrapping in the machine word;
-    chunks of the vector are expanded on a thread pool."""
+class _Stream:
+    """PRG(seed) read sequentially from word 0, `fill`ing a buffer one chunk at a time (AES through GCM where
+    `via_gcm`: two blocks of AES-ECB, then GCM's keystream from counter block 2)."""
+
+    __slots__ = ("enc", "head")
+
+    def __init__(self, seed: bytes, prg: str, *, via_gcm: bool) -> None:
+        self.head = b""
+        if prg == AES and via_gcm:
+            if len(seed) != SEED_BYTES:
+                raise ValueError(f"PRG seed must be {SEED_BYTES} bytes")
+            key = _aes_key(seed)
+            self.head = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(_HEAD)
+            self.enc = Cipher(algorithms.AES(key), modes.GCM(bytes(12))).encryptor()
+        else:
+            self.enc = _encryptor(seed, prg, 0)
+
+    def fill(self, out: bytearray, nbytes: int) -> None:
+        """The next `nbytes` of the stream into out[:nbytes] (out has room for one more block)."""
+        k = 0
+        if self.head:
+            k = min(len(self.head), nbytes)
+            out[:k] = self.head[:k]
+            self.head = self.head[k:]
+        if nbytes > k:
+            self.enc.update_into(memoryview(_ZEROS)[: nbytes - k], memoryview(out)[k:])
+
+
+def read_stream(seed: bytes, n: int, *, bits: int, prg: str = AES, via_gcm: bool = AES_VIA_GCM) -> np.ndarray:
+    """n words of PRG(seed) read through `_Stream` chunk by chunk, as `add_masks` reads them (equals `keystream`)."""
+    dtype = word(bits)
+    out = np.empty(n, dtype=dtype)
+    stream = _Stream(seed, prg, via_gcm=via_gcm)
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        nbytes = (b - a) * out.itemsize
+        buf = _buffer(nbytes)
+        stream.fill(buf, nbytes)
+        out[a:b] = np.frombuffer(buf, dtype=dtype, count=b - a)
+    return out
+
+
+def _sum_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], prg: str, via_gcm: bool) -> None:
+    """acc += sum of sign * PRG(seed), chunk-major: every mask's keystream for one chunk of acc while it is in
+    cache, each stream read on from where the previous chunk stopped."""
+    n, size = acc.shape[0], acc.itemsize
+    streams = [(_Stream(seed, prg, via_gcm=via_gcm), np.add if sign > 0 else np.subtract) for seed, sign in masks]
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        part, nbytes = acc[a:b], (b - a) * size
+        buf = _buffer(nbytes)
+        ks = np.frombuffer(buf, dtype=acc.dtype, count=b - a)
+        for stream, op in streams:
+            stream.fill(buf, nbytes)
+            op(part, ks, out=part)
+
+
+def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int, prg: str = CHACHA,
+              via_gcm: bool | None = None) -> None:
+    """acc += sum of sign * PRG(seed) over `masks` [(seed, +1 | -1)], in place, wrapping in the machine word.
+    The masks are split over the thread pool; each thread sums its share into its own accumulator (the first into
+    acc itself), added into acc at the end. `via_gcm`: expand AES through GCM (default: where it is faster)."""
     check_prg(prg)
     assert acc.dtype == word(bits) and acc.flags.c_contiguous
-
-    def chunk(start: int, stop: int) -> None:
-        part = acc[start:stop]
-        for seed, sign in masks:
-            ks = keystream_chunk(seed, start, stop, acc.dtype.type, prg=prg)
-            (np.add if sign > 0 else np.subtract)(part, ks, out=part)
-
-    if masks:
-        for_chunks(acc.shape[0], chunk)
+    gcm = (AES_VIA_GCM if via_gcm is None else via_gcm) and acc.nbytes <= _GCM_MAX_BYTES
+    groups = [list(masks[i :: _THREADS]) for i in range(min(_THREADS, len(masks)))]
+    if len(groups) <= 1:
+        _sum_masks(acc, masks, prg, gcm)
+        return
+    parts = [np.zeros_like(acc) for _ in groups[1:]]
+    futures = [_pool().submit(_sum_masks, part, group, prg, gcm) for part, group in zip(parts, groups[1:], strict=True)]
+    _sum_masks(acc, groups[0], prg, gcm)
+    for f in futures:
+        f.result()
+    for part in parts:
+        np.add(acc, part, out=acc)
 
 
 def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, sign: int = 1, prg: str = CHACHA) -> None:

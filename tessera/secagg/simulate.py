@@ -20,8 +20,15 @@ from tessera.runtime.messages import FitIns
 from tessera.secagg.client import step
 from tessera.secagg.messages import REQUESTS, STAGES, ClientState, MaskedInputIns, Stage
 from tessera.secagg.pki import PKI
-from tessera.secagg.plus import SecAggPlus, flatten, run_stages, unflatten
+from tessera.secagg.plus import SecAggPlus, run_stages, unflatten
 from tessera.secagg.server import SecAggServer
+
+
+def flat(params: Params) -> torch.Tensor:
+    """The update as one vector in its own float dtype (a view where it is one tensor): the client quantises
+    float32 chunk by chunk, without a float64 copy of the whole update."""
+    parts = [t.detach().reshape(-1) for t in params.values()]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _Parties:
@@ -41,7 +48,7 @@ class _Parties:
         state = serde.decode_message(raw, expected=(ClientState,)) if raw is not None else None
 
         def train(m: MaskedInputIns) -> tuple[torch.Tensor, int, dict[str, float]]:
-            return flatten(self.updates[int(client.removeprefix("client"))]), 1, {}
+            return flat(self.updates[int(client.removeprefix("client"))]), 1, {}
 
         new, reply = step(state, msg, client, train, self.pki)
         self.state[client] = serde.encode_message(new)

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from tessera.core.errors import ConfigError, ProtocolError
 from tessera.secagg import crypto, shamir
-from tessera.secagg.graph import default_degree, neighbours, share_threshold
-from tessera.secagg.prg import CHUNK, PRG_NAME, add_masks, cpu_has_aes, expand, keystream, word
+from tessera.secagg.graph import default_degree, neighbours, neighbours_of, share_threshold
+from tessera.secagg.prg import CHUNK, PRG_NAME, add_masks, cpu_has_aes, expand, keystream, read_stream, word
 from tessera.secagg.quantize import (
     dequantize_sum,
     levels_for,
@@ -181,6 +181,32 @@ def test_chunked_masks_equal_the_whole_keystream(prg: str, bits: int) -> None:
     assert np.array_equal(acc, want)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, CHUNK - 1, CHUNK + 9])
+@pytest.mark.parametrize("bits", [32, 62])
+def test_aes_through_gcm_is_the_aes_ctr_keystream(n: int, bits: int) -> None:
+    """GCM's keystream from counter block 2, after two ECB blocks, is AES-CTR's (the fast path where the CPU has
+    VAES); checked with and without it whatever this CPU has, across the 32-byte head and chunk boundaries."""
+    seed = os.urandom(32)
+    want = keystream(seed, n, bits=bits, prg="aes-128-ctr")
+    for via_gcm in (True, False):
+        assert np.array_equal(read_stream(seed, n, bits=bits, prg="aes-128-ctr", via_gcm=via_gcm), want)
+    assert np.array_equal(read_stream(seed, n, bits=bits, prg="chacha20"), keystream(seed, n, bits=bits))
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_masks_summed_on_threads_equal_one_by_one(count: int) -> None:
+    n = CHUNK + 77
+    masks = [(os.urandom(32), 1 if i % 3 else -1) for i in range(count)]
+    want = np.arange(n, dtype=np.uint32)
+    for seed, sign in masks:
+        ks = keystream(seed, n, bits=32, prg="aes-128-ctr")
+        want = want + ks if sign > 0 else want - ks
+    for via_gcm in (True, False):
+        acc = np.arange(n, dtype=np.uint32)
+        add_masks(acc, masks, bits=32, prg="aes-128-ctr", via_gcm=via_gcm)
+        assert np.array_equal(acc, want)
+
+
 def test_aes_prg_output_is_uniform_bytes() -> None:
     raw = expand(bytes(32), 50_000, bits=32, prg="aes-128-ctr").to(torch.int64)
     counts = torch.bincount((raw & 0xFF).reshape(-1), minlength=256).double()
@@ -225,3 +251,24 @@ def test_failure_probability_of_the_chosen_degree() -> None:
         assert p <= 1e-6 or k == n - 1  # the rule default_degree follows (else the complete graph)
     # Binomial oracle: 4 neighbours, threshold 4 holders (all four must stay), each drops with 0.1: 1 - 0.9^4.
     assert math.isclose(failure_probability(degree=4, threshold=4, dropout=0.1), 1 - 0.9**4)
+
+
+@pytest.mark.parametrize("n,degree", [(9, 8), (30, 6), (101, 14)])
+def test_one_clients_neighbours_equal_its_row_of_the_graph(n: int, degree: int) -> None:
+    clients = [f"c{i}" for i in range(n)][::-1]
+    graph = neighbours(clients, degree=degree, graph_seed=11)
+    assert all(neighbours_of(clients, c, degree=degree, graph_seed=11) == graph[c] for c in clients)
+
+
+@pytest.mark.parametrize("clip,l2_clip,examples", [(8.0, None, 1), (0.1, None, 7), (0.3, 2.0, 3)])
+def test_a_float32_update_is_quantised_as_its_float64_widening(clip: float, l2_clip: float | None,
+                                                               examples: int) -> None:
+    """The client widens float32 chunk by chunk (no float64 copy of the update): the same words as widening first,
+    whatever the clip (0.1 is not a float32), weight and L2 clip."""
+    from tessera.secagg.client import encode_words
+    from tessera.secagg.plus import SecAggPlus
+
+    setup = SecAggPlus(clip=clip, l2_clip=l2_clip, max_weight=10.0).setup(1, ["a", "b", "c"], dim=CHUNK + 11,
+                                                                         graph_seed=0, session=1)
+    v = torch.randn(CHUNK + 10, generator=torch.Generator().manual_seed(0)) * 2 * clip
+    assert np.array_equal(encode_words(v, examples, setup, 5), encode_words(v.double(), examples, setup, 5))
