@@ -159,3 +159,21 @@ def test_block_krum_scores_equal_the_naive_pairwise_computation(seed: int, monke
         assert aggregate.krum_select(u, f=f, m=n) == sorted(range(n), key=lambda i: (want[i], i))
     for a, b in zip(u, before, strict=True):
         assert_identical(a, b)
+
+
+@pytest.mark.parametrize("n", [51, 52])
+def test_closest_to_median_merge_path_and_its_fallback(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 with small beta takes the merge of the 2 beta values around the median; rows with ties at the
+    edge (here every third coordinate drawn from 3 values) go to the general search. Both equal the reference."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 300, generator=g)
+    x[:, ::3] = torch.randint(-1, 2, (n, 100), generator=g).float()
+    x[: n // 2, 1::7] = -0.0  # signed zeros tied with the median
+    u = [{"w": r.clone()} for r in x]
+    general_rows = []
+    general = aggregate._closest_general
+    monkeypatch.setattr(aggregate, "_closest_general",
+                        lambda a, beta: general_rows.append(a.shape[0]) or general(a, beta))
+    for beta in (1, 2, 4, 5, 16):
+        assert_identical(aggregate.closest_to_median_mean(u, beta=beta), ref_closest_to_median_mean(u, beta))
+    assert 5 * 100 <= sum(general_rows) < 5 * 200  # the tied third and some signed-zero columns, not the rest
