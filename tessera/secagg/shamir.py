@@ -33,12 +33,13 @@ def split(secret: bytes, *, xs: Sequence[int], threshold: int, rng: RandBelow | 
         raise ValueError("share x coordinates must be distinct and nonzero")
     r = rng or _System()
     coeffs = [int.from_bytes(secret, "big")] + [r.randrange(PRIME) for _ in range(threshold - 1)]
+    high_first = coeffs[::-1]
     out: dict[int, bytes] = {}
     for x in xs:
         y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % PRIME
-        out[x] = y.to_bytes(SHARE_BYTES, "big")
+        for c in high_first:  # Horner, reduced once at the end: x is small, so y grows by log2(x) bits a step
+            y = y * x + c
+        out[x] = (y % PRIME).to_bytes(SHARE_BYTES, "big")
     return out
 
 

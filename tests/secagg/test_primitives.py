@@ -41,6 +41,19 @@ def test_shamir_any_t_shares_recover_the_secret(secret: bytes, n: int, data: st.
     assert shamir.combine({x: shares[x] for x in subset}, threshold=t) == secret
 
 
+def test_shamir_shares_equal_horner_reduced_at_every_step() -> None:
+    secret, xs = bytes(range(32)), [*range(1, 96), 2**600 % shamir.PRIME]
+    rng = random.Random(3)
+    coeffs = [int.from_bytes(secret, "big")] + [rng.randrange(shamir.PRIME) for _ in range(59)]
+    want = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):
+            y = (y * x + c) % shamir.PRIME
+        want[x] = y.to_bytes(shamir.SHARE_BYTES, "big")
+    assert shamir.split(secret, xs=xs, threshold=60, rng=random.Random(3)) == want
+
+
 def test_shamir_fewer_than_t_shares_do_not_recover() -> None:
     secret = bytes(range(32))
     shares = shamir.split(secret, xs=[1, 2, 3, 4], threshold=3)
