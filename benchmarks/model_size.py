@@ -134,15 +134,15 @@ def _app(size: str, clients: int) -> Handler:
     return ClientApp(TaskClient(task))
 
 
-def _server(size: str, clients: int, backend: Any) -> tuple[Server, int]:
+def _server(size: str, clients: int, backend: Any, accumulate: str) -> tuple[Server, int]:
     torch.manual_seed(SEED)
     model = build(*SIZES[size])
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = {k: v.detach() for k, v in model.state_dict().items()}  # the Server copies them once
     nbytes = sum(v.numel() * v.element_size() for v in params.values())
-    del model
-    strategy = FedAvg(min_available=clients, fraction_evaluate=0.0)
+    strategy = FedAvg(min_available=clients, fraction_evaluate=0.0, accumulate=accumulate)
     server = Server(strategy=strategy, backend=backend, clients=[f"c{i}" for i in range(clients)],
                     initial_params=params, config=ServerConfig(rounds=ROUNDS, seed=SEED))
+    del model, params
     return server, nbytes
 
 
@@ -152,12 +152,12 @@ def _party(fed_path: str, name: str, cid: str, spec: tuple[str, int], out: str) 
     Path(out).write_text(json.dumps({"party": name, "peak_rss_gib": _rss() / 1024**3}))
 
 
-def deployed_point(kind: str, size: str, clients: int) -> dict[str, Any]:
+def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float64") -> dict[str, Any]:
     """The Server's rounds with an in-process backend (`inproc`) or over gRPC to client processes (`grpc`)."""
     torch.set_num_threads(1)
     base = _rss()
     if kind == "inproc":
-        server, nbytes = _server(size, clients, InProcessBackend(_app(size, clients)))
+        server, nbytes = _server(size, clients, InProcessBackend(_app(size, clients)), accumulate)
         server.run()
         parties: list[dict[str, Any]] = []
     else:
@@ -176,7 +176,7 @@ def deployed_point(kind: str, size: str, clients: int) -> dict[str, Any]:
                                 + "".join(f'[[parties]]\nname = "{n}"\nrole = "client"\n' for n in names))
             fed = load_federation(fed_path)
             routes = {f"c{i}": n for i, n in enumerate(names)}
-            server, nbytes = _server(size, clients, GrpcBackend(fed, routes, min_clients=clients))
+            server, nbytes = _server(size, clients, GrpcBackend(fed, routes, min_clients=clients), accumulate)
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=_party, args=(str(fed_path), n, c, (size, clients), str(folder / f"{n}.json")))
                      for c, n in routes.items()]
@@ -190,18 +190,19 @@ def deployed_point(kind: str, size: str, clients: int) -> dict[str, Any]:
             parties = [json.loads((folder / f"{n}.json").read_text()) for n in names]
     seconds = [r["seconds"] for r in server.history.records]
     checksum = float(sum(v.double().sum() for v in server.params.values()))
-    return {"kind": kind, "size": size, "clients": clients, "round_seconds": seconds, "model_gib": nbytes / 1024**3,
+    return {"kind": kind, "size": size, "clients": clients, "accumulate": accumulate, "round_seconds": seconds,
+            "model_gib": nbytes / 1024**3,
             "peak_rss_gib": _rss() / 1024**3, "base_rss_gib": base / 1024**3, "parties": parties,
             "checksum": checksum}
 
 
-def run_point(kind: str, size: str, clients: int, repeats: int) -> dict[str, Any]:
+def run_point(kind: str, size: str, clients: int, repeats: int, accumulate: str = "float64") -> dict[str, Any]:
     """The point measured `repeats` times, each in a fresh process: the fastest run's time (other jobs on the
     shared machine only ever add time) and the largest peak RSS."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--point", kind, size, str(clients)], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--point", kind, size, str(clients),
+                              "--accumulate", accumulate], cwd=ROOT, capture_output=True, text=True, check=True)
         runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1])))
     if "seconds" not in runs[0]:
         return runs[0]
@@ -217,11 +218,15 @@ def main() -> None:
     ap.add_argument("--name", default="model_size")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per point (fastest time is kept)")
     ap.add_argument("--grpc", default="", help="comma-separated client counts for the deployed 50M point (e.g. 1,3)")
+    ap.add_argument("--accumulate", default="float64,float32",
+                    help="the coordinator's accumulation dtypes for the deployed points (FedAvg(accumulate=...))")
     args = ap.parse_args()
     if args.point:
         kind, size, clients = args.point
-        measure = deployed_point if kind in ("grpc", "inproc") else point
-        print(json.dumps(measure(kind, size, int(clients))))
+        if kind in ("grpc", "inproc"):
+            print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate)))
+        else:
+            print(json.dumps(point(kind, size, int(clients))))
         return
     rows: list[list[Any]] = []
     points: list[dict[str, Any]] = []
@@ -235,21 +240,26 @@ def main() -> None:
             rows.append([size, clients, p["seconds"], t["seconds"], t["seconds"] / p["seconds"],
                          p["peak_rss_gib"], t["peak_rss_gib"], t["peak_rss_gib"] / p["peak_rss_gib"]])
             print(json.dumps(rows[-1]), file=sys.stderr)
-    for clients in (int(c) for c in args.grpc.split(",") if c):
-        local, remote = run_point("inproc", "50M", clients, 1), run_point("grpc", "50M", clients, 1)
-        points += [local, remote]
-        model = remote["model_gib"]
-        coord = remote["peak_rss_gib"]
-        worst = max(p["peak_rss_gib"] for p in remote["parties"])
-        print(json.dumps({"grpc_clients": clients, "round_s": remote["round_seconds"],
-                          "inproc_round_s": local["round_seconds"], "coordinator_gib": coord,
-                          "coordinator_base_gib": remote["base_rss_gib"], "client_gib": worst, "model_gib": model,
-                          "same_params": remote["checksum"] == local["checksum"]}), file=sys.stderr)
-        rows.append(["50M gRPC (coord)", clients, local["round_seconds"][-1], remote["round_seconds"][-1],
-                     remote["round_seconds"][-1] / local["round_seconds"][-1], model, coord, coord / model])
-        rows.append(["50M gRPC (client)", clients, "", "", "", model, worst, worst / model])
+    for acc in (a for a in args.accumulate.split(",") if args.grpc):
+        for clients in (int(c) for c in args.grpc.split(",") if c):
+            local = run_point("inproc", "50M", clients, 1, acc)
+            remote = run_point("grpc", "50M", clients, 1, acc)
+            points += [local, remote]
+            model, coord, base = remote["model_gib"], remote["peak_rss_gib"], remote["base_rss_gib"]
+            worst = max(p["peak_rss_gib"] for p in remote["parties"])
+            print(json.dumps({"grpc_clients": clients, "accumulate": acc, "round_s": remote["round_seconds"],
+                              "inproc_round_s": local["round_seconds"], "coordinator_gib": coord,
+                              "coordinator_base_gib": base, "client_gib": worst, "model_gib": model,
+                              "same_params": remote["checksum"] == local["checksum"]}), file=sys.stderr)
+            # RSS x for the coordinator: model sizes above the process before the model existed (interpreter,
+            # torch, gRPC: 0.26-0.30 GiB here), which is what grows with the model
+            rows.append([f"50M gRPC coord ({acc})", clients, local["round_seconds"][-1],
+                         remote["round_seconds"][-1], remote["round_seconds"][-1] / local["round_seconds"][-1],
+                         model, coord, (coord - base) / model])
+            rows.append([f"50M gRPC client ({acc})", clients, "", "", "", model, worst, worst / model])
     headline = [r for r in rows if r[0] == "50M" and r[1] == 8]
-    ratio = headline[0][4] if headline else rows[-1][4]
+    coords = [r for r in rows if "coord" in str(r[0])]
+    ratio = headline[0][4] if headline else (coords or rows)[-1][4]
     report(args.name, ["size", "clients", "plain s", "tessera s", "time x", "plain GiB", "tessera GiB", "RSS x"],
            rows, ratio=ratio, ratio_means="tessera / plain wall time, 50M params x 8 clients, 2 rounds",
            extra={"points": points})

@@ -18,6 +18,12 @@ Scalar: TypeAlias = bool | int | float | str
 Metrics: TypeAlias = dict[str, float]
 
 
+class OwnedParams(dict[str, torch.Tensor]):
+    """Params whose tensors nothing else references (decoded by a transport into a buffer of its own): whoever
+    consumes them may reuse their memory, e.g. a float32 running sum that starts as the first reply scaled in
+    place instead of a new model-sized tensor. Tensors shared with anyone else must come in a plain dict."""
+
+
 def get_params(model: nn.Module, *, copy: bool = True) -> Params:
     """A detached CPU copy of the model's state dict (parameters and buffers), in module order.
 

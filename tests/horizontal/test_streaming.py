@@ -134,3 +134,39 @@ def test_a_reply_arriving_after_the_deadline_is_never_folded() -> None:
     assert folded == ["fast"]
     assert isinstance(out["slow"], ClientFailure) and out["slow"].kind is FailureKind.TIMEOUT
     assert isinstance(out["fast"], FitRes)
+
+
+def test_float32_accumulation_is_close_to_the_float64_reference_and_refuses_unknown_dtypes() -> None:
+    from tessera.core.errors import ConfigError
+
+    current, replies = _round(n=8)
+    exact = FedAvg().aggregate_fit(1, replies, current)
+    wide = _streamed(FedAvg(), current, replies)
+    narrow = _streamed(FedAvg(accumulate="float32"), current, list(reversed(replies)))
+    assert params_equal(wide, exact)
+    for k, x in exact.items():
+        assert narrow[k].dtype == x.dtype
+        if x.is_floating_point():  # error bound: about clients * 2**-24 relative, per coordinate
+            torch.testing.assert_close(narrow[k], x, rtol=8 * 2**-24, atol=8 * 2**-24 * x.abs().max().item())
+        else:
+            assert torch.equal(narrow[k], x)  # integer counters are still summed in float64
+    with pytest.raises(ConfigError, match=r"accumulate.*float32"):
+        FedAvg(accumulate="float16")
+
+
+def test_float32_accumulation_reuses_an_owned_reply_and_never_writes_a_shared_one() -> None:
+    """A transport's own buffers (OwnedParams) become the running sum and then the new params: no extra model
+    copy. Replies shared with anyone else (in-process hand-over) are never written."""
+    from tessera.core.types import OwnedParams
+
+    current, replies = _round(n=3)
+    kept = {k: v.clone() for k, v in replies[0][1].params.items()}
+    shared = _streamed(FedAvg(accumulate="float32"), current, replies)
+    assert all(torch.equal(replies[0][1].params[k], v) for k, v in kept.items())  # plain dict: untouched
+
+    owned = [(c, FitRes(params=OwnedParams({k: v.clone() for k, v in r.params.items()}),
+                        num_examples=r.num_examples)) for c, r in replies]
+    first = owned[0][1].params["w"].data_ptr()
+    out = _streamed(FedAvg(accumulate="float32"), current, owned)
+    assert out["w"].data_ptr() == first  # the first reply's memory is the new global params
+    assert params_equal(out, shared)  # the same bits as accumulating into fresh zeros

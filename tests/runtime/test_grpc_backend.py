@@ -116,8 +116,8 @@ def _raw_session(fed: FederationConfig, certs: Path, frames: list[bytes]) -> grp
 
 
 @pytest.mark.parametrize(("after_hello", "code"), [
-    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 4, bytes(32)) + b"abcd", grpc.StatusCode.INVALID_ARGUMENT),
-    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 2**33, bytes(32)) + b"x", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 4, 0) + b"abcd", grpc.StatusCode.INVALID_ARGUMENT),
+    (tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 2**33, 0) + b"x", grpc.StatusCode.RESOURCE_EXHAUSTED),
     (b"\x00" * (16384 + 8192), grpc.StatusCode.RESOURCE_EXHAUSTED),  # over gRPC's own message limit
     (tp.control(tp.Kind.BYE), grpc.StatusCode.INVALID_ARGUMENT),
 ])
@@ -177,3 +177,60 @@ def test_exchange_each_folds_each_reply_as_it_arrives_not_in_request_order(runni
     assert kept == {"c0": ("folded", "EvaluateRes"), "c1": ("folded", "EvaluateRes"),
                     "c2": ("folded", "ClientFailure")}
     assert list(kept) == ["c0", "c1", "c2"]
+
+
+@pytest.fixture
+def one_at_a_time(certs: Path) -> Iterator[tuple[GrpcBackend, Echo]]:
+    """Two clients and a coordinator whose reply budget admits one reply at a time (reply_buffer_bytes=0)."""
+    backend = GrpcBackend(_fed(certs, reply_buffer_bytes=0), dict(ROUTES), min_clients=2)
+    fed = _fed(certs, backend.listen())
+    echo = Echo()
+    threads = [threading.Thread(target=ClientParty(fed, n, echo).run, daemon=True) for n in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    try:
+        assert backend.wait_for(["c0", "c1"], 20) == ["c0", "c1"]
+        yield backend, echo
+    finally:
+        echo.release.set()
+        backend.close()
+        for t in threads:
+            t.join(10)
+
+
+def test_replies_are_reassembled_one_at_a_time_within_the_budget(one_at_a_time: Any) -> None:
+    """However many clients reply at once, the coordinator holds one reply's buffer: the budget's peak is the
+    largest single reply, never the sum, and every reply still arrives intact."""
+    backend, _ = one_at_a_time
+    ins = {c: FitIns(round=1, params={"w": torch.full((200_000,), float(i))}) for i, c in enumerate(("c0", "c1"))}
+    seen: list[int] = []
+
+    def fold(cid: str, reply: Any) -> Any:
+        seen.append(backend.budget.held)  # while a reply is being folded, only it is held
+        return float(reply.params["w"][0])
+
+    for _ in range(3):
+        assert backend.exchange_each(ins, fold) == {"c0": 1.0, "c1": 2.0}
+    size = len(encode_message(FitRes(params={"w": torch.zeros(200_000)}, num_examples=1)))
+    assert backend.budget.peak == size and set(seen) == {size} and backend.budget.held == 0
+
+
+def test_a_fold_that_raises_gives_the_budget_back(one_at_a_time: Any) -> None:
+    backend, _ = one_at_a_time
+    ins = {c: FitIns(round=1, params={"w": torch.zeros(50_000)}) for c in ("c0", "c1")}
+
+    def boom(cid: str, reply: Any) -> Any:
+        raise RuntimeError("fold failed")
+
+    with pytest.raises(RuntimeError, match="fold failed"):
+        backend.exchange_each(ins, boom)
+    replies = backend.exchange(ins)  # the next exchange is not starved by the first one's replies
+    assert all(isinstance(r, FitRes) for r in replies.values()) and backend.budget.held == 0
+
+
+def test_fit_replies_decoded_from_the_wire_are_marked_owned(running: Any) -> None:
+    from tessera.core.types import OwnedParams
+
+    backend, _, _, _ = running
+    reply = backend.exchange({"c0": FitIns(round=1, params={"w": torch.zeros(3)})})["c0"]
+    assert isinstance(reply.params, OwnedParams) and reply.params["w"].tolist() == [1.0, 1.0, 1.0]

@@ -167,7 +167,7 @@ def test_without_max_message_bytes_the_ceiling_follows_the_model(start: Any,
 
 def test_a_declared_size_beyond_the_ceiling_is_refused_before_allocation(start: Any, certs: Path) -> None:
     r = start(("alice",))
-    huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 3 * 1024**4, bytes(32)) + b"x"  # claims 3 TiB
+    huge = tp.HEADER.pack(tp.MAGIC, tp.Kind.DATA, 1, 0, 1, 3 * 1024**4, 0) + b"x"  # claims 3 TiB
     frames = [tp.control(tp.Kind.HELLO, b"carol"), huge]
     assert open_session(r.fed, cert=certs / "carol.crt", claim="carol", send=frames) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED  # had it been allocated, this process would be gone

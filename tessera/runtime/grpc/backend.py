@@ -10,14 +10,20 @@ one certificate holds at most `max_streams_per_party` streams and a stream that 
 `hello_deadline_s` is closed, so one party cannot take the workers the others need; a reply larger than the
 session's ceiling (`transport.ceiling`) is refused from its first frame header, before any allocation; and any
 reply that does not decode is that client's failure for the exchange, never the end of the job.
+
+Memory: replies are reassembled under one `ReplyBudget` shared by all streams. A reply that would take the bytes
+held past `reply_buffer_bytes` waits, before its buffer is allocated, until the replies before it are folded (or it
+is the only one); gRPC's flow control pauses its sender meanwhile. So a coordinator folding replies as they come
+holds the global params, its accumulator and one model-sized reply, however many clients finish at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +32,14 @@ import grpc
 
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
+from tessera.core.memory import return_freed_memory
 from tessera.core.serde import decode_message, encode_message_parts, parts_size
+from tessera.core.types import OwnedParams
 from tessera.runtime.backend import ClientFailure, FailureKind, OnReply, Reply, Traffic, failure_from_error
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
 from tessera.runtime.grpc.config import FederationConfig
-from tessera.runtime.messages import ErrorRes
+from tessera.runtime.messages import ErrorRes, FitRes
 
 log = get_logger(__name__)
 
@@ -47,6 +55,50 @@ class Refusal:
 _CLOSE = object()
 
 
+class ReplyBudget:
+    """Bytes of replies being reassembled or waiting to be folded, across every stream of a coordinator."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.peak = 0  # the most bytes held at once (tests and the benchmark read it)
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, *, gone: Callable[[], bool]) -> Lease | None:
+        """Wait until `n` more bytes fit (or nothing is held), then hold them; None once `gone()` says the stream
+        asking has closed."""
+        with self._cond:
+            while self.held and self.held + n > self.capacity:
+                if gone():
+                    return None
+                self._cond.wait(0.25)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+        return Lease(self, n)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+class Lease:
+    """The bytes one reply holds in its `ReplyBudget`; `release` is idempotent."""
+
+    def __init__(self, budget: ReplyBudget, n: int) -> None:
+        self._budget, self._n = budget, n
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            n, self._n = self._n, 0
+        if n:
+            self._budget.release(n)
+
+
+Delivery = tuple[bytearray, Lease | None]  # a reassembled reply and the budget it holds until it is folded
+
+
 @dataclass
 class _Abort:
     code: grpc.StatusCode
@@ -60,16 +112,17 @@ class Session:
         self.party = party
         self.chunk_bytes = chunk_bytes
         self.outbox: queue.Queue[Any] = queue.Queue()  # frames, frame iterators (one per message), _CLOSE, _Abort
-        self.pending: dict[int, Future[bytearray]] = {}
+        self.pending: dict[int, Future[Delivery]] = {}
+        self.receiving = False  # the reader holds budget for a reply it is reassembling
         self.largest_sent = 0  # the automatic reply ceiling follows the largest request
         self.next_id = 1
         self.client_id: str | None = None  # set by HELLO; until then the session is not registered
         self.closed = False
         self.lock = threading.Lock()
 
-    def send(self, parts: Sequence[bytes | memoryview]) -> Future[bytearray]:
+    def send(self, parts: Sequence[bytes | memoryview]) -> Future[Delivery]:
         """Queue one encoded message; its frames are made as the stream sends them (one chunk copied at a time)."""
-        fut: Future[bytearray] = Future()
+        fut: Future[Delivery] = Future()
         with self.lock:
             if self.closed:
                 fut.set_exception(TransportError(f"party {self.party} disconnected"))
@@ -80,17 +133,19 @@ class Session:
             self.outbox.put(tp.split(msg_id, parts, self.chunk_bytes))
         return fut
 
-    def deliver(self, msg_id: int, blob: bytearray) -> None:
+    def deliver(self, msg_id: int, blob: bytearray, lease: Lease | None = None) -> None:
         with self.lock:
             fut = self.pending.pop(msg_id, None)
             issued = msg_id < self.next_id
         if fut is not None:
-            fut.set_result(blob)
-        elif not issued:
+            fut.set_result((blob, lease))
+            return
+        if lease is not None:  # a late reply (its deadline passed) is dropped, and so is its hold on the budget
+            lease.release()
+        if not issued:
             raise tp.FrameError(f"reply to message {msg_id}, which was never sent")
-        # else: a late reply to a request whose deadline passed; dropped
 
-    def forget(self, fut: Future[bytearray]) -> None:
+    def forget(self, fut: Future[Delivery]) -> None:
         """Stop waiting for a reply (its deadline passed); a late reply is then dropped."""
         with self.lock:
             self.pending = {k: f for k, f in self.pending.items() if f is not fut}
@@ -131,6 +186,7 @@ class GrpcBackend:
         self._rejoin_round = -1  # the last round whose first exchange waited for disconnected clients
         self._no_waiting = False  # shutdown requested: stop waiting for absent clients
         self._streams: dict[str, int] = {}  # open streams per authenticated party
+        self.budget = ReplyBudget(self.fed.settings.reply_buffer_bytes)
 
     # ------------------------------------------------------------------------------------------ server side
     def listen(self) -> int:
@@ -143,6 +199,7 @@ class GrpcBackend:
         me = self.fed.coordinator
         addr = me.listen or me.address
         assert addr is not None
+        return_freed_memory()  # each round's freed replies and accumulators go back to the OS, not the heap
         # every party may hold its streams at once and headroom remains for refused ones, so one party holding all
         # it may cannot starve another; each stream's reader gets its own thread
         workers = len(self.routes) * self.fed.settings.max_streams_per_party + 8
@@ -223,6 +280,7 @@ class GrpcBackend:
     def _read(self, session: Session, requests: Iterator[bytes]) -> None:
         s = self.fed.settings
         reasm = tp.Reassembler()
+        lease: Lease | None = None
         try:
             for raw in requests:
                 limit, why = tp.ceiling(s.max_message_bytes, largest_sent=session.largest_sent)
@@ -233,15 +291,26 @@ class GrpcBackend:
                 if frame.kind is not tp.Kind.DATA or session.client_id is None:
                     raise tp.FrameError(f"unexpected {frame.kind.name} frame (a session starts with one HELLO, "
                                         "then carries DATA)")
+                if lease is None:  # a new reply: wait for room before its buffer exists
+                    lease = self.budget.acquire(frame.total, gone=lambda: session.closed)
+                    if lease is None:
+                        return
+                    session.receiving = True
                 done = reasm.feed(frame)
                 if done is not None:
-                    session.deliver(*done)
+                    session.receiving = False
+                    held, lease = lease, None
+                    session.deliver(*done, held)
+                    done = None  # the reply belongs to its consumer now: this thread must not keep it alive
         except tp.FrameError as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.oversize else grpc.StatusCode.INVALID_ARGUMENT
             session.close(f"party {session.party} sent a bad frame: {exc}", _Abort(code, str(exc)))
             return
         except Exception as exc:  # the stream broke (peer gone, cancelled): just a disconnect
             log.debug("stream of %s ended: %s", session.party, type(exc).__name__)
+        finally:
+            if lease is not None:  # a reply cut off mid-way gives its room back
+                lease.release()
         session.close(f"party {session.party} disconnected")
 
     def _hello(self, session: Session, payload: bytes) -> None:
@@ -313,7 +382,7 @@ class GrpcBackend:
         self._maybe_wait_for_rejoin(requests)
         deadline = time.monotonic() + budget
         out: dict[str, Reply] = {}
-        sent: dict[Future[bytearray], tuple[str, Session]] = {}
+        sent: dict[Future[Delivery], tuple[str, Session]] = {}
         for cid, msg in requests.items():
             with self._cond:
                 session = None if self._stopping else self._live(self.routes[cid])
@@ -331,15 +400,35 @@ class GrpcBackend:
             self.traffic.add(cid, down=size, up=0)
             sent[session.send(parts)] = (cid, session)
         try:
-            for fut in as_completed(list(sent), timeout=max(0.0, deadline - time.monotonic())):
-                cid, session = sent.pop(fut)
-                out[cid] = on_reply(cid, self._reply(cid, session, fut, budget))
-                del fut  # the future holds the reassembled bytes: drop them before the next reply
-        except TimeoutError:
-            pass
-        for fut, (cid, session) in sent.items():  # past the deadline
-            out[cid] = on_reply(cid, self._reply(cid, session, fut, budget))
+            try:
+                for fut in as_completed(list(sent), timeout=max(0.0, deadline - time.monotonic())):
+                    cid, session = sent.pop(fut)
+                    out[cid] = self._consume(cid, session, fut, budget, on_reply)
+                    del fut  # the future holds the reassembled bytes: drop them before the next reply
+            except TimeoutError:
+                pass
+            while sent:  # past the deadline
+                fut, (cid, session) = sent.popitem()
+                out[cid] = self._consume(cid, session, fut, budget, on_reply)
+        finally:  # an on_reply that raised: replies not consumed give their budget back
+            for fut, (_, session) in sent.items():
+                session.forget(fut)
+                if fut.done() and fut.exception() is None:
+                    lease = fut.result()[1]
+                    if lease is not None:
+                        lease.release()
         return {c: out[c] for c in requests}
+
+    def _consume(self, cid: str, session: Session, fut: Future[Delivery], budget: float,
+                 on_reply: OnReply) -> Reply:
+        """`on_reply` of one request's outcome; the reply's hold on the reassembly budget ends after it."""
+        reply, lease = self._reply(cid, session, fut, budget)
+        try:
+            return on_reply(cid, reply)
+        finally:
+            del reply
+            if lease is not None:
+                lease.release()
 
     def _maybe_wait_for_rejoin(self, requests: Mapping[str, Any]) -> None:
         """At the first exchange of a new round (FitIns, or a secure-aggregation setup), give clients that dropped
@@ -351,28 +440,38 @@ class GrpcBackend:
         self._rejoin_round = max(rounds)
         self.wait_for(list(requests), wait)
 
-    def _reply(self, cid: str, session: Session, fut: Future[bytearray], budget: float) -> Reply:
-        """The decoded reply of a finished request, or why there is none (not finished: its deadline passed)."""
+    def _late(self, cid: str, session: Session, fut: Future[Delivery], budget: float) -> ClientFailure:
+        session.forget(fut)
+        if session.receiving:  # still sending a reply past its deadline: it holds budget others are waiting for
+            session.close(f"party {session.party} was still sending past the {budget} s deadline",
+                          _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"reply not complete within {budget} s"))
+        return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
+
+    def _reply(self, cid: str, session: Session, fut: Future[Delivery],
+               budget: float) -> tuple[Reply, Lease | None]:
+        """The decoded reply of a finished request and its hold on the reassembly budget, or why there is none
+        (not finished: its deadline passed)."""
         if not fut.done():
-            session.forget(fut)
-            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
+            return self._late(cid, session, fut, budget), None
         try:
-            blob = fut.result(timeout=0)
+            blob, lease = fut.result(timeout=0)
         except TimeoutError:
-            session.forget(fut)
-            return ClientFailure(cid, f"party {session.party} sent no reply within {budget} s", FailureKind.TIMEOUT)
+            return self._late(cid, session, fut, budget), None
         except tp.FrameError as exc:
-            return ClientFailure(cid, str(exc), FailureKind.MALFORMED)
+            return ClientFailure(cid, str(exc), FailureKind.MALFORMED), None
         except TransportError as exc:
-            return ClientFailure(cid, str(exc), FailureKind.UNREACHABLE)
+            return ClientFailure(cid, str(exc), FailureKind.UNREACHABLE), None
         self.traffic.add(cid, down=0, up=len(blob))
         try:  # the reassembly buffer is ours: tensors become views over it (its size was checked on arrival)
             reply = decode_message(blob, take=True)
         except TesseraError as exc:
-            return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}", FailureKind.MALFORMED)
+            return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}",
+                                 FailureKind.MALFORMED), lease
         if isinstance(reply, ErrorRes):
-            return failure_from_error(cid, reply.kind, reply.reason)
-        return reply
+            return failure_from_error(cid, reply.kind, reply.reason), lease
+        if isinstance(reply, FitRes):  # its tensors are views of our own buffer: an aggregation may reuse them
+            reply = dataclasses.replace(reply, params=OwnedParams(reply.params))
+        return reply, lease
 
     def stop_waiting(self) -> None:
         """Shutdown requested (first Ctrl-C): waits for absent clients end now; requests in flight continue."""

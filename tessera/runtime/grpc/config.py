@@ -6,6 +6,7 @@ Example (paths are relative to the folder of federation.toml)::
     ca_cert = "certs/ca.crt"
     # max_message_bytes = 536870912   # a fixed ceiling; leave it out to let the ceiling follow the model
     chunk_bytes = 1048576             # frames on the wire carry at most this much payload (1 MiB)
+    # reply_buffer_bytes = 67108864   # replies reassembled at once; a larger one waits for the fold before it
 
     [[parties]]
     name = "server"
@@ -60,6 +61,10 @@ class FederationSection(_Section):
     rejoin_wait_s: float = Field(0.0, ge=0)  # before each fit phase, wait this long for disconnected clients
     hello_deadline_s: float = Field(5.0, gt=0)  # a stream that names no party within this is closed
     max_streams_per_party: int = Field(2, ge=1)  # open streams one certificate may hold (a reconnect overlaps one)
+    # replies the coordinator reassembles at once: a reply that would go past this waits (its sender is paused by
+    # flow control) until the ones before it are folded, unless it is the only one; so the coordinator holds one
+    # model-sized reply, not one per client
+    reply_buffer_bytes: int = Field(64 * 1024**2, ge=0)
     retry: RetrySection = RetrySection()
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ import grpc
 
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
+from tessera.core.memory import return_freed_memory
 from tessera.core.serde import Parts, decode_message, encode_message_parts, parts_size
 from tessera.runtime.backend import Handler
 from tessera.runtime.federation import Role
@@ -82,6 +83,7 @@ class ClientParty:
             call.cancel()
 
     def run(self) -> ClientStats:
+        return_freed_memory()  # a round's freed model copies go back to the OS, not the heap
         retry = self.fed.settings.retry
         failures, delays = 0, backoff_delays(retry)
         while not self._stop.is_set():
@@ -133,7 +135,9 @@ class ClientParty:
                 done = reasm.feed(frame)
                 if done is not None:
                     msg_id, blob = done
+                    done = None  # the request's buffer is freed once answered, not kept until the next one
                     outbox.put(tp.split(msg_id, self._answer(blob), s.chunk_bytes))
+                    del blob
             return False
         finally:
             self._call = None
