@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import multiprocessing
 import resource
@@ -156,10 +157,18 @@ def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float6
     """The Server's rounds with an in-process backend (`inproc`) or over gRPC to client processes (`grpc`)."""
     torch.set_num_threads(1)
     base = _rss()
+    parties: list[dict[str, Any]] = []
     if kind == "inproc":
         server, nbytes = _server(size, clients, InProcessBackend(_app(size, clients)), accumulate)
         server.run()
-        parties: list[dict[str, Any]] = []
+    elif kind == "ray":  # 2 actors (the machine's 2 CPUs), each serving half the clients
+        from tessera.runtime.ray import RayBackend
+
+        width, depth = SIZES[size]
+        model_bytes = 4 * (depth * (width * width + width) + 10 * width + 10)
+        backend = RayBackend(functools.partial(_app, size, clients), num_actors=2, model_bytes=model_bytes)
+        server, nbytes = _server(size, clients, backend, accumulate)
+        server.run()
     else:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -218,12 +227,13 @@ def main() -> None:
     ap.add_argument("--name", default="model_size")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per point (fastest time is kept)")
     ap.add_argument("--grpc", default="", help="comma-separated client counts for the deployed 50M point (e.g. 1,3)")
+    ap.add_argument("--ray", default="", help="client counts for the 50M point on Ray with 2 actors (e.g. 4)")
     ap.add_argument("--accumulate", default="float64,float32",
                     help="the coordinator's accumulation dtypes for the deployed points (FedAvg(accumulate=...))")
     args = ap.parse_args()
     if args.point:
         kind, size, clients = args.point
-        if kind in ("grpc", "inproc"):
+        if kind in ("grpc", "inproc", "ray"):
             print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate)))
         else:
             print(json.dumps(point(kind, size, int(clients))))
@@ -257,6 +267,15 @@ def main() -> None:
                          remote["round_seconds"][-1], remote["round_seconds"][-1] / local["round_seconds"][-1],
                          model, coord, (coord - base) / model])
             rows.append([f"50M gRPC client ({acc})", clients, "", "", "", model, worst, worst / model])
+    for clients in (int(c) for c in args.ray.split(",") if c):
+        local, remote = run_point("inproc", "50M", clients, 1), run_point("ray", "50M", clients, 1)
+        points += [local, remote]
+        print(json.dumps({"ray_clients": clients, "round_s": remote["round_seconds"],
+                          "inproc_round_s": local["round_seconds"],
+                          "same_params": remote["checksum"] == local["checksum"]}), file=sys.stderr)
+        rows.append(["50M Ray (2 actors)", clients, local["round_seconds"][-1], remote["round_seconds"][-1],
+                     remote["round_seconds"][-1] / local["round_seconds"][-1], remote["model_gib"],
+                     remote["peak_rss_gib"], (remote["peak_rss_gib"] - remote["base_rss_gib"]) / remote["model_gib"]])
     headline = [r for r in rows if r[0] == "50M" and r[1] == 8]
     coords = [r for r in rows if "coord" in str(r[0])]
     ratio = headline[0][4] if headline else (coords or rows)[-1][4]

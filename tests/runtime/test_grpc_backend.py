@@ -234,3 +234,36 @@ def test_fit_replies_decoded_from_the_wire_are_marked_owned(running: Any) -> Non
     backend, _, _, _ = running
     reply = backend.exchange({"c0": FitIns(round=1, params={"w": torch.zeros(3)})})["c0"]
     assert isinstance(reply.params, OwnedParams) and reply.params["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+class Lender(Echo):
+    """Replies with one tensor it refills for every request (a client model's params, lent rather than copied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lent = False
+        self.buf = torch.zeros(100_000)
+
+    def lend_replies(self, lend: bool) -> None:
+        self.lent = lend
+
+    def handle(self, client: str, msg: Any) -> Any:
+        self.buf.fill_(float(msg.round))
+        return FitRes(params={"w": self.buf}, num_examples=1)
+
+
+def test_a_party_lends_its_replies_and_each_is_framed_before_the_next_request(certs: Path) -> None:
+    backend = GrpcBackend(_fed(certs), {"c0": "alice"}, min_clients=1)
+    fed = _fed(certs, backend.listen())
+    lender = Lender()
+    party = ClientParty(fed, "alice", lender)
+    thread = threading.Thread(target=party.run, daemon=True)
+    thread.start()
+    try:
+        assert lender.lent and backend.wait_for(["c0"], 20) == ["c0"]
+        for rnd in range(1, 4):
+            reply = backend.exchange({"c0": FitIns(round=rnd, params={})})["c0"]
+            assert torch.equal(reply.params["w"], torch.full((100_000,), float(rnd)))
+    finally:
+        backend.close()
+        thread.join(10)

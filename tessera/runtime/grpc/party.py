@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
 from tessera.core.memory import return_freed_memory
 from tessera.core.serde import Parts, decode_message, encode_message_parts, parts_size
-from tessera.runtime.backend import Handler
+from tessera.runtime.backend import Handler, LendingHandler
 from tessera.runtime.federation import Role
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.config import FederationConfig, PartyConfig, RetrySection
@@ -38,12 +38,27 @@ class ClientStats:
     client_id: str | None = None
 
 
-def _drain(outbox: queue.Queue[bytes | Iterator[bytes] | None]) -> Iterator[bytes]:
+def _drain(outbox: queue.Queue[bytes | Iterable[bytes] | None]) -> Iterator[bytes]:
     while (item := outbox.get()) is not None:
         if isinstance(item, bytes):
             yield item
         else:
             yield from item  # one reply's frames, made as they are sent
+
+
+class _Reply:
+    """One reply's frames, made as the stream sends them; `sent` is set once the last one is made (after that the
+    reply's tensors are no longer read, so the handler may reuse them)."""
+
+    def __init__(self, frames: Iterator[bytes]) -> None:
+        self.frames = frames
+        self.sent = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.frames
+        finally:
+            self.sent.set()
 
 
 def _short(exc: BaseException) -> str:
@@ -74,6 +89,8 @@ class ClientParty:
         self._stop = threading.Event()
         self._call: Any = None
         self._welcomed = False
+        if isinstance(handler, LendingHandler):  # each reply is framed before the next request is handled
+            handler.lend_replies(True)
 
     def stop(self) -> None:
         """Leave now (signal-safe): the current stream is cancelled and `run` returns."""
@@ -113,7 +130,7 @@ class ClientParty:
         """One connection; True when the coordinator said BYE."""
         s = self.fed.settings
         self._welcomed = False
-        outbox: queue.Queue[bytes | Iterator[bytes] | None] = queue.Queue()
+        outbox: queue.Queue[bytes | Iterable[bytes] | None] = queue.Queue()
         outbox.put(tp.control(tp.Kind.HELLO, self.me.name.encode()))
         channel = tp.client_channel(self.fed, self.me)
         call = channel.stream_stream(tp.FULL_METHOD, request_serializer=None, response_deserializer=None)(
@@ -122,6 +139,7 @@ class ClientParty:
         self.stats.connections += 1
         reasm = tp.Reassembler()
         limit, why = tp.ceiling(s.max_message_bytes, largest_sent=None)
+        last: _Reply | None = None
         try:
             for raw in call:
                 frame = tp.parse(raw, max_message_bytes=limit, chunk_bytes=s.chunk_bytes, ceiling_reason=why)
@@ -136,7 +154,10 @@ class ClientParty:
                 if done is not None:
                     msg_id, blob = done
                     done = None  # the request's buffer is freed once answered, not kept until the next one
-                    outbox.put(tp.split(msg_id, self._answer(blob), s.chunk_bytes))
+                    while last is not None and not last.sent.wait(0.5) and not call.done():
+                        pass  # the previous reply still reads tensors the handler lends: let it be framed first
+                    last = _Reply(tp.split(msg_id, self._answer(blob), s.chunk_bytes))
+                    outbox.put(last)
                     del blob
             return False
         finally:
