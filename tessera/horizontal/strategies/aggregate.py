@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -134,18 +135,16 @@ def sq_distances(updates: Sequence[Params]) -> torch.Tensor:
     """
     _check(updates)
     n = len(updates)
-    h = n // 2
+    edges = [round(i * n / 4) for i in range(5)]  # 4 strips of clients: 10/16 of the full product's work
     gram = torch.zeros(n, n, dtype=torch.float64)
     for k, ref in updates[0].items():
         if not ref.is_floating_point():
             continue
         for block in _blocks(updates, k):
             block.sub_(block.mean(dim=0, keepdim=True))
-            top, bottom = block[:h], block[h:]  # the two diagonal tiles and one off-diagonal: 3/4 of the products
-            gram[:h, :h].addmm_(top, top.T)
-            gram[h:, :h].addmm_(bottom, top.T)
-            gram[h:, h:].addmm_(bottom, bottom.T)
-    gram[:h, h:] = gram[h:, :h].T
+            for lo, hi in pairwise(edges):  # each strip against itself and the strips above
+                gram[lo:hi, :hi].addmm_(block[lo:hi], block[:hi].T)
+    gram = gram.tril() + gram.tril(-1).T  # exactly symmetric
     sq = gram.diagonal()
     return (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0.0).fill_diagonal_(0.0)
 
@@ -204,10 +203,12 @@ def bulyan_select(updates: Sequence[Params], *, f: int) -> list[int]:
     return chosen
 
 
-def _sorted_clients(a: np.ndarray, cols: slice) -> np.ndarray:
-    """Per row of a c x n float32 array, the client indices at sorted positions `cols` (ascending values, equal
-    values by client index, -0.0 before +0.0), laid out positions x c: one SIMD sort of uint64 keys whose high
-    half is the value's bits made order-preserving and whose low half is the client index."""
+def _sorted_middle(a: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a c x n float32 array, the values and client indices at sorted positions `cols` (ascending
+    values, equal values by client index, -0.0 before +0.0), each laid out positions x c.
+
+    One SIMD sort of uint64 keys: the high half is the value's bits made order-preserving (flip the sign bit of
+    a positive value, every bit of a negative one), the low half the client index."""
     c, n = a.shape
     lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
     keys = np.empty((c, n), dtype=np.uint64)
@@ -217,7 +218,10 @@ def _sorted_clients(a: np.ndarray, cols: slice) -> np.ndarray:
     flip |= np.uint32(0x80000000)
     np.bitwise_xor(a.view(np.uint32), flip, out=halves[:, :, hi])
     keys.sort(axis=1)
-    return np.ascontiguousarray(keys.view(np.uint32).reshape(c, n, 2)[:, cols, lo].T).astype(np.intp)
+    mid = np.ascontiguousarray(keys[:, cols].T).view(np.uint32).reshape(-1, c, 2)
+    bits = mid[:, :, hi]
+    unflip = ((bits >> 31) - np.uint32(1)) | np.uint32(0x80000000)  # the same flip, read off the key
+    return (bits ^ unflip).view(np.float32), mid[:, :, lo].astype(np.intp)
 
 
 def _closest_rule(a: np.ndarray, beta: int) -> torch.Tensor:
@@ -235,36 +239,38 @@ def _closest_rule(a: np.ndarray, beta: int) -> torch.Tensor:
     k = n // 2
     lo, hi = max(0, k - beta), min(n, k + beta)
     glo, ghi = max(0, lo - 1), min(n, hi + 1)  # one guard position on each side where there is one
-    who = _sorted_clients(a, slice(glo, ghi))  # positions x c
-    v = a[np.arange(c), who].astype(np.float64)
+    g = ghi - glo
+    vals, who = _sorted_middle(a, slice(glo, ghi))
+    v = np.empty((g + 1, c))  # rows: sorted positions glo..ghi-1, then one row of +inf distance ending both sides
+    v[:g] = vals
     mid = v[k - glo] if n % 2 else 0.5 * (v[k - 1 - glo] + v[k - glo])
-    dist = np.abs(v - mid)
-    split = (k + 1 if n % 2 else k) - glo  # first row above the median
-    pad = np.full((1, c), np.inf)
-    # below: the rows under the median, outward; above: those over it; (distances, values, clients), flat, +inf ended
-    below = [np.vstack((x[split - 1 :: -1] if split else x[:0], pad)).ravel() for x in (dist, v, who)]
-    above = [np.vstack((x[split:], pad)).ravel() for x in (dist, v, who)]
-    ok = (np.diff(below[0].reshape(-1, c), axis=0) > 0).all(axis=0)  # no equal distances within a side
-    ok &= (np.diff(above[0].reshape(-1, c), axis=0) > 0).all(axis=0)
-    pl, pr = np.arange(c), np.arange(c)  # flat positions of the next candidate below and above
+    dist = np.empty_like(v)
+    np.abs(np.subtract(v[:g], mid, out=dist[:g]), out=dist[:g])
+    dist[g] = np.inf
+    split = (k + 1 if n % 2 else k) - glo  # first row above the median; rows below it are read outward
+    ok = (dist[: split - 1] > dist[1:split]).all(axis=0)  # no equal distances within a side
+    ok &= (dist[split + 1 : g] > dist[split : g - 1]).all(axis=0)
+    flat_d, flat_v, flat_w = dist.ravel(), v.ravel(), who.ravel()
+    cols = np.arange(c)
+    nl, nr = np.zeros(c, dtype=np.intp), np.zeros(c, dtype=np.intp)  # values taken from below and from above
     picked = np.empty((beta, c))
     for step in range(beta):
-        x, y = below[0].take(pl), above[0].take(pr)
+        il = ((split - 1 - nl) % (g + 1)) * c + cols  # past the lowest row: the +inf row
+        ir = (split + nr) * c + cols
+        x, y = flat_d.take(il), flat_d.take(ir)
         left = x < y
         tie = x == y
         if tie.any():
-            left |= tie & (below[2].take(pl) < above[2].take(pr))
-        np.copyto(picked[step], above[1].take(pr))
-        np.copyto(picked[step], below[1].take(pl), where=left)
-        pl += left * c
-        pr += ~left * c
+            left |= tie & (flat_w.take(il, mode="clip") < flat_w.take(ir, mode="clip"))
+        np.copyto(picked[step], flat_v.take(ir))
+        np.copyto(picked[step], flat_v.take(il), where=left)
+        nl += left
+        nr += ~left
     far = np.where(left, x, y)  # the beta-th distance, D
-    pl //= c
-    pr //= c
-    if glo < lo:  # the next value below, beyond the 2 beta, must be strictly farther than the beta-th
-        ok &= (pl < split) & (dist[0] > far)  # the guard itself never picked
-    if ghi > hi:
-        ok &= (pr <= hi - glo - split) & (dist[-1] > far)
+    if glo < lo:  # the value below the 2 beta (row 0) must be strictly farther than D, and never taken itself
+        ok &= (nl < split) & (dist[0] > far)
+    if ghi > hi:  # likewise the one above them (row g - 1)
+        ok &= (nr < g - split) & (dist[g - 1] > far)
     out = torch.from_numpy(picked).mean(dim=0)  # beta x c, as the definition lays it out
     if not ok.all():
         out[torch.from_numpy(~ok)] = _closest_general(np.ascontiguousarray(a[~ok]), beta)
