@@ -53,6 +53,7 @@ from tessera.secagg.prg import (
     check_prg,
     for_chunks,
     keystream_chunk,
+    parallel_map,
     reduce,
     to_wire,
     word,
@@ -116,9 +117,14 @@ def on_share_keys(state: ClientState | None, msg: ShareKeysIns, me: str,
     keys = list(msg.c_pks.values()) + list(msg.s_pks.values())
     if len(set(keys)) != len(keys):
         raise ProtocolError("ShareKeysIns repeats a public key; refusing to share secrets")
-    for c in holders:
-        statement = keys_statement(setup, c, msg.c_pks[c], msg.s_pks[c])
-        if c != me and not pki.verify(c, statement, msg.sigs.get(c, b""), msg.certs.get(c, b"")):
+
+    def signed(c: str) -> bool:
+        return pki.verify(c, keys_statement(setup, c, msg.c_pks[c], msg.s_pks[c]), msg.sigs.get(c, b""),
+                          msg.certs.get(c, b""))
+
+    others = [c for c in holders if c != me]
+    for c, ok in zip(others, parallel_map(signed, others), strict=True):  # signature checks on the thread pool
+        if not ok:
             raise ProtocolError(f"the keys forwarded for {c!r} are not signed by {c!r}; the coordinator may have "
                                 "substituted them; refusing to share secrets")
     if len(holders) < setup.threshold:
@@ -199,6 +205,10 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
            else os.urandom(SEED_BYTES))
     out = np.empty(setup.dim, dtype=word(setup.bits))
     to_unit = setup.levels / (2.0 * setup.clip)
+    # Every step below is monotone in the value, so the largest y is that of a value at +clip: when it does not
+    # exceed levels, neither does floor(y) + 1 (y == levels has no fraction to round up) and the clamp is a no-op.
+    clamp = ((setup.clip * w if w != 1.0 else setup.clip) + setup.clip) * to_unit > setup.levels
+    top = out.dtype.type(setup.levels)
 
     def chunk(start: int, stop: int) -> None:
         if scale != 1.0:
@@ -214,9 +224,11 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
         y -= low
         y *= 2.0**32  # round up with probability frac: a uniform 32-bit word below frac * 2^32
         up = np.less(keystream_chunk(key, start, stop, np.uint32, prg=PRG_NAME), y)
-        np.add(low, up, out=low)
-        np.minimum(low, setup.levels, out=low)
-        out[start:stop] = low  # exact: integers below 2^53
+        words = out[start:stop]
+        words[...] = low  # exact: integers in [0, levels]
+        np.add(words, up, out=words)
+        if clamp:
+            np.minimum(words, top, out=words)
 
     for_chunks(setup.dim - 1, chunk)
     last = keystream_chunk(key, setup.dim - 1, setup.dim, np.uint32, prg=PRG_NAME)[0]
@@ -260,8 +272,14 @@ def check_confirmations(st: ClientState, msg: UnmaskIns, me: str, pki: PKI) -> N
     its neighbourhood (itself included) signed it: the coordinator told them all the same story."""
     setup = st.setup
     near = set(neighbours_of(setup.clients, me, degree=setup.degree, graph_seed=setup.graph_seed))
-    for v, sig in msg.sigs.items():
-        if v not in near or v not in msg.survivors or not pki.verify(v, st.statement, sig, st.certs.get(v, b"")):
+    alive = set(msg.survivors)
+
+    def confirmed(v: str) -> bool:
+        return v in near and v in alive and pki.verify(v, st.statement, msg.sigs[v], st.certs.get(v, b""))
+
+    names = list(msg.sigs)
+    for v, ok in zip(names, parallel_map(confirmed, names), strict=True):  # signature checks on the thread pool
+        if not ok:
             raise ProtocolError(f"{v!r} did not sign the survivor story this client was told: the coordinator tells "
                                 "clients different stories; refusing to reveal shares")
     if len(msg.sigs) + 1 < setup.threshold:

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ CHUNK = 1 << 17  # words per chunk: 512 KiB (uint32) / 1 MiB (uint64), a multipl
 _CHACHA_NONCE = b"tessera-mask"  # 12 bytes after ChaCha20's 4-byte little-endian block counter
 _AES_INFO = b"tessera/secagg/prg/aes-128-ctr"
 _ZEROS = bytes(CHUNK * 8)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _cpu_flags() -> set[str]:
@@ -128,6 +131,22 @@ _THREADS = max(1, min(8, os.cpu_count() or 1))
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_THREADS, thread_name_prefix="tessera-prg")
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """[fn(x) for x in items], in order, the items split into one contiguous batch per pool thread (the first on
+    this thread): for work that releases the GIL, such as OpenSSL's signature checks."""
+    k = -(-len(items) // _THREADS)
+    if len(items) < 2 or _THREADS == 1:
+        return [fn(x) for x in items]
+    def batch(start: int) -> list[R]:
+        return [fn(x) for x in items[start : start + k]]
+
+    futures = [_pool().submit(batch, i) for i in range(k, len(items), k)]
+    out = batch(0)
+    for f in futures:
+        out += f.result()
+    return out
 
 
 def for_chunks(n: int, fn: Callable[[int, int], None]) -> None:

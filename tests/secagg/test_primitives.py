@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tessera.core.errors import ConfigError, ProtocolError
 from tessera.secagg import crypto, shamir
 from tessera.secagg.graph import default_degree, neighbours, neighbours_of, share_threshold
+from tessera.secagg.messages import SetupIns
 from tessera.secagg.prg import CHUNK, PRG_NAME, add_masks, cpu_has_aes, expand, keystream, read_stream, word
 from tessera.secagg.quantize import (
     dequantize_sum,
@@ -285,3 +286,47 @@ def test_a_float32_update_is_quantised_as_its_float64_widening(clip: float, l2_c
                                                                          graph_seed=0, session=1)
     v = torch.randn(CHUNK + 10, generator=torch.Generator().manual_seed(0)) * 2 * clip
     assert np.array_equal(encode_words(v, examples, setup, 5), encode_words(v.double(), examples, setup, 5))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 99])
+def test_parallel_map_keeps_order_and_raises(n: int) -> None:
+    from tessera.secagg.prg import parallel_map
+
+    assert parallel_map(lambda x: x * x, list(range(n))) == [x * x for x in range(n)]
+    if n >= 2:
+        with pytest.raises(ZeroDivisionError):
+            parallel_map(lambda x: 1 // (x - n + 1), list(range(n)))  # fails on the last item (another thread's batch)
+
+
+def _reference_words(v: torch.Tensor, n: int, setup: SetupIns, seed: int) -> np.ndarray:
+    """The client's quantisation written out whole in float64, as it was before it went chunk by chunk."""
+    from tessera.secagg.prg import keystream_chunk
+
+    x = v.double().numpy()
+    scale = min(1.0, setup.l2_clip / max(float(np.linalg.norm(x)), 1e-300)) if setup.l2_clip > 0 else 1.0
+    w = min(float(n), setup.max_weight) / setup.max_weight
+    y = np.clip(x * scale, -setup.clip, setup.clip) * w
+    y = (y + setup.clip) * (setup.levels / (2.0 * setup.clip))
+    low = np.floor(y)
+    key = hashlib.sha256(b"tessera/secagg/rounding|%d" % seed).digest()
+    ks = np.concatenate([keystream_chunk(key, a, min(a + CHUNK, setup.dim), np.uint32, prg=PRG_NAME).copy()
+                         for a in range(0, setup.dim, CHUNK)])
+    q = np.minimum(low + (ks[:-1] < (y - low) * 2.0**32), setup.levels)
+    last = w * setup.levels
+    tail = min(math.floor(last) + (int(ks[-1]) < (last - math.floor(last)) * 2.0**32), setup.levels)
+    return np.append(q, tail).astype(word(setup.bits))
+
+
+@pytest.mark.parametrize("clip,levels,examples", [(8.0, None, 1), (0.3, 1231, 1), (0.3, 1231, 3), (0.1, None, 7)])
+def test_quantised_words_equal_the_whole_vector_reference(clip: float, levels: int | None, examples: int) -> None:
+    """Chunked quantisation (in place, clamped only where the largest value could exceed `levels`: levels=1231
+    at clip 0.3 is such a case) gives the words of the plain whole-vector formula."""
+    from tessera.secagg.client import encode_words
+    from tessera.secagg.plus import SecAggPlus
+
+    setup = SecAggPlus(clip=clip, max_weight=10.0).setup(1, ["a", "b", "c"], dim=CHUNK + 11, graph_seed=0, session=1)
+    if levels is not None:
+        setup = dataclasses.replace(setup, levels=levels)
+    v = torch.randn(CHUNK + 10, generator=torch.Generator().manual_seed(1)) * 3 * clip
+    v[:5] = torch.tensor([clip, -clip, 2 * clip, 0.0, -0.0])
+    assert np.array_equal(encode_words(v, examples, setup, 9), _reference_words(v, examples, setup, 9))
