@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from tessera.core.device import DeviceSpec, Placement, scalar, scaled_step
+from tessera.core.device import DeviceSpec, Placement, device_of, scalar, scaled_step
 from tessera.core.types import Metrics, Params, get_params, set_params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -214,36 +214,52 @@ class SupervisedTask:
         max_steps = int(config.get("max_steps", 0)) or None
         mu = float(config.get("proximal_mu", 0.0))
         correction: Mapping[str, torch.Tensor] | None = self.placement.move(config.get("grad_correction"))
-        named = dict(model.named_parameters())
+        named = dict(model.named_parameters()) if mu > 0 or correction is not None else {}
         anchor = {k: p.detach().clone() for k, p in named.items()} if mu > 0 else None
         optimizer = self.optimizer_fn([p for p in model.parameters() if p.requires_grad])
         place, scaler = self.placement, self.placement.scaler()
         moves, autocast = place.explicit, place.autocast()  # one context, entered once per step (it re-enters)
+        plain = scaler is None and correction is None  # backward and step directly, no scaled_step around them
         model.train()
+        loss_fn = self.loss_fn
         steps = 0
-        losses: list[torch.Tensor] = []  # kept where they are and summed once at the end: no host sync per step
+        # The loss metric is summed in float64 in step order. On the CPU each step's loss is read at once (no
+        # device to wait for); elsewhere the losses are kept where they are and read once at the end (no host
+        # sync per step). Both give the same bits (see _train_metrics).
+        host = device_of(model).type == "cpu"
+        total, count = 0.0, 0
+        losses: list[torch.Tensor] = []
         sizes: list[int] = []
         for _ in range(epochs):
             for batch in loader:
                 xb, yb = place.move(batch) if moves else batch
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
-                    loss = self.loss_fn(model(xb), yb)
+                    loss = loss_fn(model(xb), yb)
                 objective = loss
                 if anchor is not None:
                     prox = sum((named[k] - anchor[k]).pow(2).sum() for k in anchor)
                     objective = loss + 0.5 * mu * prox
-                with scaled_step(scaler, optimizer, objective):
-                    if correction is not None:
-                        for k, p in named.items():
-                            if p.grad is not None and k in correction:
-                                p.grad.add_(correction[k])
-                losses.append(loss.detach())
-                sizes.append(len(yb))
+                if plain:
+                    objective.backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+                else:
+                    with scaled_step(scaler, optimizer, objective):
+                        if correction is not None:
+                            for k, p in named.items():
+                                if p.grad is not None and k in correction:
+                                    p.grad.add_(correction[k])
                 steps += 1
+                n = len(yb)
+                if host:
+                    total += loss.item() * n
+                    count += n
+                else:
+                    losses.append(loss.detach())
+                    sizes.append(n)
                 if max_steps is not None and steps >= max_steps:
-                    return _train_metrics(losses, sizes)
-        return _train_metrics(losses, sizes)
+                    return _host_metrics(total, count, steps) if host else _train_metrics(losses, sizes)
+        return _host_metrics(total, count, steps) if host else _train_metrics(losses, sizes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader[Any]) -> tuple[float, Metrics]:
@@ -276,6 +292,11 @@ def _train_metrics(losses: list[torch.Tensor], sizes: list[int]) -> Metrics:
             for value, n in zip(stacked.tolist(), sizes, strict=True):
                 total += value * n
     return {"loss": total / max(sum(sizes), 1), "steps": float(len(losses))}
+
+
+def _host_metrics(total: float, count: int, steps: int) -> Metrics:
+    """_train_metrics of losses already read one by one: `total` is their float64 sum of loss * rows."""
+    return {"loss": total / max(count, 1), "steps": float(steps)}
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:
