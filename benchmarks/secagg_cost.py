@@ -87,13 +87,21 @@ def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int, float]
 
 def secagg_round(updates: Updates, dropped: set[int], rate: float, *,
                  complete: bool = False) -> tuple[float, int, int, float, float]:
-    """Round seconds, bytes up, degree, the seconds of the consistency round (malicious-server protection), and
-    the round's CPU seconds (all threads)."""
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    rep = run_round(updates, threshold=0.6, dropouts=dropped, clip=8.0, bits=32, seed=0, dropout=max(rate, 0.05),
-                    degree=len(updates) - 1 if complete else None)
-    return (time.perf_counter() - t0, rep.bytes_up, rep.server.state.setup.degree,
-            rep.server.seconds.get("consistency", 0.0), time.process_time() - cpu0)
+    """Round seconds (median of 3 like the plain round, where rounds are short: n x params <= 20M), bytes up,
+    degree, the seconds of the consistency round (malicious-server protection), and the round's mean CPU seconds
+    (all threads)."""
+    repeats = 3 if len(updates) * updates.size <= 20_000_000 else 1
+    reps = []
+
+    def one() -> None:
+        reps.append(run_round(updates, threshold=0.6, dropouts=dropped, clip=8.0, bits=32, seed=0,
+                              dropout=max(rate, 0.05), degree=len(updates) - 1 if complete else None))
+
+    cpu0 = time.process_time()
+    seconds, _ = best_of(one, repeats)
+    rep = reps[-1]
+    return (seconds, rep.bytes_up, rep.server.state.setup.degree, rep.server.seconds.get("consistency", 0.0),
+            (time.process_time() - cpu0) / repeats)
 
 
 def ckks_round(updates: Updates, dropped: set[int]) -> tuple[float, int]:

@@ -245,7 +245,8 @@ def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, sign: int = 1, prg: str
 
 
 def reduce(acc: np.ndarray, *, bits: int) -> np.ndarray:
-    np.bitwise_and(acc, acc.dtype.type(ring_mask(bits)), out=acc)
+    if bits != acc.itemsize * 8:  # in Z_{2^32} on uint32 (Z_{2^64} on uint64) the words are already reduced
+        np.bitwise_and(acc, acc.dtype.type(ring_mask(bits)), out=acc)
     return acc
 
 
@@ -265,6 +266,15 @@ def to_words(t: torch.Tensor, *, bits: int) -> np.ndarray:
     if bits <= 32:
         return a.astype(np.uint32) if a.dtype == np.int64 else a.view(np.uint32).copy()
     return a.astype(np.int64).view(np.uint64).copy()
+
+
+def add_words(acc: np.ndarray, t: torch.Tensor, *, bits: int) -> None:
+    """acc += `t` (a wire tensor of ring values), in place; int32/int64 are read in place, not copied."""
+    a = t.detach().numpy()
+    if a.dtype.itemsize == acc.itemsize:
+        np.add(acc, a.view(acc.dtype), out=acc)
+    else:
+        np.add(acc, to_words(t, bits=bits), out=acc)
 
 
 def to_wire(acc: np.ndarray, *, bits: int) -> torch.Tensor:

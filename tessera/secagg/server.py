@@ -42,7 +42,7 @@ from tessera.secagg.messages import (
     survivors_statement,
 )
 from tessera.secagg.pki import PKI
-from tessera.secagg.prg import add_masks, reduce, to_int64, to_words
+from tessera.secagg.prg import add_masks, add_words, reduce, to_int64, to_words
 from tessera.secagg.quantize import dequantize_sum, dequantize_unit_sum
 
 
@@ -176,11 +176,10 @@ class SecAggServer:
 
     def _add(self, reply: MaskedInputRes) -> None:
         s = self.state.setup
-        x = to_words(reply.masked, bits=s.bits)
         if self.state.masked_sum is None:
-            self.state = dataclasses.replace(self.state, masked_sum=x)
+            self.state = dataclasses.replace(self.state, masked_sum=to_words(reply.masked, bits=s.bits))
         else:
-            np.add(self.state.masked_sum, x, out=self.state.masked_sum)
+            add_words(self.state.masked_sum, reply.masked, bits=s.bits)
 
     # ---------------------------------------------------------------------------------------------- advance
     def _quorum(self, who: list[str], what: str) -> None:

@@ -330,3 +330,16 @@ def test_quantised_words_equal_the_whole_vector_reference(clip: float, levels: i
     v = torch.randn(CHUNK + 10, generator=torch.Generator().manual_seed(1)) * 3 * clip
     v[:5] = torch.tensor([clip, -clip, 2 * clip, 0.0, -0.0])
     assert np.array_equal(encode_words(v, examples, setup, 9), _reference_words(v, examples, setup, 9))
+
+
+@pytest.mark.parametrize("bits", [8, 16, 31, 32, 40, 64 - 2])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_masked_inputs_are_added_in_place_as_their_words(bits: int, dtype: torch.dtype) -> None:
+    from tessera.secagg.prg import add_words, reduce, to_words
+
+    t = torch.randint(-(2**7), 2**7, (1000,), generator=torch.Generator().manual_seed(bits)).to(dtype)
+    start = np.arange(1000, dtype=word(bits)) * 7919
+    acc = start.copy()
+    add_words(acc, t, bits=bits)
+    assert np.array_equal(reduce(acc, bits=bits), reduce(start + to_words(t, bits=bits), bits=bits))
+    assert not np.array_equal(acc, start)
