@@ -221,7 +221,7 @@ def _sorted_middle(a: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
     mid = np.ascontiguousarray(keys[:, cols].T).view(np.uint32).reshape(-1, c, 2)
     bits = mid[:, :, hi]
     unflip = ((bits >> 31) - np.uint32(1)) | np.uint32(0x80000000)  # the same flip, read off the key
-    return (bits ^ unflip).view(np.float32), mid[:, :, lo].astype(np.intp)
+    return (bits ^ unflip).view(np.float32), mid[:, :, lo]
 
 
 def _closest_rule(a: np.ndarray, beta: int) -> torch.Tensor:
