@@ -25,8 +25,10 @@ _applied = False
 def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     """Have allocations of `threshold` bytes or more mapped on their own, so freeing one returns it to the OS.
 
-    Process-wide and idempotent; called by the gRPC coordinator and client parties when they start. Returns
-    whether it is in effect (False where the C library is not glibc: other allocators need no fix, or expose none).
+    Process-wide and idempotent; called by the gRPC coordinator when it starts listening. Not by parties that
+    train: there glibc's adaptive threshold is what keeps per-step buffers (gradients, Opacus' per-sample
+    gradients) in the heap instead of mapping and faulting them in at every step. Returns whether it is in effect
+    (False where the C library is not glibc: other allocators need no fix, or expose none).
     """
     global _applied
     if _applied:

@@ -17,7 +17,6 @@ import grpc
 
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
-from tessera.core.memory import return_freed_memory
 from tessera.core.serde import Parts, decode_message, encode_message_parts, parts_size
 from tessera.runtime.backend import Handler, LendingHandler
 from tessera.runtime.federation import Role
@@ -100,7 +99,6 @@ class ClientParty:
             call.cancel()
 
     def run(self) -> ClientStats:
-        return_freed_memory()  # a round's freed model copies go back to the OS, not the heap
         retry = self.fed.settings.retry
         failures, delays = 0, backoff_delays(retry)
         while not self._stop.is_set():
