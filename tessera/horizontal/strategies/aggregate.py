@@ -77,8 +77,9 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
 
     `rule` gets a c x n array (one row per coordinate, clients along the contiguous axis, where numpy's
     vectorised sort and selection run) in the values' own dtype (float16/bfloat16 widened to float32; float64
-    if the clients' dtypes differ): conversions that are exact and keep the order. It returns c float64 values.
-    Blocks of `_BLOCK // 8` values keep each transposed block in cache."""
+    if the clients' dtypes differ): conversions that are exact and keep the order. The array is scratch that the
+    rule may overwrite (the next block reuses it); it returns c float64 values. Blocks of `_BLOCK // 8` values
+    keep each block and its transpose in cache, and reusing the two buffers spares a fresh allocation per block."""
     _check(updates)
     n = len(updates)
     step = max(1, (_BLOCK // 8) // n)
@@ -86,23 +87,30 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
     for k, ref in updates[0].items():
         dtype = _WIDEN.get(ref.dtype, ref.dtype) if len({u[k].dtype for u in updates}) == 1 else torch.float64
         flats = [u[k].detach().reshape(-1) for u in updates]
-        acc = torch.empty(ref.numel(), dtype=torch.float64)
-        for start in range(0, ref.numel(), step):
-            cols = slice(start, min(ref.numel(), start + step))
-            block = torch.stack([f[cols].to("cpu", dtype) for f in flats]).T.contiguous()  # c x n, our own copy
-            acc[cols] = rule(block.numpy())
+        numel = ref.numel()
+        by_client = torch.empty(n, min(step, numel), dtype=dtype).numpy()  # n x c
+        by_coord = np.empty((min(step, numel), n), dtype=by_client.dtype)  # c x n
+        acc = torch.empty(numel, dtype=torch.float64)
+        for start in range(0, numel, step):
+            cols = slice(start, min(numel, start + step))
+            stacked = by_client[:, : cols.stop - start]
+            np.stack([f[cols].to("cpu", dtype).numpy() for f in flats], out=stacked)
+            block = by_coord[: cols.stop - start]
+            block[...] = stacked.T
+            acc[cols] = rule(block)
         out[k] = _cast(acc.reshape(ref.shape), ref)
     return out
 
 
 def _median_rule(a: np.ndarray) -> torch.Tensor:
-    """Per row, the middle value (odd n) or the float64 mean of the two middle values (even n).
+    """Per row, the middle value (odd n) or the float64 mean of the two middle values (even n). Sorts `a` in place.
 
     numpy 2 sorts short rows with SIMD sorting networks (x86-simd-sort, Highway on ARM): for 100 float32 values per
     coordinate that measured faster than its own selection (np.partition: 0.11 s vs 0.08 s per million rows, and
-    torch.kthvalue 1.3 s), so the middle is read off a sorted copy. Ties cannot change a sorted value."""
+    torch.kthvalue 1.3 s), so the middle is read off the sorted rows. Ties cannot change a sorted value."""
     n, k = a.shape[1], a.shape[1] // 2
-    s = torch.from_numpy(np.sort(a, axis=1))
+    a.sort(axis=1)
+    s = torch.from_numpy(a)
     return s[:, k].double() if n % 2 else 0.5 * (s[:, k - 1].double() + s[:, k].double())
 
 
@@ -121,7 +129,8 @@ def trimmed_mean(updates: Sequence[Params], *, beta: float) -> Params:
     def rule(a: np.ndarray) -> torch.Tensor:
         # numpy's vectorised sort costs what a two-sided selection does here, and it keeps the kept values in
         # ascending order: laid out kept x c as in the definition, the float64 mean runs in the same order.
-        kept = torch.from_numpy(np.sort(a, axis=1)[:, cut : n - cut]).T
+        a.sort(axis=1)
+        kept = torch.from_numpy(a[:, cut : n - cut]).T
         return torch.empty(kept.shape, dtype=torch.float64).copy_(kept).mean(dim=0)
 
     return _coordinatewise(updates, rule)
@@ -287,7 +296,7 @@ def _closest_general(a: np.ndarray, beta: int) -> torch.Tensor:
     c, n = a.shape
     if n <= 24 or c * n <= 1 << 14:  # few values: one stable sort of the distances in client order is cheaper
         t = torch.from_numpy(a).double()
-        order = (t - _median_rule(a)[:, None]).abs().sort(dim=1, stable=True).indices[:, :beta]
+        order = (t - _median_rule(a.copy())[:, None]).abs().sort(dim=1, stable=True).indices[:, :beta]
         return t.gather(1, order).T.contiguous().mean(dim=0)
     who = torch.from_numpy(np.argsort(a, axis=1))  # client index of each sorted value (equal values in any order)
     s = torch.from_numpy(np.take_along_axis(a, who.numpy(), axis=1)).double()
