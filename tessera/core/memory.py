@@ -26,9 +26,11 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     """Have allocations of `threshold` bytes or more mapped on their own, so freeing one returns it to the OS.
 
     Process-wide and idempotent; called by the gRPC coordinator when it starts listening. Not by parties that
-    train: there glibc's adaptive threshold is what keeps per-step buffers (gradients, Opacus' per-sample
-    gradients) in the heap instead of mapping and faulting them in at every step. Returns whether it is in effect
-    (False where the C library is not glibc: other allocators need no fix, or expose none).
+    train: a fixed 1 MiB threshold would map (and fault in) every gradient buffer of a megabyte or more at every
+    step, where glibc's adaptive threshold keeps buffers up to 32 MiB in the heap (larger ones, such as Opacus'
+    per-sample gradients, are mapped per step either way: docs/privacy.md shows the environment settings that
+    keep them). Returns whether it is in effect (False where the C library is not glibc: other allocators need no
+    fix, or expose none).
     """
     global _applied
     if _applied:
