@@ -67,8 +67,9 @@ def _blocks(updates: Sequence[Params], key: str) -> Iterator[torch.Tensor]:
     scratch = torch.empty(len(updates), min(step, numel), dtype=torch.float64)
     for start in range(0, numel, step):
         block = scratch[:, : min(numel, start + step) - start]
-        for row, f in zip(block, flats, strict=True):
-            row.copy_(f[start : start + step])  # converts to float64 (exactly) in the copy
+        cols = slice(start, start + block.shape[1])
+        # one numpy call converts every client's slice to float64 (exactly) into the scratch
+        np.stack([f[cols].to("cpu", _WIDEN.get(f.dtype, f.dtype)).numpy() for f in flats], out=block.numpy())
         yield block
 
 
