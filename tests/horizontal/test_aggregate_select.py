@@ -7,6 +7,7 @@ counts, integer and half-precision inputs, and any block size, and must never wr
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -170,10 +171,14 @@ def test_closest_to_median_merge_path_and_its_fallback(n: int, monkeypatch: pyte
     x[:, ::3] = torch.randint(-1, 2, (n, 100), generator=g).float()
     x[: n // 2, 1::7] = -0.0  # signed zeros tied with the median
     u = [{"w": r.clone()} for r in x]
-    general_rows = []
+    general_rows: list[int] = []
     general = aggregate._closest_general
-    monkeypatch.setattr(aggregate, "_closest_general",
-                        lambda a, beta: general_rows.append(a.shape[0]) or general(a, beta))
+
+    def counted(a: np.ndarray, beta: int) -> torch.Tensor:
+        general_rows.append(a.shape[0])
+        return general(a, beta)
+
+    monkeypatch.setattr(aggregate, "_closest_general", counted)
     for beta in (1, 2, 4, 5, 16):
         assert_identical(aggregate.closest_to_median_mean(u, beta=beta), ref_closest_to_median_mean(u, beta))
     assert 5 * 100 <= sum(general_rows) < 5 * 200  # the tied third and some signed-zero columns, not the rest
