@@ -6,6 +6,7 @@ sizes; a failing, silent, absent or misbehaving client becomes a ClientFailure w
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +51,12 @@ def _fed(certs: Path, port: int = 0, **settings: Any) -> FederationConfig:
     return build({"federation": fed, "parties": parties}, source="test", base=certs)
 
 
-@pytest.fixture
-def running(certs: Path) -> Iterator[tuple[GrpcBackend, Echo, dict[str, ClientParty], FederationConfig]]:
-    backend = GrpcBackend(_fed(certs), dict(ROUTES), min_clients=2)
-    port = backend.listen()
-    fed = _fed(certs, port)
+@contextlib.contextmanager
+def _federation(certs: Path, **settings: Any) -> Iterator[tuple[GrpcBackend, Echo, dict[str, ClientParty],
+                                                                   FederationConfig]]:
+    """A coordinator and alice + bob (threads) serving an Echo; carol stays away. `settings` go to federation.toml."""
+    backend = GrpcBackend(_fed(certs, **settings), dict(ROUTES), min_clients=2)
+    fed = _fed(certs, backend.listen(), **settings)
     echo = Echo()
     clients = {n: ClientParty(fed, n, echo) for n in ("alice", "bob")}
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients.values()]
@@ -68,6 +70,12 @@ def running(certs: Path) -> Iterator[tuple[GrpcBackend, Echo, dict[str, ClientPa
         backend.close()
         for t in threads:
             t.join(10)
+
+
+@pytest.fixture
+def running(certs: Path) -> Iterator[tuple[GrpcBackend, Echo, dict[str, ClientParty], FederationConfig]]:
+    with _federation(certs) as parts:
+        yield parts
 
 
 def test_large_params_cross_in_many_chunks_and_bytes_are_counted(running: Any) -> None:
@@ -181,21 +189,9 @@ def test_exchange_each_folds_each_reply_as_it_arrives_not_in_request_order(runni
 
 @pytest.fixture
 def one_at_a_time(certs: Path) -> Iterator[tuple[GrpcBackend, Echo]]:
-    """Two clients and a coordinator whose reply budget admits one reply at a time (reply_buffer_bytes=0)."""
-    backend = GrpcBackend(_fed(certs, reply_buffer_bytes=0), dict(ROUTES), min_clients=2)
-    fed = _fed(certs, backend.listen())
-    echo = Echo()
-    threads = [threading.Thread(target=ClientParty(fed, n, echo).run, daemon=True) for n in ("alice", "bob")]
-    for t in threads:
-        t.start()
-    try:
-        assert backend.wait_for(["c0", "c1"], 20) == ["c0", "c1"]
+    """A coordinator whose reply budget admits one reply at a time (reply_buffer_bytes=0)."""
+    with _federation(certs, reply_buffer_bytes=0) as (backend, echo, _, _):
         yield backend, echo
-    finally:
-        echo.release.set()
-        backend.close()
-        for t in threads:
-            t.join(10)
 
 
 def test_replies_are_reassembled_one_at_a_time_within_the_budget(one_at_a_time: Any) -> None:
