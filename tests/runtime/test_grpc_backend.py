@@ -263,3 +263,13 @@ def test_a_party_lends_its_replies_and_each_is_framed_before_the_next_request(ce
     finally:
         backend.close()
         thread.join(10)
+
+
+def test_a_reply_past_its_deadline_gives_the_budget_back(one_at_a_time: Any) -> None:
+    """With room for one reply at a time, a late reply that kept its hold would stall every later exchange."""
+    backend, echo = one_at_a_time
+    late = backend.exchange({"c0": EvaluateIns(round=1, params={}, config={"block": "c0"})}, timeout=0.3)
+    assert isinstance(late["c0"], ClientFailure) and late["c0"].kind.name == "TIMEOUT"
+    echo.release.set()  # alice's reply to round 1 arrives now, after its deadline, and is dropped
+    replies = backend.exchange({c: FitIns(round=2, params={"w": torch.zeros(10)}) for c in ("c0", "c1")}, timeout=20)
+    assert all(isinstance(r, FitRes) for r in replies.values()) and backend.budget.held == 0

@@ -134,21 +134,27 @@ class Session:
         return fut
 
     def deliver(self, msg_id: int, blob: memoryview, lease: Lease | None = None) -> None:
-        with self.lock:
+        with self.lock:  # resolved under the lock: `forget` sees the future either pending or done, never between
             fut = self.pending.pop(msg_id, None)
             issued = msg_id < self.next_id
-        if fut is not None:
-            fut.set_result((blob, lease))
-            return
+            if fut is not None:
+                fut.set_result((blob, lease))
+                return
         if lease is not None:  # a late reply (its deadline passed) is dropped, and so is its hold on the budget
             lease.release()
         if not issued:
             raise tp.FrameError(f"reply to message {msg_id}, which was never sent")
 
     def forget(self, fut: Future[Delivery]) -> None:
-        """Stop waiting for a reply (its deadline passed); a late reply is then dropped."""
+        """Stop waiting for a reply (its deadline passed, or its consumer gave up): a reply arriving later is
+        dropped, and one that arrived but was never consumed gives its budget back."""
         with self.lock:
             self.pending = {k: f for k, f in self.pending.items() if f is not fut}
+            arrived = fut.done() and not fut.cancelled() and fut.exception() is None
+        if arrived:
+            lease = fut.result()[1]
+            if lease is not None:
+                lease.release()
 
     def close(self, reason: str, abort: _Abort | None = None) -> None:
         with self.lock:
@@ -413,10 +419,6 @@ class GrpcBackend:
         finally:  # an on_reply that raised: replies not consumed give their budget back
             for fut, (_, session) in sent.items():
                 session.forget(fut)
-                if fut.done() and fut.exception() is None:
-                    lease = fut.result()[1]
-                    if lease is not None:
-                        lease.release()
         return {c: out[c] for c in requests}
 
     def _consume(self, cid: str, session: Session, fut: Future[Delivery], budget: float,
