@@ -236,7 +236,7 @@ def main() -> None:
     if args.point:
         kind, size, clients = args.point
         if kind in ("grpc", "inproc", "ray"):
-            print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate)))
+            print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate.split(",")[0])))
         else:
             print(json.dumps(point(kind, size, int(clients))))
         return

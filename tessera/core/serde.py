@@ -31,6 +31,7 @@ import struct
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -144,9 +145,10 @@ def dumps(obj: Any) -> bytes:
 class _Decoder:
     """Walks a decoded header, building tensors from the body; every check runs before any tensor exists."""
 
-    def __init__(self, body: memoryview, *, take: bool) -> None:
+    def __init__(self, body: memoryview, *, take: bool, borrow: bool = False) -> None:
         self.body = body
         self.take = take and not body.readonly
+        self.borrow = borrow  # tensors view `body` even when it is read-only (see `loads`)
         self.cursor = 0  # buffers must follow each other in header order: disjoint, in bounds, nothing unread
 
     def tensor(self, desc: Any) -> torch.Tensor:
@@ -177,7 +179,12 @@ class _Decoder:
         raw = self.body[off : off + nbytes]
         if dtype is torch.bool and int(np.frombuffer(raw, dtype=np.uint8).max()) > 1:
             raise SerdeError("bool tensor holds bytes other than 0 and 1")
-        u8 = torch.frombuffer(raw if self.take else bytearray(raw), dtype=torch.uint8)
+        if self.take or self.borrow:
+            with warnings.catch_warnings():  # borrow: torch warns that it cannot mark the view read-only
+                warnings.simplefilter("ignore", UserWarning)
+                u8 = torch.frombuffer(raw, dtype=torch.uint8)
+        else:
+            u8 = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         if u8.data_ptr() % dtype.itemsize:  # a view must be aligned for its dtype; copy the rare one that is not
             u8 = u8.clone()
         return u8.view(dtype).reshape(shape)
@@ -214,11 +221,13 @@ class _Decoder:
 
 
 def loads(data: bytes | bytearray | memoryview, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
-          take: bool = False) -> Any:
+          take: bool = False, borrow: bool = False) -> Any:
     """Decode a blob written by `dumps`, validating everything before building tensors.
 
     `take=True` hands a writable buffer (a bytearray) over to the result: tensors are views into it, so the caller
-    must not reuse it. Read-only data (bytes) is always copied, once per tensor."""
+    must not reuse it. Read-only data (bytes) is copied, once per tensor, unless `borrow=True`: then tensors view
+    it too, and torch cannot stop a write to them, so the caller must pass them on only as `FrozenTensor`s
+    (`runtime.handover.hand_over(..., frozen=True)`), which refuse writes (used for a Ray object store's pages)."""
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
@@ -238,7 +247,7 @@ def loads(data: bytes | bytearray | memoryview, *, max_bytes: int | None = DEFAU
                                  max_str_len=len(view), timestamp=0, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types
         raise SerdeError(f"header is not valid msgpack: {type(exc).__name__}") from exc
-    dec = _Decoder(view[start:], take=take)
+    dec = _Decoder(view[start:], take=take, borrow=borrow)
     try:
         out = dec.obj(header, 1)
     except TesseraError:
@@ -290,9 +299,10 @@ def encode_message(msg: Any) -> bytes:
 
 
 def decode_message(data: bytes | bytearray | memoryview, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
-                   expected: tuple[type, ...] | None = None, take: bool = False) -> Any:
-    """Decode and type-check one message; raises only SerdeError (or the message's own TesseraError)."""
-    env = loads(data, max_bytes=max_bytes, take=take)
+                   expected: tuple[type, ...] | None = None, take: bool = False, borrow: bool = False) -> Any:
+    """Decode and type-check one message; raises only SerdeError (or the message's own TesseraError). `take`,
+    `borrow`: see `loads`."""
+    env = loads(data, max_bytes=max_bytes, take=take, borrow=borrow)
     if not (isinstance(env, dict) and set(env) == {"type", "fields"} and isinstance(env["fields"], dict)):
         raise SerdeError("not a message envelope")
     cls = _REGISTRY.get(env["type"]) if isinstance(env["type"], str) else None

@@ -126,6 +126,27 @@ def test_take_decodes_views_into_the_buffer_and_bytes_are_copied_once() -> None:
     assert torch.equal(serde.decode_message(blob).params["w"], params["w"])
 
 
+def test_borrow_views_read_only_data_and_frozen_hand_over_refuses_writes() -> None:
+    """What the Ray backend does with a reply in the object store: no copy, and no way to write through it."""
+    import numpy as np
+
+    from tessera.runtime.handover import hand_over
+
+    params = {"w": torch.randn(1000), "i": torch.arange(4)}
+    store = np.frombuffer(serde.encode_message(FitRes(params=params, num_examples=2)), dtype=np.uint8)
+    assert not store.flags.writeable  # read-only, like an object store's pages
+    lo = store.ctypes.data
+    borrowed = serde.decode_message(store.data, borrow=True).params
+    for k, t in borrowed.items():
+        assert torch.equal(t, params[k]) and lo <= t.data_ptr() < lo + store.nbytes  # views, not copies
+    frozen = hand_over(FitRes(params=borrowed, num_examples=2), frozen=True).params
+    with pytest.raises(Exception, match=r"read-only|frozen"):
+        frozen["w"].add_(1)
+    assert torch.equal(borrowed["w"], params["w"])
+    copied = serde.decode_message(store.data).params  # without borrow: one copy, outside the store
+    assert not lo <= copied["w"].data_ptr() < lo + store.nbytes
+
+
 def test_blobs_written_before_alignment_still_decode() -> None:
     legacy = _forge({"t": {"$t": ["int16", [2], 0, 4]}, "x": [1, "y"]}, b"\x01\x00\x02\x00",
                     magic=serde.LEGACY_MAGIC)

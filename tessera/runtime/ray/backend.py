@@ -38,6 +38,7 @@ from tessera.runtime.backend import (
     Traffic,
     failure_from_error,
 )
+from tessera.runtime.handover import hand_over
 from tessera.runtime.messages import ErrorRes
 from tessera.runtime.ray.options import RayOptions
 from tessera.runtime.ray.shared import encode_shared
@@ -220,7 +221,7 @@ class RayBackend:
         while queue and (queue[0][0] is ready or ray.wait([queue[0][0]], timeout=0)[0]):
             ref, client = queue.popleft()
             del ex.owner[ref]
-            reply, died = self._collect(ref, slot, client, down=ex.down[client])
+            reply, died = self._collect(ref, slot, client, down=ex.down[client], borrow=ex.on_reply is not _keep)
             ex.done(client, reply)
             if died:  # the requests queued behind it never ran: give them to other actors
                 for r, c in reversed(queue):
@@ -232,10 +233,13 @@ class RayBackend:
             item = next(it for it in queue if it[0] is ready)
             queue.remove(item)
             del ex.owner[ready]
-            ex.done(item[1], self._collect(ready, slot, item[1], down=ex.down[item[1]])[0])
+            ex.done(item[1], self._collect(ready, slot, item[1], down=ex.down[item[1]],
+                                           borrow=ex.on_reply is not _keep)[0])
 
-    def _collect(self, ref: Any, slot: int, client: str, *, down: int) -> tuple[Reply, bool]:
-        """The client's reply or failure, and whether its actor died (and was replaced)."""
+    def _collect(self, ref: Any, slot: int, client: str, *, down: int, borrow: bool) -> tuple[Reply, bool]:
+        """The client's reply or failure, and whether its actor died (and was replaced). `borrow`: the reply is
+        folded at once, so its tensors may view the object store (pinned only until then); a reply the exchange
+        keeps is copied out (one copy), so the store can let it go."""
         try:
             status, payload, state, peak = ray.get(ref)
         except RayError as exc:
@@ -245,12 +249,15 @@ class RayBackend:
             return ClientFailure(client, f"actor died: {_cause(exc)}", FailureKind.UNREACHABLE), True
         self._peak_kib[slot] = max(self._peak_kib[slot], int(peak))
         self.store.put(client, state)
-        if status == FAILED or not isinstance(payload, bytes):
+        if status == FAILED or not (isinstance(payload, np.ndarray) and payload.dtype == np.uint8
+                                    and payload.ndim == 1):
             self.traffic.add(client, down=down, up=0)
             return ClientFailure(client, str(payload)), False
-        self.traffic.add(client, down=down, up=len(payload))
+        self.traffic.add(client, down=down, up=payload.nbytes)
         try:
-            reply = decode_message(payload, max_bytes=self.options.max_message_bytes)
+            reply = decode_message(payload.data, max_bytes=self.options.max_message_bytes, borrow=borrow)
+            if borrow:  # its tensors view the object store's read-only pages: frozen, so no one writes them
+                reply = hand_over(reply, frozen=True)
         except SerdeError as exc:
             return ClientFailure(client, f"SerdeError: {str(exc)[:200]}", FailureKind.MALFORMED), False
         if isinstance(reply, ErrorRes):

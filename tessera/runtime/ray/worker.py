@@ -3,7 +3,9 @@
 An actor holds no client state between calls. Each call brings the client's encoded request, the exchange's
 shared blob (fetched from the object store and decoded once per exchange per actor, then handed to each client
 read-only) and the client's stored state; it returns
-the encoded reply and the client's state afterwards. Everything crossing the actor boundary is serde bytes.
+the encoded reply and the client's state afterwards. Everything crossing the actor boundary is serde bytes; the
+reply travels as a numpy byte array, which Ray stores out of band, so the driver reads it in place from the object
+store instead of unpickling a copy.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import resource
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from tessera.core.errors import SerdeError
-from tessera.core.serde import encode_message
+from tessera.core.serde import encode_message_parts, parts_size
 from tessera.runtime.backend import ClientStateHandler, Handler, _reason, _short
 from tessera.runtime.handover import hand_over
 from tessera.runtime.messages import ErrorRes
@@ -26,7 +29,19 @@ from tessera.runtime.ray.store import decode_state, encode_state
 
 OK, FAILED = "ok", "failed"
 # (status, encoded reply or failure reason, the client's state blob afterwards (None: no state), actor peak RSS KiB)
-Result = tuple[str, bytes | str, bytes | None, int]
+Result = tuple[str, np.ndarray | str, bytes | None, int]
+
+
+def packed(msg: Any) -> np.ndarray:
+    """`encode_message(msg)` as a uint8 array, written once from the message's buffers."""
+    parts = encode_message_parts(msg)
+    out = np.empty(parts_size(parts), dtype=np.uint8)
+    pos = 0
+    for part in parts:
+        n = memoryview(part).nbytes
+        out[pos : pos + n] = np.frombuffer(part, dtype=np.uint8)
+        pos += n
+    return out
 
 
 def peak_rss_kib() -> int:
@@ -70,11 +85,11 @@ class ClientWorker:
         app = self.app
         if isinstance(app, ClientStateHandler):
             app.set_client_state(client, start_state)
-        payload: bytes | str
+        payload: np.ndarray | str
         try:
-            status, payload = OK, encode_message(self.app.handle(client, msg))
+            status, payload = OK, packed(self.app.handle(client, msg))
         except Exception as exc:  # a client's failure must not take the actor down; its kind travels typed
-            status, payload = OK, encode_message(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
+            status, payload = OK, packed(ErrorRes(kind=type(exc).__name__, reason=_short(exc)))
         new_state = state
         if isinstance(app, ClientStateHandler):
             kept = app.take_client_state(client)
