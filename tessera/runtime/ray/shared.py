@@ -82,10 +82,14 @@ def encode_shared(requests: Mapping[str, Any]) -> tuple[bytes | None, dict[str, 
 Table = dict[Path, Any]  # the shared maps of one exchange, decoded
 
 
-def decode_table(shared: bytes | bytearray | memoryview, *, max_bytes: int) -> Table:
+def decode_table(shared: bytes | bytearray | memoryview, *, max_bytes: int, borrow: bool = False) -> Table:
     """The exchange's shared maps, decoded once per actor: one copy out of the (read-only) object store into a
-    buffer the tensors then view, so serving each client costs no copy of them."""
-    table = serde.loads(bytearray(shared), max_bytes=max_bytes, take=True)
+    buffer the tensors then view, so serving each client costs no copy of them; with `borrow` no copy at all, the
+    tensors view the store's pages (the caller hands them over frozen: `serde.loads`)."""
+    if borrow:
+        table = serde.loads(shared, max_bytes=max_bytes, borrow=True)
+    else:
+        table = serde.loads(bytearray(shared), max_bytes=max_bytes, take=True)
     if not (isinstance(table, dict) and set(table) == {"paths", "values"} and isinstance(table["paths"], list)
             and isinstance(table["values"], list) and len(table["paths"]) == len(table["values"])
             and all(isinstance(p, list) and 1 <= len(p) <= 2 and all(isinstance(x, str) for x in p)

@@ -68,8 +68,9 @@ class ClientWorker:
             return None
         if token != self._shared_token:
             self._shared, self._shared_token = None, None
-            stored = ray.get(refs[0])  # a read-only view of the object store: no copy until decode_table's one
-            self._shared = decode_table(memoryview(stored), max_bytes=self.max_message_bytes)
+            stored = ray.get(refs[0])  # a read-only view of the object store: the tensors view it (no copy);
+            # every message built from the table is handed to the client frozen (`run`), so nothing writes it
+            self._shared = decode_table(memoryview(stored), max_bytes=self.max_message_bytes, borrow=True)
             self._shared_token = token
         return self._shared
 
