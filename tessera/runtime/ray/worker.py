@@ -21,7 +21,7 @@ import torch
 
 from tessera.core.errors import SerdeError
 from tessera.core.serde import encode_message_parts, parts_size
-from tessera.runtime.backend import ClientStateHandler, Handler, _reason, _short
+from tessera.runtime.backend import ClientStateHandler, Handler, LendingHandler, _reason, _short
 from tessera.runtime.handover import hand_over
 from tessera.runtime.messages import ErrorRes
 from tessera.runtime.ray.shared import Table, decode, decode_table
@@ -55,6 +55,8 @@ class ClientWorker:
     def __init__(self, factory: Callable[[], Handler], *, torch_threads: int, max_message_bytes: int) -> None:
         torch.set_num_threads(torch_threads)
         self.app = factory()
+        if isinstance(self.app, LendingHandler):  # `run` packs each reply before it returns: lending is safe
+            self.app.lend_replies(True)
         self.max_message_bytes = max_message_bytes
         self._shared_token: str | None = None
         self._shared: Table | None = None
