@@ -192,11 +192,6 @@ class Reassembler:
         self._offset = 0
         self._next = 0
 
-    @property
-    def idle(self) -> bool:
-        """No message is half-way: the next DATA frame starts one."""
-        return self._buf is None
-
     def feed(self, f: Frame) -> tuple[int, memoryview] | None:
         """Add a chunk (its checksum was checked by `parse`); returns (message id, buffer) when the message is
         complete. The (writable) buffer is the caller's from then on (decode it with ``take=True``)."""
