@@ -72,6 +72,7 @@ def test_the_one_sum_finite_check_agrees_with_the_elementwise_one(dtype: torch.d
 @pytest.mark.parametrize("n", [1, 999, 1000, 1001, 4321])
 def test_chunked_widening_gives_the_bits_of_the_mixed_dtype_kernels(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(base, "WIDE_CHUNK", 1000)
+    monkeypatch.setattr(base, "WIDE_DIRECT", 0)  # the chunked path even for these small tensors
     g = torch.Generator().manual_seed(n)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = (torch.randn(n, generator=g) * 100).to(dtype).reshape(-1, 1)

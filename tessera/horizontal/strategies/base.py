@@ -87,6 +87,7 @@ class RunningMean:
 
 
 WIDE_CHUNK = 1 << 18  # elements widened to float64 at a time: a 2 MiB scratch that stays in cache
+WIDE_DIRECT = 1 << 16  # up to this many elements torch's mixed-dtype kernel is faster (one call, not three)
 
 
 def _chunks(n: int) -> range:
@@ -96,8 +97,9 @@ def _chunks(n: int) -> range:
 def fold_wide(acc: torch.Tensor, v: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """`acc.add_(v, alpha=alpha)` for a float64 `acc`, with `v` widened chunk by chunk into a small scratch first:
     the same bits, several times faster than torch's mixed-dtype kernel (which casts element by element), and no
-    float64 copy of `v`. Returns `acc`."""
-    if v.dtype == acc.dtype or not acc.is_contiguous() or acc.shape != v.shape:
+    float64 copy of `v`. Small tensors take the mixed kernel directly (same bits: both widen exactly, then add in
+    float64). Returns `acc`."""
+    if v.dtype == acc.dtype or acc.numel() <= WIDE_DIRECT or not acc.is_contiguous() or acc.shape != v.shape:
         return acc.add_(v, alpha=alpha)
     a, b = acc.view(-1), v.reshape(-1)
     scratch = torch.empty(min(WIDE_CHUNK, a.numel()), dtype=acc.dtype)
@@ -116,7 +118,7 @@ def add_rounded(wide: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`torch.add(wide, x, out=torch.empty_like(x))`: wide + x computed in float64 and rounded once into x's
     dtype, the same bits, with x widened chunk by chunk into a small scratch."""
     out = torch.empty_like(x)
-    if not (x.is_contiguous() and wide.is_contiguous() and wide.shape == x.shape):
+    if x.numel() <= WIDE_DIRECT or not (x.is_contiguous() and wide.is_contiguous() and wide.shape == x.shape):
         return torch.add(wide, x, out=out)
     w, b, o = wide.view(-1), x.view(-1), out.view(-1)
     scratch = torch.empty(min(WIDE_CHUNK, w.numel()), dtype=wide.dtype)
