@@ -187,7 +187,8 @@ def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float6
                                 + "".join(f'[[parties]]\nname = "{n}"\nrole = "client"\n' for n in names))
             fed = load_federation(fed_path)
             routes = {f"c{i}": n for i, n in enumerate(names)}
-            server, nbytes = _server(size, clients, GrpcBackend(fed, routes, min_clients=clients), accumulate)
+            backend = GrpcBackend(fed, routes, min_clients=clients, return_memory=True)  # as `tessera coordinator`
+            server, nbytes = _server(size, clients, backend, accumulate)
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=_party, args=(str(fed_path), n, c, (size, clients), str(folder / f"{n}.json")))
                      for c, n in routes.items()]

@@ -25,12 +25,13 @@ _applied = False
 def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     """Have allocations of `threshold` bytes or more mapped on their own, so freeing one returns it to the OS.
 
-    Process-wide and idempotent; called by the gRPC coordinator when it starts listening. Not by parties that
-    train: a fixed 1 MiB threshold would map (and fault in) every gradient buffer of a megabyte or more at every
-    step, where glibc's adaptive threshold keeps buffers up to 32 MiB in the heap (larger ones, such as Opacus'
-    per-sample gradients, are mapped per step either way: docs/privacy.md shows the environment settings that
-    keep them). Returns whether it is in effect (False where the C library is not glibc: other allocators need no
-    fix, or expose none).
+    Process-wide and idempotent; called by a horizontal coordinator's `GrpcBackend` when it starts listening
+    (`return_memory=True`, which `tessera coordinator` sets). Not by parties that train, nor by a split-learning
+    label party (its coordinator trains the fuse model): there a fixed 1 MiB threshold would map (and fault in)
+    every gradient buffer of a megabyte or more at every step, where glibc's adaptive threshold keeps buffers up
+    to 32 MiB in the heap (larger ones, such as Opacus' per-sample gradients, are mapped per step either way:
+    docs/privacy.md shows the environment settings that keep them). Returns whether it is in effect (False where
+    the C library is not glibc: other allocators need no fix, or expose none).
     """
     global _applied
     if _applied:

@@ -53,7 +53,8 @@ def run_coordinator(fed: FederationConfig, parts: JobParts, *, rounds: int, seed
     from tessera.runtime.grpc.process import Stopper, check_identity, write_transport
 
     check_identity(fed.coordinator)
-    backend = GrpcBackend(fed, client_routes(fed, parts.clients), min_clients=parts.strategy.min_available)
+    backend = GrpcBackend(fed, client_routes(fed, parts.clients), min_clients=parts.strategy.min_available,
+                          return_memory=True)  # this process only coordinates: nothing here trains
     port = backend.listen()  # before the folder is claimed: a busy port leaves even an --overwrite run untouched
     try:
         claim(output_dir, resume=resume, overwrite=overwrite, where="job.output_dir")

@@ -177,6 +177,9 @@ class GrpcBackend:
     fed: FederationConfig
     routes: dict[str, str]
     min_clients: int = 1
+    # a process that only coordinates (no training in it): have freed model-sized buffers go back to the OS at
+    # once (`core.memory.return_freed_memory`; process-wide, so not for a label party that trains)
+    return_memory: bool = False
     traffic: Traffic = field(default_factory=Traffic)
     refused: list[Refusal] = field(default_factory=list)
 
@@ -205,7 +208,8 @@ class GrpcBackend:
         me = self.fed.coordinator
         addr = me.listen or me.address
         assert addr is not None
-        return_freed_memory()  # each round's freed replies and accumulators go back to the OS, not the heap
+        if self.return_memory:  # each round's freed replies and accumulators go back to the OS, not the heap
+            return_freed_memory()
         # every party may hold its streams at once and headroom remains for refused ones, so one party holding all
         # it may cannot starve another; each stream's reader gets its own thread
         workers = len(self.routes) * self.fed.settings.max_streams_per_party + 8
