@@ -96,7 +96,7 @@ class Lease:
             self._budget.release(n)
 
 
-Delivery = tuple[memoryview, Lease | None]  # a reassembled reply and the budget it holds until it is folded
+Delivery = tuple[bytearray, Lease | None]  # a reassembled reply and the budget it holds until it is folded
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Session:
             self.outbox.put(tp.split(msg_id, parts, self.chunk_bytes))
         return fut
 
-    def deliver(self, msg_id: int, blob: memoryview, lease: Lease | None = None) -> None:
+    def deliver(self, msg_id: int, blob: bytearray, lease: Lease | None = None) -> None:
         with self.lock:  # resolved under the lock: `forget` sees the future either pending or done, never between
             fut = self.pending.pop(msg_id, None)
             issued = msg_id < self.next_id

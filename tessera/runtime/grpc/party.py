@@ -172,7 +172,7 @@ class ClientParty:
         self._welcomed = True
         log.info("party %s joined as %s", self.me.name, client_id)
 
-    def _answer(self, blob: memoryview) -> Parts:
+    def _answer(self, blob: bytearray) -> Parts:
         """The encoded reply to one request, as buffers (views of the reply's tensors, sent piecewise)."""
         limit = self.fed.settings.max_message_bytes
         client_id = self.stats.client_id
