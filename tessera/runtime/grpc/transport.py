@@ -182,9 +182,9 @@ class Reassembler:
     """Rebuilds one message at a time from in-order chunks; a stream interleaving messages is refused.
 
     The buffer is a bytearray. numpy's uninitialised, huge-page advised memory fills 6x faster in a quiet
-    microbenchmark, but in the deployed 50M round it was slower and less even (1.35-1.86 s against 1.24-1.44 s,
-    interleaved runs): with the kernel's `defrag=madvise`, huge pages cost a synchronous compaction whenever the
-    machine's memory is fragmented."""
+    microbenchmark, but two interleaved series of deployed 50M rounds showed no gain (1.35-1.86 s against
+    1.24-1.44 s, then 1.58-2.13 s against 1.74-2.09 s), and with the kernel's `defrag=madvise` a huge page can cost
+    a synchronous compaction when memory is fragmented."""
 
     def __init__(self) -> None:
         self._buf: bytearray | None = None
