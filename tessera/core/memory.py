@@ -4,8 +4,9 @@ glibc serves an allocation from its heap unless it is larger than the mmap thres
 to the size of any mmap'd block that is freed (up to 32 MiB). A process that frees a model's worth of tensors
 (16 MiB each for a 4096 x 1024 layer) therefore serves the next round's tensors from its heap, where freed blocks
 stay resident between rounds: a coordinator's RSS climbs by model sizes that no tensor uses. Fixing the threshold
-at 1 MiB stops the adjustment, so every large tensor is its own mapping and is returned when it is freed. Small
-allocations (Python objects, gRPC frames) are unaffected.
+stops the adjustment, so every large tensor is its own mapping and is returned when it is freed. It is fixed above
+the transport's frames (2 MiB for 1 MiB chunks): at 1 MiB every frame was a map, fault-in and unmap of its own, and
+the deployed 50M round took 1.74-1.95 s instead of 1.41-1.46 s, with the same peak memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tessera.core.logging import get_logger
 
 log = get_logger(__name__)
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 1024**2
+MMAP_THRESHOLD = 2 * 1024**2
 _applied = False
 
 
@@ -27,7 +28,7 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
 
     Process-wide and idempotent; called by a horizontal coordinator's `GrpcBackend` when it starts listening
     (`return_memory=True`, which `tessera coordinator` sets). Not by parties that train, nor by a split-learning
-    label party (its coordinator trains the fuse model): there a fixed 1 MiB threshold would map (and fault in)
+    label party (its coordinator trains the fuse model): there a fixed threshold would map (and fault in)
     every gradient buffer of a megabyte or more at every step, where glibc's adaptive threshold keeps buffers up
     to 32 MiB in the heap (larger ones, such as Opacus' per-sample gradients, are mapped per step either way:
     docs/privacy.md shows the environment settings that keep them). Returns whether it is in effect (False where

@@ -32,7 +32,7 @@ import grpc
 
 from tessera.core.errors import ConfigError, TesseraError, TransportError
 from tessera.core.logging import get_logger
-from tessera.core.memory import return_freed_memory
+from tessera.core.memory import MMAP_THRESHOLD, return_freed_memory
 from tessera.core.serde import decode_message, encode_message_parts, parts_size
 from tessera.core.types import OwnedParams
 from tessera.runtime.backend import ClientFailure, FailureKind, OnReply, Reply, Traffic, failure_from_error
@@ -208,8 +208,9 @@ class GrpcBackend:
         me = self.fed.coordinator
         addr = me.listen or me.address
         assert addr is not None
-        if self.return_memory:  # each round's freed replies and accumulators go back to the OS, not the heap
-            return_freed_memory()
+        if self.return_memory:  # each round's freed replies and accumulators go back to the OS, not the heap;
+            # frames (a chunk and its header) stay below the threshold, in the heap, reused frame after frame
+            return_freed_memory(max(MMAP_THRESHOLD, self.fed.settings.chunk_bytes + 1024**2))
         # every party may hold its streams at once and headroom remains for refused ones, so one party holding all
         # it may cannot starve another; each stream's reader gets its own thread
         workers = len(self.routes) * self.fed.settings.max_streams_per_party + 8
