@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.grpc_helpers import CLIENTS, Party, free_port, make_certs, parties, write_federation, write_job
+from tests.e2e.grpc_helpers import CLIENTS, free_port, make_certs, run_to_end, write_federation, write_job
 
 DP = ('\n[dp]\nmode = "dpsgd"\nnoise_multiplier = 0.8\nmax_grad_norm = 1.0\ndelta = 1e-5\nreproducible = true\n'
       "budget = 7.5\n")  # 5.9 after round 1, 7.3 after 2, 8.4 after 3
@@ -23,15 +23,7 @@ def test_a_deployed_dp_job_whose_budget_runs_out_stops_like_the_simulation(tmp_p
     fed = write_federation(tmp_path / "federation.toml", port=free_port())
     job = write_job(tmp_path / "job.toml", out=tmp_path / "out", rounds=8)
     job.write_text(job.read_text() + DP)
-    with parties() as ps:
-        coord = Party(fed, "server", job, args=("--plots",))
-        ps.append(coord)
-        coord.expect("listening on port")
-        ps += [Party(fed, n, job) for n in CLIENTS]
-        assert coord.wait() == 0, coord.output()
-        for p in ps[1:]:
-            assert p.wait() == 0, p.output()
-    assert "run stopped before round" in coord.output()
+    assert "run stopped before round" in run_to_end(fed, job, args=("--plots",))
     deployed = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(deployed) == 2
     assert (tmp_path / "out" / "loss.png").is_file()
@@ -44,14 +36,24 @@ def test_a_deployed_dp_job_whose_budget_runs_out_stops_like_the_simulation(tmp_p
     assert [r["epsilon"] for r in deployed] == [r["epsilon"] for r in simulated.records]
 
 
-@pytest.mark.slow
-def test_lora_writes_bundles_that_verify_from_another_folder(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small `tessera lora` run exporting both bundles (and the plain transformers copy), for the tests below."""
     from tests.cli.test_mistakes import cli
 
-    out = tmp_path / "lora"
+    where = tmp_path_factory.mktemp("lora")
+    out = where / "lora"
     r = cli(["lora", "--rounds", "1", "--clients", "2", "--train-size", "8", "--test-size", "4", "--hidden-size", "32",
-             "--num-layers", "1", "--out", str(out), "--export", "both"], tmp_path)
+             "--num-layers", "1", "--out", str(out), "--export", "both"], where)
     assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_lora_writes_bundles_that_verify_from_another_folder(lora_run: Path, tmp_path: Path) -> None:
+    from tests.cli.test_mistakes import cli
+
+    out = lora_run
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for kind in ("adapter", "merged"):
@@ -74,17 +76,13 @@ def test_split_simulate_without_validation_prints_no_nan_and_plots_per_epoch(tmp
 
 
 @pytest.mark.slow
-def test_lora_merged_checkpoint_loads_as_plain_transformers_and_equals_the_bundle(tmp_path: Path) -> None:
+def test_lora_merged_checkpoint_loads_as_plain_transformers_and_equals_the_bundle(lora_run: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tessera.export import load_bundle
-    from tests.cli.test_mistakes import cli
 
-    out = tmp_path / "lora"
-    r = cli(["lora", "--rounds", "1", "--clients", "2", "--train-size", "8", "--test-size", "4", "--hidden-size", "32",
-             "--num-layers", "1", "--out", str(out), "--export", "merged"], tmp_path)
-    assert r.returncode == 0, r.stderr
+    out = lora_run
     model = AutoModelForCausalLM.from_pretrained(out / "merged-hf", local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out / "merged-hf", local_files_only=True)
     ids = torch.tensor([tok("the weather today")["input_ids"]])

@@ -296,6 +296,20 @@ def parties() -> Iterator[list[Party]]:
             p.kill()
 
 
+def run_to_end(fed: Path, job: Path, *, args: tuple[str, ...] = ()) -> str:
+    """The coordinator (with `args`) and every client of CLIENTS run `job` to the end; each must exit 0. Returns
+    the coordinator's output."""
+    with parties() as ps:
+        coord = Party(fed, "server", job, args=args)
+        ps.append(coord)
+        coord.expect("listening on port")
+        ps += [Party(fed, n, job) for n in CLIENTS]
+        assert coord.wait() == 0, coord.output()
+        for p in ps[1:]:
+            assert p.wait() == 0, p.output()
+        return coord.output()
+
+
 def attack(fed_path: Path, *, claim: str, cert: Path | None, send: list[bytes] | None = None,
            timeout: float = 20.0) -> grpc.StatusCode:
     """`open_session` against the coordinator of the federation.toml at `fed_path`."""

@@ -26,7 +26,17 @@ from tessera.runtime.backend import InProcessBackend
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import init_ca, issue
 from tessera.runtime.messages import FitRes
-from tests.e2e.grpc_helpers import CLIENTS, Party, attack, free_port, make_certs, parties, write_federation, write_job
+from tests.e2e.grpc_helpers import (
+    CLIENTS,
+    Party,
+    attack,
+    free_port,
+    make_certs,
+    parties,
+    run_to_end,
+    write_federation,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -159,17 +169,12 @@ def test_sigterm_checkpoints_and_resume_finishes_like_simulation(tmp_path: Path)
             assert p.wait() == 0, p.output()  # the coordinator said BYE
     assert _checkpoint(out)["round"] == 2 and [r["clients_succeeded"] for r in _records(out)] == [3, 3]
 
-    with parties() as ps:
-        coord = Party(fed, "server", job, args=("--resume",))
-        ps.append(coord)
-        coord.expect("listening on port")
-        ps += [Party(fed, n, job) for n in CLIENTS]
-        assert coord.wait() == 0, coord.output()
+    resumed = run_to_end(fed, job, args=("--resume",))
     cfg = load_job(job)
     _, want = simulate(build_parts(cfg), rounds=3, seed=cfg.job.seed)
     _assert_equal_params(_checkpoint(out)["params"], want)
     assert [r["round"] for r in _records(out)] == [1, 2, 3]
-    assert "resumed from round 2" in coord.output()
+    assert "resumed from round 2" in resumed
     transport = json.loads((out / "transport.json").read_text())  # both sessions, labelled, and their totals
     assert [(s["session"], s["rounds"]) for s in transport["sessions"]] == [(1, [1, 2]), (2, [3, 3])]
     assert transport["bytes_up"] == sum(s["bytes_up"] for s in transport["sessions"]) > 0

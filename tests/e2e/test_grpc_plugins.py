@@ -19,7 +19,7 @@ from tessera.cli.jobs import build_parts, build_plugins
 from tessera.core.config import load_job
 from tessera.horizontal.checkpoint import load_checkpoint
 from tessera.horizontal.simulation import simulate
-from tests.e2e.grpc_helpers import CLIENTS, Party, free_port, make_certs, parties, write_federation, write_job
+from tests.e2e.grpc_helpers import CLIENTS, free_port, make_certs, run_to_end, write_federation, write_job
 
 pytestmark = pytest.mark.slow
 SECAGG = "\n[secagg]\nthreshold = 0.6\nclip = 4.0\nbits = 32\n"
@@ -32,14 +32,7 @@ def test_plugin_job_over_grpc_equals_simulation(tmp_path: Path, section: str) ->
     fed = write_federation(tmp_path / "federation.toml", port=free_port())
     job = write_job(tmp_path / "job.toml", out=tmp_path / "out", rounds=2)
     job.write_text(job.read_text() + section)
-    with parties() as ps:
-        coord = Party(fed, "server", job)
-        ps.append(coord)
-        coord.expect("listening on port")
-        ps += [Party(fed, n, job) for n in CLIENTS]
-        assert coord.wait() == 0, coord.output()
-        for p in ps[1:]:
-            assert p.wait() == 0, p.output()
+    run_to_end(fed, job)
 
     cfg = load_job(job)
     history, want = simulate(build_parts(cfg), rounds=2, seed=cfg.job.seed, plugins=build_plugins(cfg))
