@@ -22,7 +22,6 @@ import copy
 import functools
 import json
 import multiprocessing
-import os
 import resource
 import socket
 import subprocess
@@ -48,7 +47,6 @@ from tessera.runtime.grpc import ClientParty, GrpcBackend, init_ca, issue, load_
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, ROWS, BATCH, LR, SEED = 2, 64, 32, 0.01, 0
-CHUNK = int(os.environ.get("TESSERA_BENCH_CHUNK", str(1024**2)))  # federation.toml chunk_bytes for the gRPC point
 SIZES = {"1M": (256, 15), "50M": (2048, 12), "200M": (4096, 12)}  # name -> (width, depth)
 
 
@@ -182,8 +180,8 @@ def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float6
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             fed_path = folder / "federation.toml"
-            fed_path.write_text(f'[federation]\nca_cert = "certs/ca.crt"\nchunk_bytes = {CHUNK}\n'
-                                f'[[parties]]\nname = "server"\nrole = "coordinator"\naddress = "127.0.0.1:{port}"\n'
+            fed_path.write_text('[federation]\nca_cert = "certs/ca.crt"\n[[parties]]\nname = "server"\n'
+                                f'role = "coordinator"\naddress = "127.0.0.1:{port}"\n'
                                 + "".join(f'[[parties]]\nname = "{n}"\nrole = "client"\n' for n in names))
             fed = load_federation(fed_path)
             routes = {f"c{i}": n for i, n in enumerate(names)}

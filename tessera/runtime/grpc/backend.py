@@ -61,7 +61,7 @@ class ReplyBudget:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.held = 0
-        self.peak = 0  # the most bytes held at once (tests and the benchmark read it)
+        self.peak = 0  # the most bytes held at once (the tests read it)
         self._cond = threading.Condition()
 
     def acquire(self, n: int, *, gone: Callable[[], bool]) -> Lease | None:
