@@ -78,3 +78,28 @@ def test_state_store_round_trips_and_hides_client_ids(kind: str, tmp_path: Path)
         assert not store.dir.exists()
     with pytest.raises(SerdeError):
         decode_state(serde.dumps([1, 2]))
+
+
+def test_a_dead_actors_later_call_reported_first_is_requeued_not_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray may report the call queued behind a dying one as failed before the dying one itself. The call behind
+    never ran, so it goes back to the pending clients (not failed), exactly as when the head is reported first."""
+    from collections import deque
+
+    from tessera.runtime.backend import ClientFailure, FailureKind
+    from tessera.runtime.ray import backend as rb
+
+    backend = RayBackend(lambda: None)
+    head, behind = object(), object()
+    ex = rb._Exchange(pending=deque(["c4"]), queues={0: deque([(head, "c2"), (behind, "c3")])},
+                      down={"c2": 1, "c3": 1}, on_reply=lambda c, r: r, owner={head: 0, behind: 0})
+    monkeypatch.setattr(rb.ray, "wait", lambda refs, timeout=None: ([], refs))  # the head: not reported yet
+    collected: list[str] = []
+
+    def collect(ref: object, slot: int, client: str, *, down: int, borrow: bool) -> tuple[object, bool]:
+        collected.append(client)
+        return ClientFailure(client, "actor died", FailureKind.UNREACHABLE), True
+
+    monkeypatch.setattr(backend, "_collect", collect)
+    backend._drain(behind, ex)
+    assert collected == ["c2"] and list(ex.out) == ["c2"]
+    assert list(ex.pending) == ["c3", "c4"] and backend.requeued == 1 and ex.owner == {} and not ex.queues[0]

@@ -215,13 +215,18 @@ class RayBackend:
         return {c: ex.out[c] for c in requests}
 
     def _drain(self, ready: Any, ex: _Exchange) -> None:
-        """Collect finished requests at the head of `ready`'s actor queue, in the order the actor ran them."""
+        """Collect finished requests at the head of `ready`'s actor queue, in the order the actor ran them.
+
+        An actor runs its calls in order, so every call queued before `ready` has finished too, or failed with it
+        when the actor died (Ray may report the later call's failure first): those are collected up to `ready`,
+        then any further heads that are done. A death requeues the calls behind it, `ready` among them."""
         slot = ex.owner[ready]
         queue = ex.queues[slot]
-        while queue and (queue[0][0] is ready or ray.wait([queue[0][0]], timeout=0)[0]):
+        borrow = ex.on_reply is not _keep
+        while queue and (ready in ex.owner or ray.wait([queue[0][0]], timeout=0)[0]):
             ref, client = queue.popleft()
             del ex.owner[ref]
-            reply, died = self._collect(ref, slot, client, down=ex.down[client], borrow=ex.on_reply is not _keep)
+            reply, died = self._collect(ref, slot, client, down=ex.down[client], borrow=borrow)
             ex.done(client, reply)
             if died:  # the requests queued behind it never ran: give them to other actors
                 for r, c in reversed(queue):
@@ -229,12 +234,6 @@ class RayBackend:
                     ex.pending.appendleft(c)
                     self.requeued += 1
                 queue.clear()
-        if ready in ex.owner:  # cannot happen (an actor runs its calls in order); collect it rather than spin
-            item = next(it for it in queue if it[0] is ready)
-            queue.remove(item)
-            del ex.owner[ready]
-            ex.done(item[1], self._collect(ready, slot, item[1], down=ex.down[item[1]],
-                                           borrow=ex.on_reply is not _keep)[0])
 
     def _collect(self, ref: Any, slot: int, client: str, *, down: int, borrow: bool) -> tuple[Reply, bool]:
         """The client's reply or failure, and whether its actor died (and was replaced). `borrow`: the reply is
