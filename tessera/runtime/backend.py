@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 from tessera.core.errors import ConfigError, PrivacyBudgetExceeded, SerdeError, ShapeMismatch, TesseraError
 from tessera.core.logging import get_logger
 from tessera.core.serde import decode_message, encode_message
-from tessera.runtime.handover import hand_over, wire_size
+from tessera.runtime.handover import hand_over_sized
 from tessera.runtime.messages import ErrorRes
 
 log = get_logger(__name__)
@@ -171,11 +171,11 @@ class InProcessBackend:
         if self.wire:
             blob = encode_message(msg)
             return decode_message(blob, max_bytes=self.max_message_bytes), len(blob)
-        size = wire_size(msg)
+        received, size = hand_over_sized(msg, frozen=down, own=own)
         if size > self.max_message_bytes:
             raise SerdeError(f"message of {size} bytes exceeds the limit of {self.max_message_bytes}; "
                              "raise max_message_bytes")
-        return hand_over(msg, frozen=down, own=own), size
+        return received, size
 
     def _call(self, client: str, request: Any, *, keep: bool) -> Reply:
         """One request and its reply; `keep`: the caller keeps the reply past the handler's next message."""

@@ -10,7 +10,8 @@ its memory (`t * 2`, `t.clone()`) is a plain tensor again.
 
 `wire_size(msg)` is the exact number of bytes the encoded message would take (the header is encoded with each
 tensor's descriptor, computed from its dtype and shape; no tensor memory is touched), so traffic counts do not
-depend on whether the wire was used.
+depend on whether the wire was used. `hand_over_sized(msg, ...)` is both in one walk of the message (what the
+in-process backend does with every message).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from tessera.core.errors import ProtocolError, SerdeError
-from tessera.core.serde import _DTYPES, _NAMES, MAGIC, _align, _Encoder, message_envelope
+from tessera.core.serde import _DTYPES, _INT64, _NAMES, MAGIC, MAX_DEPTH, _align, _Encoder, message_envelope
 
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__set__", "__delitem__", "__iadd__", "__isub__", "__imul__",
                                "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
@@ -168,3 +169,60 @@ def wire_size(msg: Any) -> int:
     with torch._C.DisableTorchFunctionSubclass():
         header = msgpack.packb(sizer.obj(envelope, 1), use_bin_type=True)
     return _align(len(MAGIC) + 4 + len(header)) + sizer.cursor
+
+
+_MESSAGES: dict[type, tuple[str, ...]] = {}  # registered message types seen by hand_over_sized: their field names
+
+
+class _SizedHandOver(_Sizer):
+    """One walk of a message giving the receiver's copy (`hand_over`) and the header the encoder would write
+    (`wire_size`). Containers, tensors and plain scalars take the fast path below; any other value (numpy arrays
+    and scalars, subclasses of str or int, values the encoder refuses) goes through the two walks it replaces,
+    so both results are theirs by construction (tests/runtime/test_wire_size.py checks both against the encoder)."""
+
+    def __init__(self, frozen: bool, own: bool) -> None:
+        super().__init__()
+        self.frozen, self.own = frozen, own
+
+    def walk(self, v: Any, depth: int) -> tuple[Any, Any]:
+        """(the receiver's copy of `v`, `v`'s header node); called with torch functions of subclasses off."""
+        if depth > MAX_DEPTH:
+            return v, self.obj(v, depth)  # raises the encoder's SerdeError
+        tv = type(v)
+        if tv is str or tv is float or tv is bool or v is None or tv is bytes:
+            return v, v
+        if tv is int:
+            return v, v if _INT64[0] <= v <= _INT64[1] else {"$i": str(v)}
+        if tv is dict:
+            copy: dict[Any, Any] = {}
+            header: dict[str, Any] = {}
+            for k, x in v.items():
+                if type(k) is not str or k.startswith("$"):
+                    return _value(v, self.frozen, self.own), self.obj(v, depth)  # raises the encoder's error
+                copy[k], header[k] = self.walk(x, depth + 1)
+            return copy, header
+        if tv is list or tv is tuple:
+            pairs = [self.walk(x, depth + 1) for x in v]
+            return tv(c for c, _ in pairs), [h for _, h in pairs]
+        if isinstance(v, torch.Tensor):
+            t = _tensor(v, self.frozen, self.own)
+            return t, self.tensor(t)
+        return _value(v, self.frozen, self.own), self.obj(v, depth)
+
+
+def hand_over_sized(msg: Any, *, frozen: bool, own: bool = False) -> tuple[Any, int]:
+    """`(hand_over(msg, frozen=frozen, own=own), wire_size(msg))` in one walk of the message; raises SerdeError
+    where `wire_size` would."""
+    cls = type(msg)
+    names = _MESSAGES.get(cls)
+    if names is None:
+        message_envelope(msg)  # refuses what is not a registered message instance (SerdeError)
+        names = _MESSAGES[cls] = tuple(f.name for f in dataclasses.fields(msg))
+    walker = _SizedHandOver(frozen, own)
+    values: dict[str, Any] = {}
+    header: dict[str, Any] = {}
+    with torch._C.DisableTorchFunctionSubclass():
+        for name in names:
+            values[name], header[name] = walker.walk(getattr(msg, name), 3)
+        packed = msgpack.packb({"type": cls.__name__, "fields": header}, use_bin_type=True)
+    return cls(**values), _align(len(MAGIC) + 4 + len(packed)) + walker.cursor
