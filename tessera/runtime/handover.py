@@ -204,6 +204,19 @@ class _SizedHandOver(_Sizer):
         if tv is list or tv is tuple:
             pairs = [self.walk(x, depth + 1) for x in v]
             return tv(c for c, _ in pairs), [h for _, h in pairs]
+        if tv is torch.Tensor and not self.own and v.is_cpu and v.is_contiguous():  # _tensor and tensor, inline
+            name = _NAMES.get(v.dtype)
+            if name is not None:
+                if self.frozen:  # a tensor outside autograd is its own detached alias: no detach() needed
+                    t = (v.detach() if v.requires_grad else v).as_subclass(FrozenTensor)
+                else:
+                    t = v.detach()
+                nbytes = v.numel() * v.element_size()
+                off = self.cursor
+                if nbytes:
+                    off = self.cursor = _align(off)
+                    self.cursor += nbytes
+                return t, {"$t": [name, list(v.shape), off, nbytes]}
         if isinstance(v, torch.Tensor):
             t = _tensor(v, self.frozen, self.own)
             return t, self.tensor(t)

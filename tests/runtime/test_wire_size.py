@@ -62,7 +62,8 @@ def _same(a: Any, b: Any, src: Any) -> bool:
         return False
     if isinstance(a, torch.Tensor):
         shares = {t.data_ptr() == src.data_ptr() for t in (a, b)}
-        return a.dtype == b.dtype and a.shape == b.shape and len(shares) == 1 and bool(
+        detached = not (a.requires_grad or b.requires_grad)
+        return a.dtype == b.dtype and a.shape == b.shape and len(shares) == 1 and detached and bool(
             torch.equal(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)))
     if isinstance(a, dict):
         return list(a) == list(b) == list(src) and all(_same(a[k], b[k], src[k]) for k in a)
@@ -78,7 +79,7 @@ def _odd_messages() -> list[Any]:
     owned = OwnedParams(w=torch.ones(2, 2))
     return [
         FitIns(round=3, params=owned, config={"n": np.int64(7), "x": np.float32(0.5), "big": 2**70},  # type: ignore[dict-item]
-               extras={"t": {"a": torch.nn.Parameter(torch.ones(3))}}),
+               extras={"t": {"a": torch.nn.Parameter(torch.ones(3)), "g": torch.ones(2, requires_grad=True) * 2}}),
         FitRes(params={"a": np.arange(5, dtype=np.float32)}, num_examples=2,  # type: ignore[dict-item]
                metrics={"l": [1.0, (2, torch.zeros(2))]}),  # type: ignore[dict-item]
     ]
