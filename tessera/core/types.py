@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -21,7 +21,15 @@ Metrics: TypeAlias = dict[str, float]
 class OwnedParams(dict[str, torch.Tensor]):
     """Params whose tensors nothing else references (decoded by a transport into a buffer of its own): whoever
     consumes them may reuse their memory, e.g. a float32 running sum that starts as the first reply scaled in
-    place instead of a new model-sized tensor. Tensors shared with anyone else must come in a plain dict."""
+    place instead of a new model-sized tensor. Tensors shared with anyone else must come in a plain dict.
+
+    `release(key)`: the consumer has read that tensor for the last time and will not write it; params backed by
+    a mapped file (`runtime.grpc.spool.MappedParams`) give its pages back, so a reply is never resident whole."""
+
+    resident: ClassVar[bool] = True  # False: the tensors view a mapped file, to be read one at a time and released
+
+    def release(self, key: str) -> None:
+        """Nothing to give back for tensors in process memory (they go when the last reference does)."""
 
 
 def get_params(model: nn.Module, *, copy: bool = True) -> Params:
@@ -104,11 +112,14 @@ def check_compatible(
 def is_finite(params: Mapping[str, torch.Tensor]) -> bool:
     """Whether no floating tensor holds a NaN or an Inf, in one read of each tensor and no temporary: a sum is
     finite only if every term is (a NaN or Inf term makes it NaN or Inf). A finite tensor whose float sum
-    overflows gets the exact elementwise check."""
-    for t in params.values():
+    overflows gets the exact elementwise check. `OwnedParams` are released tensor by tensor after the check."""
+    release = params.release if isinstance(params, OwnedParams) else None
+    for k, t in params.items():
         if (t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum()))
                 and not bool(torch.isfinite(t).all())):
             return False
+        if release is not None:
+            release(k)
     return True
 
 

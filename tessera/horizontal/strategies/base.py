@@ -64,7 +64,8 @@ class RunningMean:
 
     def add(self, values: Mapping[str, torch.Tensor], weight: float) -> None:
         """Fold one term. When `values` are `OwnedParams` in the accumulation dtype, the first term's tensors become
-        the sums (scaled in place: the same bits as 0 + w * x) instead of new zeros plus a copy."""
+        the sums (scaled in place: the same bits as 0 + w * x) instead of new zeros plus a copy; the tensors of
+        `OwnedParams` folded into existing sums are released after their read (`OwnedParams.release`)."""
         adopt = isinstance(values, OwnedParams)
         for k, v in values.items():
             acc = self.sums.get(k)
@@ -75,6 +76,8 @@ class RunningMean:
                     continue
                 acc = self.sums[k] = torch.zeros(v.shape, dtype=dtype)
             fold_wide(acc, v, float(weight))
+            if isinstance(values, OwnedParams):
+                values.release(k)  # read for the last time: a spooled reply's pages go back at once
         self.total += float(weight)
         self.count += 1
 

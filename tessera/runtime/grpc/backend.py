@@ -39,6 +39,7 @@ from tessera.runtime.backend import ClientFailure, FailureKind, OnReply, Reply, 
 from tessera.runtime.grpc import transport as tp
 from tessera.runtime.grpc.certs import identity_problem
 from tessera.runtime.grpc.config import FederationConfig
+from tessera.runtime.grpc.spool import MappedParams, SpoolError, SpoolFile, check_spool_dir
 from tessera.runtime.messages import ErrorRes, FitRes
 
 log = get_logger(__name__)
@@ -96,7 +97,7 @@ class Lease:
             self._budget.release(n)
 
 
-Delivery = tuple[bytearray, Lease | None]  # a reassembled reply and the budget it holds until it is folded
+Delivery = tuple[bytearray | SpoolFile, Lease | None]  # a reassembled reply and the budget it holds until folded
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Session:
             self.outbox.put(tp.split(msg_id, parts, self.chunk_bytes))
         return fut
 
-    def deliver(self, msg_id: int, blob: bytearray, lease: Lease | None = None) -> None:
+    def deliver(self, msg_id: int, blob: bytearray | SpoolFile, lease: Lease | None = None) -> None:
         with self.lock:  # resolved under the lock: `forget` sees the future either pending or done, never between
             fut = self.pending.pop(msg_id, None)
             issued = msg_id < self.next_id
@@ -196,6 +197,8 @@ class GrpcBackend:
         self._no_waiting = False  # shutdown requested: stop waiting for absent clients
         self._streams: dict[str, int] = {}  # open streams per authenticated party
         self.budget = ReplyBudget(self.fed.settings.reply_buffer_bytes)
+        if self.fed.spool_dir is not None:
+            check_spool_dir(self.fed.spool_dir, self.fed.source)
 
     # ------------------------------------------------------------------------------------------ server side
     def listen(self) -> int:
@@ -290,7 +293,7 @@ class GrpcBackend:
 
     def _read(self, session: Session, requests: Iterator[bytes]) -> None:
         s = self.fed.settings
-        reasm = tp.Reassembler()
+        reasm = tp.Reassembler(self.fed.spool_dir, s.reply_buffer_bytes)
         lease: Lease | None = None
         try:
             for raw in requests:
@@ -302,10 +305,11 @@ class GrpcBackend:
                 if frame.kind is not tp.Kind.DATA or session.client_id is None:
                     raise tp.FrameError(f"unexpected {frame.kind.name} frame (a session starts with one HELLO, "
                                         "then carries DATA)")
-                if lease is None:  # a new reply: wait for room before its buffer exists
-                    lease = self.budget.acquire(frame.total, gone=lambda: session.closed)
-                    if lease is None:
-                        return
+                if not session.receiving:  # a new reply: wait for room before its buffer exists (or spool it)
+                    if not reasm.spools(frame.total):
+                        lease = self.budget.acquire(frame.total, gone=lambda: session.closed)
+                        if lease is None:
+                            return
                     session.receiving = True
                 done = reasm.feed(frame)
                 if done is not None:
@@ -317,10 +321,17 @@ class GrpcBackend:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.oversize else grpc.StatusCode.INVALID_ARGUMENT
             session.close(f"party {session.party} sent a bad frame: {exc}", _Abort(code, str(exc)))
             return
+        except SpoolError as exc:  # our disk, not the party's fault: its reply is lost, it may reconnect
+            log.error("%s", exc)
+            session.close(f"the coordinator could not keep the reply of {session.party}: {exc}",
+                          _Abort(grpc.StatusCode.UNAVAILABLE, "the coordinator could not store the reply"))
+            return
         except Exception as exc:  # the stream broke (peer gone, cancelled): just a disconnect
             log.debug("stream of %s ended: %s", session.party, type(exc).__name__)
         finally:
-            if lease is not None:  # a reply cut off mid-way gives its room back
+            reasm.close()  # a reply cut off mid-way is dropped (a spooled one deleted) and gives its room back
+            session.receiving = False
+            if lease is not None:
                 lease.release()
         session.close(f"party {session.party} disconnected")
 
@@ -470,14 +481,24 @@ class GrpcBackend:
             return ClientFailure(cid, str(exc), FailureKind.UNREACHABLE), None
         self.traffic.add(cid, down=0, up=len(blob))
         try:  # the reassembly buffer is ours: tensors become views over it (its size was checked on arrival)
-            reply = decode_message(blob, take=True)
+            mapping = None
+            if isinstance(blob, SpoolFile):
+                mapping = blob.mapped()
+                reply = decode_message(memoryview(mapping), take=True)
+            else:
+                reply = decode_message(blob, take=True)
+        except SpoolError as exc:
+            log.error("%s", exc)
+            return ClientFailure(cid, f"the coordinator could not read the reply of {session.party}: {exc}",
+                                 FailureKind.UNREACHABLE), lease
         except TesseraError as exc:
             return ClientFailure(cid, f"party {session.party} sent an undecodable reply: {exc}",
                                  FailureKind.MALFORMED), lease
         if isinstance(reply, ErrorRes):
             return failure_from_error(cid, reply.kind, reply.reason), lease
         if isinstance(reply, FitRes):  # its tensors are views of our own buffer: an aggregation may reuse them
-            reply = dataclasses.replace(reply, params=OwnedParams(reply.params))
+            params = OwnedParams(reply.params) if mapping is None else MappedParams(reply.params, mapping)
+            reply = dataclasses.replace(reply, params=params)
         return reply, lease
 
     def stop_waiting(self) -> None:

@@ -7,6 +7,8 @@ Example (paths are relative to the folder of federation.toml)::
     # max_message_bytes = 536870912   # a fixed ceiling; leave it out to let the ceiling follow the model
     chunk_bytes = 1048576             # frames on the wire carry at most this much payload (1 MiB)
     # reply_buffer_bytes = 67108864   # replies reassembled at once; a larger one waits for the fold before it
+    # reply_spool_dir = "spool"       # larger replies wait on disk there instead (coordinator memory: no reply)
+    # receive_window_bytes = 4194304  # a fixed gRPC receive window per stream instead of the probed one
 
     [[parties]]
     name = "server"
@@ -65,6 +67,13 @@ class FederationSection(_Section):
     # flow control) until the ones before it are folded, unless it is the only one; so the coordinator holds one
     # model-sized reply, not one per client
     reply_buffer_bytes: int = Field(64 * 1024**2, ge=0)
+    # a folder (relative to federation.toml) where the coordinator keeps a reply larger than reply_buffer_bytes
+    # while it arrives, instead of in memory: then it holds the global params and its sum, not a reply as well
+    reply_spool_dir: str | None = None
+    # None: gRPC grows each stream's receive window to the link's bandwidth-delay product (tens of MiB per busy
+    # stream); an int: a fixed window per stream, which bounds what a sending party parks in this party's memory
+    # and caps each stream's rate at window / round-trip time
+    receive_window_bytes: int | None = Field(None, ge=64 * 1024, le=1024**3)
     retry: RetrySection = RetrySection()
 
     @model_validator(mode="after")
@@ -109,6 +118,7 @@ class FederationConfig:
     parties: tuple[PartyConfig, ...]
     ca_cert: Path
     source: str
+    spool_dir: Path | None = None  # `reply_spool_dir`, resolved
 
     @property
     def coordinator(self) -> PartyConfig:
@@ -160,7 +170,8 @@ def build(data: dict[str, object], *, source: str, base: Path) -> FederationConf
         Federation(tuple(Party(p.name, p.role) for p in parties))
     except ConfigError as exc:
         raise ConfigError(f"{source}: parties: {exc}") from None
-    return FederationConfig(fed, tuple(parties), base / fed.ca_cert, source)
+    spool = base / fed.reply_spool_dir if fed.reply_spool_dir is not None else None
+    return FederationConfig(fed, tuple(parties), base / fed.ca_cert, source, spool)
 
 
 def load_federation(path: str | Path) -> FederationConfig:

@@ -151,6 +151,7 @@ class ClientParty:
                 done = reasm.feed(frame)
                 if done is not None:
                     msg_id, blob = done
+                    assert isinstance(blob, bytearray)  # a party's reassembler keeps requests in memory
                     done = None  # the request's buffer is freed once answered, not kept until the next one
                     while last is not None and not last.sent.wait(0.5) and not call.done():
                         pass  # the previous reply still reads tensors the handler lends: let it be framed first

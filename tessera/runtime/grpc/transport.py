@@ -33,12 +33,14 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from tessera.core.errors import TransportError
 from tessera.runtime.grpc.certs import designated_name
 from tessera.runtime.grpc.config import FederationConfig, PartyConfig, read_pem
+from tessera.runtime.grpc.spool import SpoolFile
 
 SERVICE = "tessera.Federation"
 METHOD = "Session"
@@ -181,32 +183,45 @@ def _check_crc(payload: memoryview, crc: int, index: int, msg_id: int) -> None:
 class Reassembler:
     """Rebuilds one message at a time from in-order chunks; a stream interleaving messages is refused.
 
-    The buffer is a bytearray. numpy's uninitialised, huge-page advised memory fills 6x faster in a quiet
-    microbenchmark, but two interleaved series of deployed 50M rounds showed no gain (1.35-1.86 s against
-    1.24-1.44 s, then 1.58-2.13 s against 1.74-2.09 s), and with the kernel's `defrag=madvise` a huge page can cost
-    a synchronous compaction when memory is fragmented."""
+    The buffer is a bytearray, or a `spool.SpoolFile` for a message larger than `spool_above` bytes when a spool
+    folder is given (the coordinator's `reply_spool_dir`). numpy's uninitialised, huge-page advised memory fills
+    6x faster than a bytearray in a quiet microbenchmark, but two interleaved series of deployed 50M rounds showed
+    no gain (1.35-1.86 s against 1.24-1.44 s, then 1.58-2.13 s against 1.74-2.09 s), and with the kernel's
+    `defrag=madvise` a huge page can cost a synchronous compaction when memory is fragmented."""
 
-    def __init__(self) -> None:
-        self._buf: bytearray | None = None
+    def __init__(self, spool_dir: Path | None = None, spool_above: int = 0) -> None:
+        self._buf: bytearray | SpoolFile | None = None
         self._head: tuple[int, int, int] | None = None
         self._offset = 0
         self._next = 0
+        self._spool_dir, self._spool_above = spool_dir, spool_above
 
-    def feed(self, f: Frame) -> tuple[int, bytearray] | None:
+    def spools(self, total: int) -> bool:
+        """Whether a message of `total` bytes goes to disk rather than memory."""
+        return self._spool_dir is not None and total > self._spool_above
+
+    def feed(self, f: Frame) -> tuple[int, bytearray | SpoolFile] | None:
         """Add a chunk (its checksum was checked by `parse`); returns (message id, buffer) when the message is
-        complete. The (writable) buffer is the caller's from then on (decode it with ``take=True``)."""
+        complete. The buffer is the caller's from then on (decode a bytearray with ``take=True``, map a
+        SpoolFile)."""
         head = (f.msg_id, f.count, f.total)
         if self._buf is None:
             if f.index != 0:
                 raise FrameError(f"message {f.msg_id} starts at chunk {f.index}, expected 0")
-            self._buf, self._head = bytearray(f.total), head
-            self._offset, self._next = 0, 0
+            if self._spool_dir is not None and self.spools(f.total):
+                self._buf = SpoolFile(self._spool_dir, f.total)
+            else:
+                self._buf = bytearray(f.total)
+            self._head, self._offset, self._next = head, 0, 0
         if head != self._head or f.index != self._next:
             raise FrameError("chunks arrived out of order or interleaved with another message")
         end = self._offset + len(f.payload)
         if end > f.total:
             raise FrameError(f"chunks carry more than the {f.total} bytes announced")
-        self._buf[self._offset : end] = f.payload
+        if isinstance(self._buf, bytearray):
+            self._buf[self._offset : end] = f.payload
+        else:
+            self._buf.write(f.payload)
         self._offset, self._next = end, self._next + 1
         if self._next < f.count:
             return None
@@ -214,6 +229,12 @@ class Reassembler:
         if end != f.total:
             raise FrameError(f"message {f.msg_id}: got {end} bytes, header announced {f.total}")
         return f.msg_id, buf
+
+    def close(self) -> None:
+        """Drop a message cut off mid-way (a spool file is deleted at once)."""
+        if isinstance(self._buf, SpoolFile):
+            self._buf.close()
+        self._buf = None
 
 
 def channel_options(fed: FederationConfig) -> list[tuple[str, int | str]]:
@@ -226,7 +247,15 @@ def channel_options(fed: FederationConfig) -> list[tuple[str, int | str]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        *_window(fed.settings.receive_window_bytes),
     ]
+
+
+def _window(fixed: int | None) -> list[tuple[str, int | str]]:
+    """gRPC sizes each stream's receive window by probing the link's bandwidth-delay product, which on a busy
+    coordinator lets every sending client park tens of MiB in its stream; a fixed window bounds that to the
+    window per client, and caps each stream's rate at window / round-trip time."""
+    return [] if fixed is None else [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", fixed)]
 
 
 def server_credentials(fed: FederationConfig, me: PartyConfig) -> grpc.ServerCredentials:
