@@ -26,6 +26,7 @@ from tessera.core.errors import ConfigError, ShapeMismatch
 from tessera.horizontal.task import LossFn, LossKind, loss_kind
 
 _BINARY = (nn.BCEWithLogitsLoss, nn.BCELoss, F.binary_cross_entropy_with_logits, F.binary_cross_entropy)
+_INTEGER = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,12 @@ def _check_targets(loss_fn: Any, out: torch.Tensor, y: torch.Tensor, labels: tor
     if tuple(y.shape) != want:
         hint = " (y.reshape(-1))" if y.numel() == out.shape[0] else ""
         raise ShapeMismatch(f"{where}: {shapes}; {name} needs y of shape {list(want)}{hint}")
-    valid = every[every != getattr(fn, "ignore_index", -100)]
     classes = out.shape[1] if out.ndim > 1 else 1
+    if every.dtype in _INTEGER and every.numel():
+        lo, hi = torch.aminmax(every)  # every label in range: so are those not ignored (one reduction, no mask)
+        if int(lo) >= 0 and int(hi) < classes:
+            return
+    valid = every[every != getattr(fn, "ignore_index", -100)]
     if valid.numel() and (valid.min() < 0 or valid.max() >= classes):
         raise ShapeMismatch(f"{where}: labels run from {_item(valid.min())} to {_item(valid.max())} "
                             f"({_item(valid.max()) + 1} classes) but the model outputs {classes} logits per row "

@@ -80,3 +80,32 @@ def test_chunked_widening_gives_the_bits_of_the_mixed_dtype_kernels(n: int, monk
         assert torch.equal(acc.clone().add_(x, alpha=0.37), fold_wide(acc.clone(), x, 0.37))
         assert torch.equal(acc.clone().sub_(x), sub_wide(acc.clone(), x))
         assert torch.equal(torch.add(acc, x, out=torch.empty_like(x)), add_rounded(acc, x))
+
+
+def _masked_reference(y: torch.Tensor, classes: int, ignore_index: int) -> bool:
+    """The label check before its one-reduction path: refused iff a label not ignored is outside [0, classes)."""
+    valid = y[y != ignore_index]
+    return bool(valid.numel() and (valid.min() < 0 or valid.max() >= classes))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_the_label_range_check_refuses_exactly_what_the_masked_check_refused(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    out = torch.zeros(6, 4)
+    seen = set()
+    for trial in range(300):
+        ignore = -100 if trial % 2 else 2  # the default ignore_index, and one that is a real class
+        y = torch.randint(0, 4, (6,), generator=g)
+        odd = [4, 5, 255] if dtype is torch.uint8 else [-100, -100, -1, 4, 5]  # ignored or out of range
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            y[int(torch.randint(0, 6, (1,), generator=g))] = odd[int(torch.randint(0, len(odd), (1,), generator=g))]
+        y = y.to(dtype)
+        refused = _masked_reference(y, 4, ignore)
+        seen.add(refused)
+        loss = nn.CrossEntropyLoss(ignore_index=ignore)
+        if refused:
+            with pytest.raises(ShapeMismatch, match="labels run from"):
+                checks._check_targets(loss, out, y, None, "p")
+        else:
+            checks._check_targets(loss, out, y, None, "p")
+    assert seen == {True, False}
