@@ -89,3 +89,37 @@ def test_the_loop_gives_the_bits_of_the_previous_one(extra: str) -> None:
     assert got == want  # loss (float64 sum in step order) and steps, to the bit
     for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+class _FrozenNorm(nn.Module):
+    """A module whose train() does more than set the flag (keeps its norm layer in eval, as fine-tuning code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(6)
+        self.calls = 0
+
+    def train(self, mode: bool = True) -> _FrozenNorm:
+        self.calls += 1
+        super().train(mode)
+        self.norm.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.norm(x)
+        return out
+
+
+def test_train_puts_the_model_in_training_mode_as_model_train_does() -> None:
+    task, loader = _setup()
+    model = task.model_fn()
+    model.get_submodule("1").eval()  # one submodule left in eval (after an evaluate or a dry run)
+    task.train(model, loader, {"max_steps": 1})
+    assert all(m.training for m in model.modules())
+    frozen = _FrozenNorm()
+    custom = nn.Sequential(frozen, nn.Linear(6, 3))
+    custom_task = SupervisedTask(model_fn=lambda: custom, loss_fn=nn.CrossEntropyLoss(),
+                                 optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), data_fn=lambda cid: (loader, None))
+    for _ in range(2):  # already in training mode: an overriding train() still runs, every time
+        custom_task.train(custom, loader, {"max_steps": 1})
+    assert frozen.calls == 2 and not frozen.norm.training and custom.get_submodule("1").training
