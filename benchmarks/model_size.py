@@ -153,7 +153,8 @@ def _party(fed_path: str, name: str, cid: str, spec: tuple[str, int], out: str) 
     Path(out).write_text(json.dumps({"party": name, "peak_rss_gib": _rss() / 1024**3}))
 
 
-def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float64") -> dict[str, Any]:
+def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float64", *,
+                   spool: bool = False, window: int | None = None) -> dict[str, Any]:
     """The Server's rounds with an in-process backend (`inproc`) or over gRPC to client processes (`grpc`)."""
     torch.set_num_threads(1)
     base = _rss()
@@ -180,7 +181,11 @@ def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float6
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             fed_path = folder / "federation.toml"
-            fed_path.write_text('[federation]\nca_cert = "certs/ca.crt"\n[[parties]]\nname = "server"\n'
+            (folder / "spool").mkdir()
+            fed_path.write_text('[federation]\nca_cert = "certs/ca.crt"\n'
+                                + ('reply_spool_dir = "spool"\n' if spool else "")
+                                + (f"receive_window_bytes = {window}\n" if window else "")
+                                + '[[parties]]\nname = "server"\n'
                                 f'role = "coordinator"\naddress = "127.0.0.1:{port}"\n'
                                 + "".join(f'[[parties]]\nname = "{n}"\nrole = "client"\n' for n in names))
             fed = load_federation(fed_path)
@@ -200,19 +205,23 @@ def deployed_point(kind: str, size: str, clients: int, accumulate: str = "float6
             parties = [json.loads((folder / f"{n}.json").read_text()) for n in names]
     seconds = [r["seconds"] for r in server.history.records]
     checksum = float(sum(v.double().sum() for v in server.params.values()))
-    return {"kind": kind, "size": size, "clients": clients, "accumulate": accumulate, "round_seconds": seconds,
+    return {"kind": kind, "size": size, "clients": clients, "accumulate": accumulate, "spool": spool,
+            "window": window, "round_seconds": seconds,
             "model_gib": nbytes / 1024**3,
             "peak_rss_gib": _rss() / 1024**3, "base_rss_gib": base / 1024**3, "parties": parties,
             "checksum": checksum}
 
 
-def run_point(kind: str, size: str, clients: int, repeats: int, accumulate: str = "float64") -> dict[str, Any]:
+def run_point(kind: str, size: str, clients: int, repeats: int, accumulate: str = "float64", *,
+              spool: bool = False, window: int | None = None) -> dict[str, Any]:
     """The point measured `repeats` times, each in a fresh process: the fastest run's time (other jobs on the
     shared machine only ever add time) and the largest peak RSS."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--point", kind, size, str(clients),
-                              "--accumulate", accumulate], cwd=ROOT, capture_output=True, text=True, check=True)
+        flags = ["--accumulate", accumulate, "--spool", "on" if spool else "off"]
+        flags += ["--window", str(window)] if window else []
+        out = subprocess.run([sys.executable, __file__, "--point", kind, size, str(clients), *flags], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
         runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1])))
     if "seconds" not in runs[0]:
         return runs[0]
@@ -231,17 +240,21 @@ def main() -> None:
     ap.add_argument("--ray", default="", help="client counts for the 50M point on Ray with 2 actors (e.g. 4)")
     ap.add_argument("--accumulate", default="float64,float32",
                     help="the coordinator's accumulation dtypes for the deployed points (FedAvg(accumulate=...))")
+    ap.add_argument("--spool", default="off", help="deployed points with reply_spool_dir: off, on or off,on")
+    ap.add_argument("--window", type=int, default=None,
+                    help="deployed points with this fixed receive_window_bytes (default: gRPC's probed window)")
     args = ap.parse_args()
     if args.point:
         kind, size, clients = args.point
         if kind in ("grpc", "inproc", "ray"):
-            print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate.split(",")[0])))
+            print(json.dumps(deployed_point(kind, size, int(clients), args.accumulate.split(",")[0],
+                                            spool=args.spool == "on", window=args.window)))
         else:
             print(json.dumps(point(kind, size, int(clients))))
         return
     rows: list[list[Any]] = []
     points: list[dict[str, Any]] = []
-    for size in args.sizes.split(","):
+    for size in (s for s in args.sizes.split(",") if s):
         for clients in (int(c) for c in args.clients.split(",")):
             if size == "200M" and clients > 2:
                 continue  # 200M x 8 adds nothing the 2-client point does not show, at 8x the time
@@ -251,23 +264,27 @@ def main() -> None:
             rows.append([size, clients, p["seconds"], t["seconds"], t["seconds"] / p["seconds"],
                          p["peak_rss_gib"], t["peak_rss_gib"], t["peak_rss_gib"] / p["peak_rss_gib"]])
             print(json.dumps(rows[-1]), file=sys.stderr)
-    for acc in (a for a in args.accumulate.split(",") if args.grpc):
+    modes = [(a, sp == "on") for a in args.accumulate.split(",") for sp in args.spool.split(",")]
+    for acc, spool in (m for m in modes if args.grpc):
         for clients in (int(c) for c in args.grpc.split(",") if c):
             local = run_point("inproc", "50M", clients, 1, acc)
-            remote = run_point("grpc", "50M", clients, 1, acc)
+            remote = run_point("grpc", "50M", clients, 1, acc, spool=spool, window=args.window)
+            acc_label = acc + (", spool" if spool else "")
+            acc_label += f", window {args.window >> 20} MiB" if args.window else ""
             points += [local, remote]
             model, coord, base = remote["model_gib"], remote["peak_rss_gib"], remote["base_rss_gib"]
             worst = max(p["peak_rss_gib"] for p in remote["parties"])
-            print(json.dumps({"grpc_clients": clients, "accumulate": acc, "round_s": remote["round_seconds"],
+            print(json.dumps({"grpc_clients": clients, "accumulate": acc, "spool": spool,
+                              "round_s": remote["round_seconds"],
                               "inproc_round_s": local["round_seconds"], "coordinator_gib": coord,
                               "coordinator_base_gib": base, "client_gib": worst, "model_gib": model,
                               "same_params": remote["checksum"] == local["checksum"]}), file=sys.stderr)
             # RSS x for the coordinator: model sizes above the process before the model existed (interpreter,
             # torch, gRPC: 0.26-0.30 GiB here), which is what grows with the model
-            rows.append([f"50M gRPC coord ({acc})", clients, local["round_seconds"][-1],
+            rows.append([f"50M gRPC coord ({acc_label})", clients, local["round_seconds"][-1],
                          remote["round_seconds"][-1], remote["round_seconds"][-1] / local["round_seconds"][-1],
                          model, coord, (coord - base) / model])
-            rows.append([f"50M gRPC client ({acc})", clients, "", "", "", model, worst, worst / model])
+            rows.append([f"50M gRPC client ({acc_label})", clients, "", "", "", model, worst, worst / model])
     for clients in (int(c) for c in args.ray.split(",") if c):
         local, remote = run_point("inproc", "50M", clients, 1), run_point("ray", "50M", clients, 1)
         points += [local, remote]

@@ -120,8 +120,8 @@ def test_spooled_replies_hold_no_memory_budget_and_sum_to_the_same_bits(certs: P
             return cid
 
         for _ in range(2):  # one client at a time: a float32 sum's last bits depend on the order of the terms
-            for c in ins:
-                assert backend.exchange_each({c: ins[c]}, fold) == {c: c}
+            for c, req in ins.items():
+                assert backend.exchange_each({c: req}, fold) == {c: c}
         return wide.sums, narrow.sums, kinds
 
     with _federation(certs, reply_buffer_bytes=1024, reply_spool_dir=str(tmp_path)) as (backend, _, _, _):
@@ -152,7 +152,7 @@ def test_a_reply_cut_off_mid_way_leaves_no_spool_file_open(certs: Path, tmp_path
 
 
 def test_a_spool_folder_that_cannot_take_files_is_refused_before_any_round(certs: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="reply_spool_dir.*create the folder"):
+    with pytest.raises(ConfigError, match=r"reply_spool_dir.*create the folder"):
         GrpcBackend(_fed(certs, reply_spool_dir=str(tmp_path / "missing")), dict(ROUTES))
 
 
@@ -160,9 +160,9 @@ def test_a_fixed_receive_window_turns_probing_off_and_still_carries_large_replie
     """`receive_window_bytes` replaces gRPC's probed window by a fixed one (what bounds the stream buffers a busy
     coordinator holds per sending client); messages many windows long still cross intact."""
     fed = _fed(certs, receive_window_bytes=256 * 1024)
-    assert ("grpc.http2.bdp_probe", 0) in tp.channel_options(fed)
-    assert ("grpc.http2.lookahead_bytes", 256 * 1024) in tp.channel_options(fed)
-    assert not any(k == "grpc.http2.bdp_probe" for k, _ in tp.channel_options(_fed(certs)))
+    assert tp.coordinator_window(fed) == [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256 * 1024)]
+    assert tp.coordinator_window(_fed(certs)) == []
+    assert not any(k == "grpc.http2.bdp_probe" for k, _ in tp.channel_options(fed))  # clients keep probing
     with _federation(certs, receive_window_bytes=256 * 1024) as (backend, _, _, _):
         w = torch.arange(400_000, dtype=torch.float32)  # 1.6 MB: six windows
         reply = backend.exchange({"c0": FitIns(round=1, params={"w": w})})["c0"]

@@ -223,7 +223,8 @@ class GrpcBackend:
             raise busy
         # exclusive bind: without so_reuseport=0 a second coordinator binds the same port and splits the clients
         server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-grpc"),
-                             options=[*tp.channel_options(self.fed), ("grpc.so_reuseport", 0)])
+                             options=[*tp.channel_options(self.fed), *tp.coordinator_window(self.fed),
+                                      ("grpc.so_reuseport", 0)])
         handler = grpc.stream_stream_rpc_method_handler(self._session, request_deserializer=None,
                                                         response_serializer=None)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(tp.SERVICE, {tp.METHOD: handler}),))

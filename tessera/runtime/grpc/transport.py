@@ -247,14 +247,15 @@ def channel_options(fed: FederationConfig) -> list[tuple[str, int | str]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        *_window(fed.settings.receive_window_bytes),
     ]
 
 
-def _window(fixed: int | None) -> list[tuple[str, int | str]]:
-    """gRPC sizes each stream's receive window by probing the link's bandwidth-delay product, which on a busy
-    coordinator lets every sending client park tens of MiB in its stream; a fixed window bounds that to the
-    window per client, and caps each stream's rate at window / round-trip time."""
+def coordinator_window(fed: FederationConfig) -> list[tuple[str, int | str]]:
+    """The coordinator's receive window per client stream. gRPC sizes it by probing the link's bandwidth-delay
+    product, which lets every client sending at once park tens of MiB in the coordinator; `receive_window_bytes`
+    fixes it, bounding that to the window per client and capping each stream's rate at window / round-trip time.
+    Clients keep the probed window: each receives from one coordinator."""
+    fixed = fed.settings.receive_window_bytes
     return [] if fixed is None else [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", fixed)]
 
 
