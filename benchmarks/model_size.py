@@ -11,6 +11,8 @@ once) and keeps the fastest time, since other jobs on a shared machine only ever
 client processes (the same Server with an in-process backend, in its own fresh process, gives the round it is
 compared with). Reported: round time (round 2, warm) against the in-process round, and the peak RSS of the
 coordinator and of each client, in GiB and in model sizes (targets: coordinator <= 3 model sizes, round <= 2x).
+`--accumulate float64,float32` picks FedAvg's sum dtype, `--spool on` sets federation.toml's `reply_spool_dir`,
+`--window BYTES` its `receive_window_bytes` (docs/scale.md has the figures of each).
 
 ratio = tessera / plain wall time at 50M parameters and 8 clients (target <= 1.2; peak RSS <= 1.3x).
 """
