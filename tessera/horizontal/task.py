@@ -298,7 +298,7 @@ _MODULE_TRAIN = nn.Module.train
 
 def _cpu_loop(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
               epochs: int, max_steps: int | None) -> Metrics:
-    """`SupervisedTask.train`'s loop in its most common case (CPU, float32, no device moves, FedProx anchor,
+    """`SupervisedTask.train`'s loop in its most common case (CPU, float32; no device moves, FedProx anchor,
     gradient correction or GradScaler): the same steps and the same loss bits, with nothing else per step (each
     statement in the loop runs after a step has evicted the interpreter's caches: a few cost microseconds)."""
     total, count, steps = 0.0, 0, 0
