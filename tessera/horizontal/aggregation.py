@@ -8,12 +8,9 @@ plugins depend on this small protocol, not on the loop.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import torch
 
 from tessera.core.errors import ConfigError, RoundFailed, ShapeMismatch
 from tessera.core.logging import get_logger
@@ -53,23 +50,11 @@ def check_fit(cid: str, rep: Any, current: Params) -> ClientFailure | None:
         except ShapeMismatch as exc:
             failure = ClientFailure(cid, f"rejected: {exc}", FailureKind.REJECTED)
         else:
-            if not all_finite(rep.params):
+            if not is_finite(rep.params):
                 failure = ClientFailure(cid, "rejected: update contains NaN or Inf", FailureKind.REJECTED)
     if failure is not None:
         log.warning("client %s: update rejected before aggregation", cid)
     return failure
-
-
-def all_finite(params: Mapping[str, torch.Tensor]) -> bool:
-    """`core.types.is_finite(params)` (no floating tensor holds a NaN or an Inf), in one fused call for all
-    tensors: each floating tensor's L2 norm is finite when all its elements are (a NaN or an Inf term makes the sum
-    of squares NaN or Inf), so a finite norm for every tensor proves the answer. A norm that overflows for finite
-    elements, or any non-finite one, gets the exact elementwise check. Three torch calls per tensor become one call
-    and a float read per tensor: a reply of a small model is checked in a quarter of the time."""
-    floats = [t for t in params.values() if t.is_floating_point()]
-    if not floats:
-        return True
-    return all(math.isfinite(n) for n in torch._foreach_norm(floats)) or is_finite(params)
 
 
 def validate_fit(replies: dict[str, Any], current: Params) -> tuple[FitResults, list[ClientFailure]]:
