@@ -31,6 +31,7 @@ from tessera.core.errors import ConfigError, TransportError
 from tessera.core.types import OwnedParams
 
 PAGE = mmap.PAGESIZE
+_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
 
 class SpoolError(TransportError):
@@ -106,5 +107,5 @@ class MappedParams(OwnedParams):
         if start < 0 or start + t.nbytes > len(self._map):
             return  # not a view of the mapping (a copy the decoder made for alignment)
         lo, hi = -(-start // PAGE) * PAGE, (start + t.nbytes) // PAGE * PAGE
-        if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        if hi > lo and _DONTNEED is not None:  # (Windows has no madvise: the pages stay until the reply goes)
+            self._map.madvise(_DONTNEED, lo, hi - lo)
