@@ -14,7 +14,9 @@ reply that does not decode is that client's failure for the exchange, never the 
 Memory: replies are reassembled under one `ReplyBudget` shared by all streams. A reply that would take the bytes
 held past `reply_buffer_bytes` waits, before its buffer is allocated, until the replies before it are folded (or it
 is the only one); gRPC's flow control pauses its sender meanwhile. So a coordinator folding replies as they come
-holds the global params, its accumulator and one model-sized reply, however many clients finish at once.
+holds the global params, its accumulator and one model-sized reply, however many clients finish at once. With
+`reply_spool_dir`, a reply larger than the budget waits on disk instead and takes none of it (`spool.py`): the
+coordinator then holds no reply at all, only the tensor of it being checked or folded.
 """
 
 from __future__ import annotations
