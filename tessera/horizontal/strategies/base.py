@@ -66,18 +66,18 @@ class RunningMean:
         """Fold one term. When `values` are `OwnedParams` in the accumulation dtype, the first term's tensors become
         the sums (scaled in place: the same bits as 0 + w * x) instead of new zeros plus a copy; the tensors of
         `OwnedParams` folded into existing sums are released after their read (`OwnedParams.release`)."""
-        adopt = isinstance(values, OwnedParams)
+        owned = values if isinstance(values, OwnedParams) else None
         for k, v in values.items():
             acc = self.sums.get(k)
             if acc is None:
                 dtype = self.dtype if v.is_floating_point() else torch.float64
-                if adopt and v.dtype == dtype and v.is_contiguous():
+                if owned is not None and v.dtype == dtype and v.is_contiguous():
                     self.sums[k] = v.mul_(float(weight))
                     continue
                 acc = self.sums[k] = torch.zeros(v.shape, dtype=dtype)
             fold_wide(acc, v, float(weight))
-            if isinstance(values, OwnedParams):
-                values.release(k)  # read for the last time: a spooled reply's pages go back at once
+            if owned is not None:
+                owned.release(k)  # read for the last time: a spooled reply's pages go back at once
         self.total += float(weight)
         self.count += 1
 
