@@ -128,6 +128,24 @@ def test_any_block_size_gives_the_same_bits(block: int, monkeypatch: pytest.Monk
     assert_identical(aggregate.closest_to_median_mean(u, beta=3), ref_closest_to_median_mean(u, 3))
 
 
+def test_views_and_converted_sources_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks read contiguous CPU tensors in place (numpy views) and convert the rest slice by slice: a
+    transposed (non-contiguous) tensor, a float16 client among float32 ones (the float64 path) and Krum's float64
+    blocks all give the reference's bits, at any block size."""
+    g = torch.Generator().manual_seed(5)
+    u = make(7, (6, 4), torch.float32, g)
+    u[2] = {"w": u[2]["w"].T.contiguous().T, "b": u[2]["b"]}  # same values, column-major memory
+    assert not u[2]["w"].is_contiguous()
+    mixed = [*u[:4], {k: t.half() for k, t in u[4].items()}, *u[5:]]
+    for block in (aggregate._BLOCK, 16):
+        monkeypatch.setattr(aggregate, "_BLOCK", block)
+        for case in (u, mixed):
+            assert_identical(aggregate.median(case), ref_median(case))
+            assert_identical(aggregate.trimmed_mean(case, beta=0.2), ref_trimmed_mean(case, 0.2))
+            assert_identical(aggregate.closest_to_median_mean(case, beta=3), ref_closest_to_median_mean(case, 3))
+            assert aggregate.krum_scores(case, f=1) == pytest.approx(naive_krum_scores(case, 1), rel=1e-12, abs=1e-9)
+
+
 floats32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 values = st.one_of(floats32, st.sampled_from([-2.0, -1.0, 0.0, 1.0, 3.0]))  # a small alphabet: ties everywhere
 

