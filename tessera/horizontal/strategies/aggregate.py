@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from itertools import pairwise
 
 import numpy as np
 import torch
+from scipy.linalg.blas import dsyrk
+from threadpoolctl import threadpool_limits
 
 from tessera.core.errors import ConfigError
 from tessera.core.types import Params
@@ -164,22 +165,26 @@ def sq_distances(updates: Sequence[Params]) -> torch.Tensor:
     """n x n squared L2 distances between the flattened updates (float tensors only), in float64.
 
     Computed from a Gram matrix of column-centred blocks: centring (distances do not change under translation)
-    keeps the |a|^2 + |b|^2 - 2ab cancellation small, and blocks keep memory bounded.
+    keeps the |a|^2 + |b|^2 - 2ab cancellation small, and blocks keep memory bounded. The Gram matrix is one
+    symmetric rank-k update per block (BLAS dsyrk, lower triangle only: half a full product's multiply-adds; at
+    100 x 1M it took 0.24 s where 4 strips of GEMM took 0.30 s and the full product 0.38 s, one thread), on as
+    many BLAS threads as torch uses.
     """
     _check(updates)
     n = len(updates)
-    edges = [round(i * n / 4) for i in range(5)]  # 4 strips of clients: 10/16 of the full product's work
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for k, ref in updates[0].items():
-        if not ref.is_floating_point():
-            continue
-        for block in _blocks(updates, k):
-            block.sub_(block.mean(dim=0, keepdim=True))
-            for lo, hi in pairwise(edges):  # each strip against itself and the strips above
-                gram[lo:hi, :hi].addmm_(block[lo:hi], block[:hi].T)
-    gram = gram.tril() + gram.tril(-1).T  # exactly symmetric
-    sq = gram.diagonal()
-    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0.0).fill_diagonal_(0.0)
+    gram = np.zeros((n, n), order="F")  # dsyrk accumulates into a Fortran-ordered matrix in place
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        for k, ref in updates[0].items():
+            if not ref.is_floating_point():
+                continue
+            for block in _blocks(updates, k):
+                block.sub_(block.mean(dim=0, keepdim=True))
+                # block is n x c row-major, so block.T is c x n column-major: trans=1 gives block @ block.T
+                gram = dsyrk(1.0, block.numpy().T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
+    lower = torch.from_numpy(np.tril(gram))
+    full = lower + lower.tril(-1).T  # exactly symmetric
+    sq = full.diagonal()
+    return (sq[:, None] + sq[None, :] - 2 * full).clamp_(min=0.0).fill_diagonal_(0.0)
 
 
 def _krum_scores(d: torch.Tensor, idx: Sequence[int], *, neighbours: int) -> list[float]:
