@@ -7,6 +7,10 @@ in process CPU time (everything runs on one thread, and the development machine 
 with other people's jobs).
 ratio = the slowest of FedMedian / TrimmedMean / Bulyan over FedAvg at the largest client count (100 clients; 50
 with --quick); target <= 5.
+
+"gram floor" (Krum, Multi-Krum, Bulyan): what the float64 Gram matrix's multiply-adds alone cost, n(n+1)/2 dot
+products of the model's length at this machine's float64 matrix-product peak (a 2000 x 2000 product, one thread,
+measured in the same process), over FedAvg: no exact Krum-family rule can go below it here.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ def cpu_median(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def dgemm_peak() -> float:
+    """Float64 multiply-add rate (flop/s) of one thread on a large square product: best of 3."""
+    a = torch.randn(2000, 2000, dtype=torch.float64)
+    best = min(cpu_median(lambda: a @ a, 1) for _ in range(3))
+    return 2 * 2000**3 / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10 and 50 clients, 1 repeat")
@@ -55,6 +66,7 @@ def main() -> None:
     torch.manual_seed(0)
     current = get_params(MLP(1000, 10, (1000,)))
     num_params = sum(t.numel() for t in current.values())
+    peak = dgemm_peak()
     rows: list[list[object]] = []
     times: dict[tuple[str, int], float] = {}
     gen = torch.Generator().manual_seed(0)
@@ -65,13 +77,15 @@ def main() -> None:
             t = cpu_median(lambda s=strategy, r=results: s.aggregate_fit(1, r, current), repeats)
             times[(name, n)] = t
         for name in strategies(n):
-            rows.append([n, name, times[(name, n)], times[(name, n)] / times[("fedavg", n)]])
+            gram = n * (n + 1) * num_params / peak / times[("fedavg", n)] if "krum" in name or name == "bulyan" else "-"
+            rows.append([n, name, times[(name, n)], times[(name, n)] / times[("fedavg", n)], gram])
     top = sizes[-1]
     ratio = max(times[(name, top)] for name in ("fedmedian", "trimmedmean", "bulyan")) / times[("fedavg", top)]
-    report("robust_cost", ["clients", "strategy", "seconds per aggregation", "x fedavg"], rows, ratio=ratio,
+    columns = ["clients", "strategy", "seconds per aggregation", "x fedavg", "gram floor x fedavg"]
+    report("robust_cost", columns, rows, ratio=ratio,
            ratio_means=f"slowest of median / trimmed mean / Bulyan over FedAvg at {top} clients, "
                                     f"{num_params:,} params (target <= 5)",
-           extra={"num_params": num_params, "threads": 1})
+           extra={"num_params": num_params, "threads": 1, "dgemm_flops_per_s": peak})
 
 
 if __name__ == "__main__":
