@@ -16,11 +16,12 @@ ratio in CPU seconds (all threads), steadier than wall time on a shared machine.
 the consistency round (each survivor signs the survivor story; the server checks the signatures), the round that
 the malicious-coordinator protection adds.
 
-"floor s" is what the protocol's cryptography alone costs on top of the plain round, measured in this process:
-during the warm-up round the benchmark counts the masks expanded (the `masks` lists handed to prg.add_masks), the
-Ed25519 verifications and the X25519 agreements (wrappers around those functions, the library untouched); each
-primitive is then timed alone (a mask of `params` words through add_masks, several at once as the round does, so
-on the thread pool; one verify, divided by the thread pool's speed-up on a batch; one agreement, HKDF included):
+"floor s" is the plain round plus what the protocol's cryptography alone costs, measured in this process: during
+the warm-up round the benchmark counts the masks expanded (the `masks` lists handed to prg.add_masks), the Ed25519
+verifications and the X25519 agreements (wrappers around those functions, the library untouched); each primitive
+is then timed alone: a mask of `params` words through add_masks, degree + 1 at once with fresh seeds as in a
+client's call (so on the thread pool, key derivation included); one verify on one thread, and the thread pool's
+speed-up on a batch of them; one agreement, HKDF included:
 floor = plain s + masks x mask s + verifies x verify s / pool speed-up + agreements x agreement s.
 "x plain floor" = floor / plain s is the best ratio this protocol can reach on this machine; "x floor" = round s /
 floor says how close the implementation is to it (quantisation, serde, Python and the server's bookkeeping).
@@ -33,8 +34,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
+import os
 import statistics
 import sys
 import threading
@@ -93,7 +94,7 @@ class _PlainClients:
 
 
 def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int, float]:
-    """Median of 3 after a warm-up round (it is short and noisy); bytes of one round; mean CPU seconds of one."""
+    """Median of 5 after a warm-up round (it is short and noisy); bytes of one round; mean CPU seconds of one."""
     clients = [f"client{i}" for i in range(len(updates))]
     backend = InProcessBackend(_PlainClients(updates, {clients[i] for i in dropped}))
 
@@ -106,8 +107,8 @@ def plain_round(updates: Updates, dropped: set[int]) -> tuple[float, int, float]
 
     one()  # warm-up
     up0, cpu0 = backend.traffic.up, time.process_time()
-    seconds, _ = best_of(one, 3)
-    return seconds, (backend.traffic.up - up0) // 3, (time.process_time() - cpu0) / 3
+    seconds, _ = best_of(one, 5)
+    return seconds, (backend.traffic.up - up0) // 5, (time.process_time() - cpu0) / 5
 
 
 @dataclass
@@ -152,7 +153,7 @@ def counting() -> Iterator[Counts]:
 class Costs:
     """Seconds of each primitive alone, on this machine, in this process."""
 
-    mask: float  # one mask of `params` words, amortised over several through add_masks (the thread pool)
+    mask: float  # one mask of `params` words, amortised over degree + 1 through add_masks (the thread pool)
     verify: float  # one Ed25519 verify on one thread
     pool_speedup: float  # verifies per second on the thread pool / on one thread
     agreement: float  # one X25519 agreement + HKDF
@@ -168,11 +169,14 @@ def _median_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 
 @functools.cache
-def primitive_costs(size: int) -> Costs:
-    k = 8  # masks per add_masks call, split over the thread pool as a round's calls (20 to 100 masks) are
+def primitive_costs(size: int, k: int) -> Costs:
+    """`k`: masks per add_masks call (a client's: its own and one per neighbour)."""
     acc = np.zeros(size + 1, dtype=prg.word(32))
-    seeds = [(hashlib.sha256(b"mask %d" % i).digest(), 1) for i in range(k)]
-    mask = _median_seconds(lambda: prg.add_masks(acc, seeds, bits=32, prg=PRG_NAME)) / k
+
+    def masks() -> None:  # fresh seeds each call: the per-mask key derivation (HKDF) is part of a mask's cost
+        prg.add_masks(acc, [(os.urandom(32), (-1) ** i) for i in range(k)], bits=32, prg=PRG_NAME)
+
+    mask = _median_seconds(masks) / k
     signer = Ed25519PrivateKey.generate()
     public = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     msgs = [b"tessera-secagg statement %d " % i * 8 for i in range(64)]
@@ -188,10 +192,10 @@ def primitive_costs(size: int) -> Costs:
 
 def secagg_round(updates: Updates, dropped: set[int], rate: float, *,
                  complete: bool = False) -> tuple[float, int, int, float, float, Counts]:
-    """Round seconds (median of 3 like the plain round, where rounds are short: n x params <= 20M) after a
+    """Round seconds (median of 5 like the plain round, where rounds are short: n x params <= 20M) after a
     warm-up round, bytes up, degree, the seconds of the consistency round (malicious-server protection), the
     round's mean CPU seconds (all threads), and the cryptographic work counted in the warm-up round."""
-    repeats = 3 if len(updates) * updates.size <= 20_000_000 else 1
+    repeats = 5 if len(updates) * updates.size <= 20_000_000 else 1
     reps = []
 
     def one() -> None:
@@ -243,14 +247,17 @@ def main() -> None:
         dropped = set(np.random.default_rng(n).choice(n, size=round(rate * n), replace=False).tolist())
         plain_s, plain_b, plain_cpu = plain_round(updates, dropped)
         sa_s, sa_b, degree, check_s, sa_cpu, counts = secagg_round(updates, dropped, rate, complete=complete)
-        costs = primitive_costs(size)
+        costs = primitive_costs(size, degree + 1)
         floor = costs.floor(plain_s, counts)
         row = ["secagg" + (" complete" if complete else ""), n, size, f"{rate:.0%}", degree, sa_s, plain_s,
                sa_s / plain_s, sa_cpu / plain_cpu, sa_b / n / 1e6, sa_b / plain_b, check_s, floor, floor / plain_s,
                sa_s / floor]
         rows.append(row)
         floors.append({"n": n, "params": size, "drop": rate, "complete": complete, **vars(counts),
-                       **{f"{k}_s" if k != "pool_speedup" else k: v for k, v in vars(costs).items()}})
+                       **{f"{k}_s" if k != "pool_speedup" else k: v for k, v in vars(costs).items()},
+                       "masks_total_s": counts.masks * costs.mask,
+                       "verifies_total_s": counts.verifies * costs.verify / costs.pool_speedup,
+                       "agreements_total_s": counts.agreements * costs.agreement})
         print(row, floors[-1], flush=True)
         if (n, size, rate) == head and not complete:
             headline = sa_s / plain_s
