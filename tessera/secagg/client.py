@@ -172,23 +172,32 @@ def check_enough_shares(received: int, threshold: int) -> None:
                             "this client); leaving the round before masking")
 
 
-def mask_vector(q: np.ndarray, *, st: ClientState, me: str, partners: tuple[str, ...]) -> torch.Tensor:
-    """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after), as
-    the wire tensor (int32 for bits <= 32, else int64); q (unsigned words) is overwritten."""
+def mask_vector(vector: torch.Tensor, num_examples: int, seed: Scalar | None, *, st: ClientState, me: str,
+                partners: tuple[str, ...]) -> torch.Tensor:
+    """q + PRG(b_u) + sum_v +-PRG(s_uv) in Z_{2^bits} (+ if u comes before v in the client list, - after), with q
+    the quantised update (`encode_words`), as the wire tensor (int32 for bits <= 32, else int64). The pool threads
+    start expanding masks while this thread quantises: numpy's passes overlap the keystream, which holds the GIL."""
     setup = st.setup
-    acc = q
+    if vector.numel() != setup.dim - 1:
+        raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
     me_i = setup.clients.index(me)
     seeds = crypto.agree_many(st.s_sk, {v: st.s_pks[v] for v in partners}, info=crypto.MASK_INFO)
     masks = [(st.b_seed, 1)] + [(seeds[v], 1 if me_i < setup.clients.index(v) else -1) for v in partners]
-    add_masks(acc, masks, bits=setup.bits, prg=setup.prg)  # every mask at once, chunk by chunk, on a thread pool
+    acc = np.empty(setup.dim, dtype=word(setup.bits))
+
+    def quantise() -> None:
+        encode_words(vector, num_examples, setup, seed, out=acc, threads=False)
+
+    add_masks(acc, masks, bits=setup.bits, prg=setup.prg, fill=quantise)
     return to_wire(reduce(acc, bits=setup.bits), bits=setup.bits)
 
 
-def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None) -> np.ndarray:
+def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed: Scalar | None, *,
+                 out: np.ndarray | None = None, threads: bool = True) -> np.ndarray:
     """Clip the update (L2 to `l2_clip` if set, then each coordinate to [-clip, clip]), fold the FedAvg weight
     w = min(n, max_weight) / max_weight into it and quantise to [0, levels] with stochastic rounding (randomness
-    from the PRG keyed by `seed`, or fresh); w travels as the last coordinate. Unsigned ring words, chunk by chunk
-    on the thread pool."""
+    from the PRG keyed by `seed`, or fresh); w travels as the last coordinate. Unsigned ring words (into `out` if
+    given), chunk by chunk on the thread pool (on this thread where `threads` is False)."""
     if vector.numel() != setup.dim - 1:
         raise ProtocolError(f"update has {vector.numel()} values but the round expects {setup.dim - 1}")
     flat = vector.detach().reshape(-1)
@@ -203,7 +212,9 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
     w = min(float(num_examples), setup.max_weight) / setup.max_weight
     key = (hashlib.sha256(b"tessera/secagg/rounding|%d" % int(seed)).digest() if isinstance(seed, int)
            else os.urandom(SEED_BYTES))
-    out = np.empty(setup.dim, dtype=word(setup.bits))
+    if out is None:
+        out = np.empty(setup.dim, dtype=word(setup.bits))
+    assert out.shape == (setup.dim,) and out.dtype == word(setup.bits)
     to_unit = setup.levels / (2.0 * setup.clip)
     # Every step below is monotone in the value, so the largest y is that of a value at +clip: when it does not
     # exceed levels, neither does floor(y) + 1 (y == levels has no fraction to round up) and the clamp is a no-op.
@@ -239,7 +250,7 @@ def encode_words(vector: torch.Tensor, num_examples: int, setup: SetupIns, seed:
         if clamp:
             np.minimum(words, top, out=words)
 
-    for_chunks(setup.dim - 1, chunk)
+    for_chunks(setup.dim - 1, chunk, threads=threads)
     last = keystream_chunk(key, setup.dim - 1, setup.dim, np.uint32, prg=PRG_NAME)[0]
     y = w * setup.levels
     out[-1] = min(math.floor(y) + (int(last) < (y - math.floor(y)) * 2.0**32), setup.levels)
@@ -259,8 +270,7 @@ def on_masked_input(state: ClientState | None, msg: MaskedInputIns, me: str,
     index = st.setup.clients.index
     partners = tuple(sorted(msg.shares, key=index))  # neighbours that shared keys: their masks are recoverable
     vector, n, metrics = train(msg)
-    q = encode_words(vector, n, st.setup, msg.config.get("seed"))
-    wire = mask_vector(q, st=st, me=me, partners=partners)  # int32 (two's complement view) or int64
+    wire = mask_vector(vector, n, msg.config.get("seed"), st=st, me=me, partners=partners)  # int32 or int64
     new = dataclasses.replace(st, stage=Stage.CONSISTENCY.value, held_b=held_b, held_sk=held_sk,
                               masked_with=partners)
     return new, MaskedInputRes(round=st.setup.round, masked=wire, num_examples=n, metrics=metrics)

@@ -10,8 +10,10 @@ Never numpy's RandomState seeded by a folded secret: a 32-bit seed can be brute-
 
 A mask is expanded as one sequential stream per seed, in chunks of `CHUNK` words that stay in cache: the keystream
 of each chunk is written into a reusable per-thread buffer (`update_into`) and added into the accumulator in place
-(no int64 copies, no allocation per mask). Several masks are split over a thread pool (OpenSSL and numpy release
-the GIL), each thread summing its share of the masks into its own accumulator.
+(no int64 copies, no allocation per mask). Several masks are split over a thread pool, each thread summing its
+share of the masks into its own accumulator. `cryptography` (50.x) holds the GIL while OpenSSL encrypts, so the
+keystream itself runs on one core at a time (measured: 23.6 GB/s with one thread, 24.6 GB/s with two); what the
+threads overlap with it is numpy's work (the additions, and the client's quantisation: `add_masks(fill=...)`).
 
 Where the CPU has vector AES and carry-less multiply (x86 `vaes` + `vpclmulqdq`), OpenSSL's AES-GCM runs about twice
 as fast as its AES-CTR (about 20 against 10 GB/s here): GCM encrypts with AES-CTR from counter block
@@ -149,11 +151,11 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     return out
 
 
-def for_chunks(n: int, fn: Callable[[int, int], None]) -> None:
+def for_chunks(n: int, fn: Callable[[int, int], None], *, threads: bool = True) -> None:
     """fn(start, stop) for each chunk of CHUNK words of a length-n vector, on the thread pool (the chunks must be
-    independent; numpy and OpenSSL release the GIL)."""
+    independent; numpy and OpenSSL release the GIL), or on this thread where `threads` is False."""
     bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
-    if len(bounds) <= 1:
+    if len(bounds) <= 1 or not threads:
         for a, b in bounds:
             fn(a, b)
         return
@@ -218,25 +220,48 @@ def _sum_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], prg: str, vi
             op(part, ks, out=part)
 
 
+MASK_BATCH = 4  # masks a thread takes at a time: small enough to balance the threads, large enough to reuse a chunk
+
+
 def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int, prg: str = CHACHA,
-              via_gcm: bool | None = None) -> None:
+              via_gcm: bool | None = None, fill: Callable[[], None] | None = None) -> None:
     """acc += sum of sign * PRG(seed) over `masks` [(seed, +1 | -1)], in place, wrapping in the machine word.
-    The masks are split over the thread pool; each thread sums its share into its own accumulator (the first into
-    acc itself), added into acc at the end. `via_gcm`: expand AES through GCM (default: where it is faster)."""
+
+    The masks are taken MASK_BATCH at a time by the pool threads, each summing into its own accumulator (added into
+    acc at the end), and by this thread, summing into acc. `fill`: run first on this thread, while the pool threads
+    already expand masks; it writes acc's starting value (the client's quantisation: numpy work, which releases the
+    GIL, overlapping the keystream, whose OpenSSL calls hold it). `via_gcm`: expand AES through GCM (default: where
+    it is faster)."""
     check_prg(prg)
     assert acc.dtype == word(bits) and acc.flags.c_contiguous
     gcm = (AES_VIA_GCM if via_gcm is None else via_gcm) and acc.nbytes <= _GCM_MAX_BYTES
-    groups = [list(masks[i :: _THREADS]) for i in range(min(_THREADS, len(masks)))]
-    if len(groups) <= 1:
-        _sum_masks(acc, masks, prg, gcm)
-        return
-    parts = [np.zeros_like(acc) for _ in groups[1:]]
-    futures = [_pool().submit(_sum_masks, part, group, prg, gcm) for part, group in zip(parts, groups[1:], strict=True)]
-    _sum_masks(acc, groups[0], prg, gcm)
-    for f in futures:
-        f.result()
-    for part in parts:
-        np.add(acc, part, out=acc)
+    batches = [masks[i : i + MASK_BATCH] for i in range(0, len(masks), MASK_BATCH)]
+    taken = iter(range(len(batches)))  # next() on it is atomic under the GIL: each batch goes to one thread
+    stop = threading.Event()
+
+    def drain(into: np.ndarray) -> bool:
+        """Sum batches into `into` until none is left; whether it took any."""
+        took = False
+        for i in taken:
+            if stop.is_set():
+                break
+            _sum_masks(into, batches[i], prg, gcm)
+            took = True
+        return took
+
+    helpers = min(_THREADS - 1, len(batches) - (fill is None))
+    parts = [np.zeros_like(acc) for _ in range(max(helpers, 0))]
+    futures = [_pool().submit(drain, part) for part in parts]
+    try:
+        if fill is not None:
+            fill()
+        drain(acc)
+    finally:
+        stop.set()  # (only matters when fill or this thread's share raised: the helpers stop after their batch)
+        took = [f.result() for f in futures]
+    for part, used in zip(parts, took, strict=True):
+        if used:
+            np.add(acc, part, out=acc)
 
 
 def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, sign: int = 1, prg: str = CHACHA) -> None:
