@@ -220,22 +220,22 @@ def _sum_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], prg: str, vi
             op(part, ks, out=part)
 
 
-MASK_BATCH = 4  # masks a thread takes at a time: small enough to balance the threads, large enough to reuse a chunk
-
-
 def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int, prg: str = CHACHA,
-              via_gcm: bool | None = None, fill: Callable[[], None] | None = None) -> None:
+              via_gcm: bool | None = None, fill: Callable[[], object] | None = None) -> None:
     """acc += sum of sign * PRG(seed) over `masks` [(seed, +1 | -1)], in place, wrapping in the machine word.
 
-    The masks are taken MASK_BATCH at a time by the pool threads, each summing into its own accumulator (added into
-    acc at the end), and by this thread, summing into acc. `fill`: run first on this thread, while the pool threads
+    The masks are split into two batches per thread, taken in turn by the pool threads, each summing into its own
+    accumulator (added into acc at the end), and by this thread, summing into acc (a batch is summed chunk-major, so
+    each chunk of the accumulator is read once per batch: few, large batches; two per thread balance the threads
+    when one of them starts late). `fill`: run first on this thread, while the pool threads
     already expand masks; it writes acc's starting value (the client's quantisation: numpy work, which releases the
     GIL, overlapping the keystream, whose OpenSSL calls hold it). `via_gcm`: expand AES through GCM (default: where
     it is faster)."""
     check_prg(prg)
     assert acc.dtype == word(bits) and acc.flags.c_contiguous
     gcm = (AES_VIA_GCM if via_gcm is None else via_gcm) and acc.nbytes <= _GCM_MAX_BYTES
-    batches = [masks[i : i + MASK_BATCH] for i in range(0, len(masks), MASK_BATCH)]
+    size = max(1, -(-len(masks) // (2 * _THREADS)))
+    batches = [masks[i : i + size] for i in range(0, len(masks), size)]
     taken = iter(range(len(batches)))  # next() on it is atomic under the GIL: each batch goes to one thread
     stop = threading.Event()
 
