@@ -94,6 +94,18 @@ class _Encoder:
     def obj(self, obj: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise SerdeError(f"value nested deeper than {MAX_DEPTH} levels cannot be sent; flatten it")
+        t = type(obj)  # the exact built-in types first (most values of a message); subclasses take the general path
+        if t is bytes or t is str or t is float or t is bool or obj is None:
+            return obj
+        if t is dict:
+            out = {}
+            for k, v in obj.items():
+                if not isinstance(k, str) or k.startswith("$"):
+                    raise SerdeError(f"map keys must be strings not starting with '$', got {k!r}")
+                out[k] = self.obj(v, depth + 1)
+            return out
+        if t is list or t is tuple:
+            return [self.obj(v, depth + 1) for v in obj]
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj)
         if isinstance(obj, np.ndarray):
