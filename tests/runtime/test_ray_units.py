@@ -103,3 +103,28 @@ def test_a_dead_actors_later_call_reported_first_is_requeued_not_failed(monkeypa
     backend._drain(behind, ex)
     assert collected == ["c2"] and list(ex.out) == ["c2"]
     assert list(ex.pending) == ["c3", "c4"] and backend.requeued == 1 and ex.owner == {} and not ex.queues[0]
+
+
+def test_a_failed_local_start_is_retried_once_then_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any failure of the first local start (not only Ray's start-up timeout) gets one more attempt; a second
+    failure is a ConfigError naming the setting to check, with the second attempt's error."""
+    from tessera.runtime.ray import backend
+
+    calls: list[str] = []
+    failures = ["GCS exited before writing its port"]  # one failure: the retry succeeds
+
+    def init(**kwargs: object) -> None:
+        calls.append("init")
+        if failures:
+            raise RuntimeError(failures.pop(0))
+
+    monkeypatch.setattr(backend.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(backend.ray, "init", init)
+    monkeypatch.setattr(backend.ray, "shutdown", lambda: calls.append("shutdown"))
+    assert backend.connect(RayOptions()) is True
+    assert calls == ["init", "shutdown", "init"]
+    calls.clear()
+    failures[:] = ["first", "second"]
+    with pytest.raises(ConfigError, match=r"could not start or reach a local Ray \(RuntimeError: second\)"):
+        backend.connect(RayOptions())
+    assert calls == ["init", "shutdown", "init"]

@@ -71,17 +71,19 @@ def connect(options: RayOptions) -> bool:
 
 
 def _init_local(options: RayOptions, common: dict[str, Any]) -> None:
-    # Ray gives a starting raylet a fixed 30 s to register; on a loaded machine it can miss that once. A second
-    # attempt almost always succeeds, so retry once instead of failing the run.
+    # A local start can fail once for reasons of the moment, not of the options: Ray gives a starting raylet a
+    # fixed 30 s to register, which a loaded machine can miss, and a start has also failed at once, before writing
+    # any log, right after another process's Ray went down. A second attempt almost always succeeds, so any failure
+    # of the first start is retried once (the second one's error is the one reported).
     for attempt in (1, 2):
         try:
             ray.init(address="local", num_cpus=options.local_cpus(),
                      object_store_memory=options.store_bytes(), **common)
             return
         except Exception as exc:
-            if attempt == 2 or "timed out during startup" not in str(exc):
+            if attempt == 2:
                 raise RuntimeError(str(exc)) from exc
-            log.warning("local Ray did not start in time; retrying once")
+            log.warning("local Ray did not start (%s: %s); retrying once", type(exc).__name__, str(exc)[:200])
             ray.shutdown()
 
 
