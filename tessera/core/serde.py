@@ -94,30 +94,10 @@ class _Encoder:
     def obj(self, obj: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise SerdeError(f"value nested deeper than {MAX_DEPTH} levels cannot be sent; flatten it")
-        t = type(obj)  # the exact built-in types first (most values of a message); subclasses take the general path
+        t = type(obj)  # the exact built-in types first (most values of a message), then the isinstance chain
         if t is bytes or t is str or t is float or t is bool or obj is None:
             return obj
-        if t is dict:
-            out = {}
-            for k, v in obj.items():
-                if not isinstance(k, str) or k.startswith("$"):
-                    raise SerdeError(f"map keys must be strings not starting with '$', got {k!r}")
-                out[k] = self.obj(v, depth + 1)
-            return out
-        if t is list or t is tuple:
-            return [self.obj(v, depth + 1) for v in obj]
-        if isinstance(obj, torch.Tensor):
-            return self.tensor(obj)
-        if isinstance(obj, np.ndarray):
-            return self.tensor(torch.from_numpy(np.ascontiguousarray(obj)))
-        if isinstance(obj, bool) or obj is None or isinstance(obj, (str, bytes, float)):
-            return obj
-        if isinstance(obj, (int, np.integer)):
-            i = int(obj)
-            return i if _INT64[0] <= i <= _INT64[1] else {"$i": str(i)}
-        if isinstance(obj, np.floating):
-            return float(obj)
-        if isinstance(obj, Mapping):
+        if t is dict or (t is not list and t is not tuple and isinstance(obj, Mapping)):
             out = {}
             for k, v in obj.items():
                 if not isinstance(k, str) or k.startswith("$"):
@@ -126,6 +106,17 @@ class _Encoder:
             return out
         if isinstance(obj, (list, tuple)):
             return [self.obj(v, depth + 1) for v in obj]
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, np.ndarray):
+            return self.tensor(torch.from_numpy(np.ascontiguousarray(obj)))
+        if isinstance(obj, (bool, str, bytes, float)):  # their subclasses
+            return obj
+        if isinstance(obj, (int, np.integer)):
+            i = int(obj)
+            return i if _INT64[0] <= i <= _INT64[1] else {"$i": str(i)}
+        if isinstance(obj, np.floating):
+            return float(obj)
         raise SerdeError(f"cannot encode {type(obj).__name__}; only tensors, arrays, maps, lists and scalars travel")
 
 

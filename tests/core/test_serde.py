@@ -4,6 +4,7 @@ import pickle
 import struct
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,3 +132,28 @@ def test_unencodable_objects_are_refused() -> None:
         serde.dumps({"f": object()})
     with pytest.raises(SerdeError, match="cannot be sent"):
         serde.dumps(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_subclasses_and_numpy_scalars_encode_as_their_plain_equivalents() -> None:
+    """The encoder's fast path takes only the exact built-in types; every subclass and numpy scalar still goes
+    through the general path and gives the same bytes as the plain value would."""
+    import collections
+    from enum import IntEnum
+
+    class Name(str):
+        pass
+
+    class Level(IntEnum):
+        HIGH = 3
+
+    pair = collections.namedtuple("pair", "a b")
+    fancy = collections.OrderedDict(k=Name("v"), n=np.int64(7), f=np.float32(0.5), p=pair(1, b"x"), e=Level.HIGH,
+                                    big=2**70, t=(True, None, 1.5), u=collections.UserDict({"z": [np.int16(-2)]}))
+    plain = {"k": "v", "n": 7, "f": 0.5, "p": [1, b"x"], "e": 3, "big": 2**70, "t": [True, None, 1.5],
+             "u": {"z": [-2]}}
+    assert serde.dumps(fancy) == serde.dumps(plain)
+    assert serde.loads(serde.dumps(fancy)) == plain
+    with pytest.raises(SerdeError, match="map keys must be strings"):
+        serde.dumps(collections.OrderedDict({1: 2}))
+    with pytest.raises(SerdeError, match="cannot encode set"):
+        serde.dumps({"s": {1}})
