@@ -236,14 +236,16 @@ def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]], *, bits: int,
     gcm = (AES_VIA_GCM if via_gcm is None else via_gcm) and acc.nbytes <= _GCM_MAX_BYTES
     size = max(1, -(-len(masks) // (2 * _THREADS)))
     batches = [masks[i : i + size] for i in range(0, len(masks), size)]
-    taken = iter(range(len(batches)))  # next() on it is atomic under the GIL: each batch goes to one thread
+    taken, lock = iter(range(len(batches))), threading.Lock()  # each batch goes to one thread
     stop = threading.Event()
 
     def drain(into: np.ndarray) -> bool:
         """Sum batches into `into` until none is left; whether it took any."""
         took = False
-        for i in taken:
-            if stop.is_set():
+        while not stop.is_set():
+            with lock:  # (not left to the GIL: a free-threaded Python runs next() on two threads at once)
+                i = next(taken, None)
+            if i is None:
                 break
             _sum_masks(into, batches[i], prg, gcm)
             took = True
