@@ -138,13 +138,18 @@ def hand_over(msg: Any, *, frozen: bool, own: bool = False) -> Any:
     """A copy of message `msg` whose containers are new and whose tensors share `msg`'s memory (frozen: read-only),
     or with `own=True` are copies (a reply the receiver keeps after the sender reuses its memory)."""
     cls = type(msg)
+    return cls(**{name: _value(getattr(msg, name), frozen, own) for name in _field_names(cls)})
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A message type's field names, found once (dataclasses.fields is slow per call)."""
     names = _FIELDS.get(cls)
     if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(msg))
-    return cls(**{name: _value(getattr(msg, name), frozen, own) for name in names})
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}  # a message type's field names (dataclasses.fields is slow per call)
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 class _Sizer(_Encoder):
@@ -171,7 +176,7 @@ def wire_size(msg: Any) -> int:
     return _align(len(MAGIC) + 4 + len(header)) + sizer.cursor
 
 
-_MESSAGES: dict[type, tuple[str, ...]] = {}  # registered message types seen by hand_over_sized: their field names
+_ENVELOPED: set[type] = set()  # message types hand_over_sized has found registered (`message_envelope`)
 
 
 class _SizedHandOver(_Sizer):
@@ -227,10 +232,10 @@ def hand_over_sized(msg: Any, *, frozen: bool, own: bool = False) -> tuple[Any, 
     """`(hand_over(msg, frozen=frozen, own=own), wire_size(msg))` in one walk of the message; raises SerdeError
     where `wire_size` would."""
     cls = type(msg)
-    names = _MESSAGES.get(cls)
-    if names is None:
+    if cls not in _ENVELOPED:
         message_envelope(msg)  # refuses what is not a registered message instance (SerdeError)
-        names = _MESSAGES[cls] = tuple(f.name for f in dataclasses.fields(msg))
+        _ENVELOPED.add(cls)
+    names = _field_names(cls)
     walker = _SizedHandOver(frozen, own)
     values: dict[str, Any] = {}
     header: dict[str, Any] = {}
