@@ -158,9 +158,13 @@ class Costs:
     pool_speedup: float  # verifies per second on the thread pool / on one thread
     agreement: float  # one X25519 agreement + HKDF
 
+    def totals(self, c: Counts) -> dict[str, float]:
+        """Seconds of each kind of cryptographic work in a round with counts `c`."""
+        return {"masks_total_s": c.masks * self.mask, "verifies_total_s": c.verifies * self.verify / self.pool_speedup,
+                "agreements_total_s": c.agreements * self.agreement}
+
     def floor(self, plain: float, c: Counts) -> float:
-        crypto_s = c.masks * self.mask + c.verifies * self.verify / self.pool_speedup + c.agreements * self.agreement
-        return plain + crypto_s
+        return plain + sum(self.totals(c).values())
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -255,9 +259,7 @@ def main() -> None:
         rows.append(row)
         floors.append({"n": n, "params": size, "drop": rate, "complete": complete, **vars(counts),
                        **{f"{k}_s" if k != "pool_speedup" else k: v for k, v in vars(costs).items()},
-                       "masks_total_s": counts.masks * costs.mask,
-                       "verifies_total_s": counts.verifies * costs.verify / costs.pool_speedup,
-                       "agreements_total_s": counts.agreements * costs.agreement})
+                       **costs.totals(counts)})
         print(row, floors[-1], flush=True)
         if (n, size, rate) == head and not complete:
             headline = sa_s / plain_s
